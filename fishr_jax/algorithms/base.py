@@ -1,0 +1,107 @@
+"""The one interface every algorithm implements, and the shared penalty recipe.
+
+An algorithm is a pure loss function
+
+    loss_fn(params, state, batch, step) -> (loss, (new_state, metrics))
+
+over a batch {"x": (N, ...), "y": (N,), "domain": (N,) int} that holds every
+training domain, plus `init_state(params, batch)` for whatever it carries
+across steps (Fishr's moving averages; `()` for most). `train_step`
+differentiates `loss_fn` w.r.t. `params` and nothing else, so an algorithm
+never sees the optimizer.
+
+Most invariance methods are "mean risk + weight(step) * penalty"; `penalized`
+builds that from a penalty function so each of them is a few lines.
+"""
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from fishr_jax import losses
+from fishr_jax import penalties
+
+PyTree = Any
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+LossFn = Callable[[PyTree, PyTree, Batch, jax.Array],
+                  tuple[jax.Array, tuple[PyTree, Metrics]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+  name: str
+  init_state: Callable[[PyTree, Batch], PyTree]
+  loss_fn: LossFn
+
+
+class Forward(NamedTuple):
+  """What one forward pass over the training batch gives a penalty."""
+  features: jax.Array  # (N, D), the head's inputs
+  logits: jax.Array  # (N, C)
+  domain_nll: jax.Array  # (E,), each domain's mean loss
+
+
+# A penalty sees the parameters, its carried state, the batch and the forward
+# pass, and returns (scalar penalty, new state).
+PenaltyFn = Callable[[PyTree, PyTree, Batch, Forward], tuple[jax.Array, PyTree]]
+
+
+def penalty_weight(step: jax.Array, lambda_: float,
+                   config: ml_collections.ConfigDict) -> jax.Array:
+  """`penalty_warmup_weight` before `penalty_anneal_iters`, `lambda_` from it.
+
+  DomainBed warms up with 0, the IRM-setup script with 1.0.
+  """
+  return jnp.where(step >= config.penalty_anneal_iters, lambda_,
+                   config.penalty_warmup_weight).astype(jnp.float32)
+
+
+def squared_l2_norm(params: PyTree) -> jax.Array:
+  """sum over all parameters, biases included, of ||p||^2 (not halved)."""
+  return sum(jnp.sum(p**2) for p in jax.tree.leaves(params))
+
+
+def no_state(params: PyTree, batch: Batch) -> PyTree:
+  del params, batch
+  return ()
+
+
+def penalized(name: str, model: nn.Module, num_domains: int,
+              config: ml_collections.ConfigDict, lambda_: float,
+              penalty_fn: PenaltyFn | None,
+              init_state: Callable[[PyTree, Batch], PyTree] = no_state
+              ) -> Algorithm:
+  """mean_e risk_e + l2 * ||params||^2 + weight(step) * penalty.
+
+  With `config.rescale_loss` the whole loss is divided by the weight while it
+  exceeds 1 (the IRM-setup script keeps gradients in range this way).
+  `penalty_fn=None` is ERM: no penalty term and no rescaling.
+  """
+
+  def loss_fn(params, state, batch, step):
+    features, logits = model.apply({"params": params}, batch["x"])
+    per_example = losses.per_example_loss(logits, batch["y"])
+    domain_nll = penalties.domain_mean(per_example, batch["domain"],
+                                       num_domains)
+    domain_acc = penalties.domain_mean(
+        losses.correct(logits, batch["y"]), batch["domain"], num_domains)
+    nll = domain_nll.mean()
+    loss = nll + config.l2_regularizer_weight * squared_l2_norm(params)
+    metrics = {"nll": nll, "train_acc": domain_acc.mean()}
+    if penalty_fn is not None:
+      penalty, state = penalty_fn(params, state, batch,
+                                  Forward(features, logits, domain_nll))
+      weight = penalty_weight(step, lambda_, config)
+      loss = loss + weight * penalty
+      if config.rescale_loss:
+        loss = jnp.where(weight > 1.0, loss / weight, loss)
+      metrics.update(penalty=penalty, penalty_weight=weight)
+    metrics["loss"] = loss
+    return loss, (state, metrics)
+
+  return Algorithm(name=name, init_state=init_state, loss_fn=loss_fn)

@@ -1,0 +1,1 @@
+"""Datasets split into domains."""

