@@ -1,0 +1,166 @@
+"""The train step: schedule, optimizer reset, rescaling, tracing, EMA state."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import colored_mnist as cmnist_config
+from fishr_jax import algorithms
+from fishr_jax import models
+from fishr_jax import train
+from fishr_jax.algorithms import base
+
+ANNEAL = 3
+
+
+def _config(algorithm="fishr", **overrides):
+  config = cmnist_config.get_config()
+  config.algorithm = algorithm
+  config.penalty_anneal_iters = ANNEAL
+  config.fishr.lambda_ = 50.0
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def _batch(seed=0, n_per_domain=(6, 10), dim=5):
+  rng = np.random.default_rng(seed)
+  n = sum(n_per_domain)
+  return {"x": jnp.asarray(rng.normal(size=(n, dim)), jnp.float32),
+          "y": jnp.asarray(rng.integers(0, 2, n), jnp.float32),
+          "domain": jnp.asarray(np.repeat(np.arange(len(n_per_domain)), n_per_domain),
+                                jnp.int32)}
+
+
+def _setup(config, batch):
+  model = models.MLP(hidden_dims=(8, 8), num_outputs=1)
+  algorithm = algorithms.make_algorithm(config.algorithm, model, 2, config)
+  tx = train.make_optimizer(config)
+  state = train.create_train_state(jax.random.key(0), model, algorithm, tx, batch)
+  return algorithm, tx, state
+
+
+def _adam_state(opt_state) -> optax.ScaleByAdamState:
+  return next(s for s in opt_state if isinstance(s, optax.ScaleByAdamState))
+
+
+def test_penalty_weight_switches_exactly_at_anneal():
+  config = _config()
+  weights = [float(base.penalty_weight(jnp.asarray(s), 50.0, config))
+             for s in range(ANNEAL + 2)]
+  assert weights == [1.0] * ANNEAL + [50.0, 50.0]
+  config.penalty_warmup_weight = 0.0  # DomainBed
+  assert float(base.penalty_weight(jnp.asarray(ANNEAL - 1), 50.0, config)) == 0.0
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_optimizer_reset_exactly_at_anneal(reset):
+  config = _config(reset_optimizer_at_anneal=reset)
+  batch = _batch()
+  algorithm, tx, state = _setup(config, batch)
+  step_fn = jax.jit(train.make_train_step(algorithm, tx, config))
+  counts = []
+  for _ in range(ANNEAL + 2):
+    state, _ = step_fn(state, batch)
+    counts.append(int(_adam_state(state.opt_state).count))
+  if reset:
+    assert counts == [1, 2, 3, 1, 2]
+  else:
+    assert counts == [1, 2, 3, 4, 5]
+
+
+def test_first_moment_is_fresh_after_reset():
+  """Right after the reset, Adam's first moment is (1 - b1) * that gradient."""
+  config = _config(reset_optimizer_at_anneal=True)
+  batch = _batch()
+  algorithm, tx, state = _setup(config, batch)
+  step_fn = jax.jit(train.make_train_step(algorithm, tx, config))
+  for _ in range(ANNEAL):
+    state, _ = step_fn(state, batch)
+  grads, _ = jax.grad(algorithm.loss_fn, has_aux=True)(
+      state.params, state.alg_state, batch, state.step)
+  state, _ = step_fn(state, batch)
+  mu = _adam_state(state.opt_state).mu
+  chex.assert_trees_all_close(mu, jax.tree.map(lambda g: 0.1 * g, grads),
+                              rtol=1e-5, atol=1e-8)
+
+
+def test_loss_is_rescaled_by_the_weight_after_anneal():
+  config = _config()
+  batch = _batch()
+  algorithm, _, state = _setup(config, batch)
+  for step, weight in ((ANNEAL - 1, 1.0), (ANNEAL, 50.0)):
+    loss, (_, m) = algorithm.loss_fn(state.params, state.alg_state, batch,
+                                     jnp.asarray(step))
+    unscaled = (m["nll"] + config.l2_regularizer_weight
+                * base.squared_l2_norm(state.params) + weight * m["penalty"])
+    np.testing.assert_allclose(loss, unscaled / weight, rtol=1e-5)
+    assert float(m["penalty_weight"]) == weight
+
+
+def test_erm_has_no_penalty_and_no_rescaling():
+  config = _config("erm")
+  batch = _batch()
+  algorithm, _, state = _setup(config, batch)
+  loss, (_, m) = algorithm.loss_fn(state.params, (), batch, jnp.asarray(ANNEAL + 5))
+  assert "penalty" not in m
+  np.testing.assert_allclose(
+      loss, m["nll"] + config.l2_regularizer_weight * base.squared_l2_norm(state.params),
+      rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["erm", "irm", "vrex", "fishr"])
+def test_train_step_traces_once_and_learns(name):
+  chex.clear_trace_counter()
+  config = _config(name, reset_optimizer_at_anneal=True)
+  config.fishr.ema = 0.9
+  batch = _batch()
+  algorithm, tx, state = _setup(config, batch)
+  step_fn = jax.jit(chex.assert_max_traces(train.make_train_step(algorithm, tx, config), n=1))
+  first = None
+  for _ in range(2 * ANNEAL):  # crosses the anneal step: still one trace
+    state, metrics = step_fn(state, batch)
+    first = metrics["nll"] if first is None else first
+  assert int(state.step) == 2 * ANNEAL
+  assert float(metrics["nll"]) < float(first)
+  assert all(np.isfinite(float(v)) for v in metrics.values())
+
+
+def test_fishr_ema_state_is_carried_by_the_train_state():
+  config = _config()
+  config.fishr.ema = 0.9
+  batch = _batch()
+  algorithm, tx, state = _setup(config, batch)
+  assert jax.tree.map(jnp.shape, state.alg_state) == {"kernel": (2, 8, 1), "bias": (2, 1)}
+  assert float(jnp.abs(state.alg_state["kernel"]).max()) == 0.0
+  step_fn = jax.jit(train.make_train_step(algorithm, tx, config))
+  state, _ = step_fn(state, batch)
+  assert float(jnp.abs(state.alg_state["kernel"]).max()) > 0.0
+
+
+def test_fishr_grad_paths_give_the_same_step():
+  batch = _batch()
+  states = {}
+  for path in ("closed_form", "vmap"):
+    config = _config()
+    config.fishr.grad_path = path
+    algorithm, tx, state = _setup(config, batch)
+    step_fn = jax.jit(train.make_train_step(algorithm, tx, config))
+    for _ in range(ANNEAL + 2):
+      state, metrics = step_fn(state, batch)
+    states[path] = (state.params, metrics["penalty"])
+  chex.assert_trees_all_close(states["closed_form"], states["vmap"], rtol=1e-4, atol=1e-6)
+
+
+def test_bad_algorithm_settings_raise_clear_errors():
+  model = models.MLP(hidden_dims=(4,), num_outputs=1)
+  with pytest.raises(ValueError, match="Unknown algorithm"):
+    algorithms.make_algorithm("nope", model, 2, _config())
+  config = _config()
+  config.fishr.covariance = "full"
+  with pytest.raises(ValueError, match="grad_path='vmap'"):
+    algorithms.make_algorithm("fishr", model, 2, config)
+  assert set(algorithms.names()) >= {"erm", "irm", "vrex", "fishr"}
