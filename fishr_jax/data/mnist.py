@@ -8,7 +8,9 @@
   idx       a folder holding the standard IDX files
             (train-images-idx3-ubyte, train-labels-idx1-ubyte, optionally .gz).
 For tfds and idx, as in the official script: train pool = the first 5/6 of
-the training images (50,000 of MNIST's 60,000), test pool = the rest.
+the training images (50,000 of MNIST's 60,000), test pool = the rest. "First"
+is in file order for idx (the official script's order) and in TFDS's fixed,
+shuffled record order for tfds, so the two sources give different pools.
 """
 
 import gzip
@@ -60,9 +62,8 @@ def _load_tfds(data_dir: str | None) -> DigitPools:
         " (or use data.source='idx' with the four MNIST IDX files, or the "
         "default 'embedded').") from e
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  images, digits = tfds.as_numpy(
-      tfds.load("mnist", split="train", batch_size=-1, as_supervised=True,
-                data_dir=data_dir))
+  ds = tfds.load("mnist", split="train", as_supervised=True, data_dir=data_dir)
+  images, digits = next(iter(tfds.as_numpy(ds.batch(len(ds)))))
   return _split(images, digits, _full_train_size(len(digits)))
 
 
