@@ -4,7 +4,11 @@ Default (embedded digits, small-data preset: hidden 128, anneal 100, 301 steps):
 
   python -m fishr_jax.main --config configs/colored_mnist.py --workdir runs/cmnist
 
-RESULTS_PLACEHOLDER
+gives (5 restarts, 16 s on 2 CPU cores): Fishr train 0.712 ± 0.021, test
+0.546 ± 0.061, gray 0.635 ± 0.018. Over 10 restarts (experiments/
+colored_mnist_table.py): ERM 0.965 / 0.233 / 0.633, IRM 0.744 / 0.447 / 0.607,
+V-REx 0.775 / 0.474 / 0.644, Fishr 0.731 / 0.527 / 0.639 (train / test /
+gray), matching the official code on the same digits and flags.
 
 The paper's setting, for full MNIST (hidden 390, anneal 190, 501 steps, 10
 restarts; needs data.source=tfds or idx):
