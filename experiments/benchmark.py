@@ -68,8 +68,8 @@ def compile_step(setting: dict[str, Any], variant: str):
                                         setting["num_domains"], config)
   tx = train.make_optimizer(config)
   batch = jax.device_put(setting["batch"])
-  state = train.create_train_state(jax.random.key(0), setting["model"],
-                                   algorithm, tx, batch)
+  params = setting["model"].init(jax.random.key(1), batch["x"][:1])["params"]
+  state = train.create_train_state(jax.random.key(0), params, algorithm, tx, batch)
   step = jax.jit(train.make_train_step(algorithm, tx, config), donate_argnums=0)
   compiled = step.lower(state, batch).compile()
   memory = compiled.memory_analysis()

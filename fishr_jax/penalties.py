@@ -21,6 +21,7 @@ from typing import Any, Callable, Literal
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fishr_jax import losses
 
@@ -282,16 +283,68 @@ def fishr_penalty(variances: PyTree, reduction: Reduction = "mean") -> jax.Array
 
 
 def irm_penalty(logits: jax.Array, labels: jax.Array, domain_ids: jax.Array,
-                num_domains: int) -> jax.Array:
-  """IRMv1: mean over domains of (d nll_e(logits * s) / ds at s = 1)^2."""
-  def total_nll(scales):
-    scaled = logits * scales[domain_ids][:, None]
-    per_example = losses.per_example_loss(scaled, labels)
-    return domain_mean(per_example, domain_ids, num_domains).sum()
+                num_domains: int, split_halves: bool = False) -> jax.Array:
+  """IRMv1: mean over domains of (d nll_e(logits * s) / ds at s = 1)^2.
 
-  # One backward pass gives every domain's dummy-scale gradient at once.
-  scale_grads = jax.grad(total_nll)(jnp.ones(num_domains, logits.dtype))
+  split_halves: DomainBed's unbiased estimate, the product of the gradients
+  on the even and the odd examples of each domain (in batch order) instead of
+  the square of the whole domain's gradient (the IRM-setup script).
+  """
+  groups, num_groups = domain_ids, num_domains
+  if split_halves:
+    one_hot = jax.nn.one_hot(domain_ids, num_domains, dtype=jnp.int32)
+    rank = jnp.take_along_axis(jnp.cumsum(one_hot, axis=0),
+                               domain_ids[:, None], axis=1)[:, 0] - 1
+    groups, num_groups = 2 * domain_ids + rank % 2, 2 * num_domains
+
+  def total_nll(scales):
+    scaled = logits * scales[groups][:, None]
+    per_example = losses.per_example_loss(scaled, labels)
+    return domain_mean(per_example, groups, num_groups).sum()
+
+  # One backward pass gives every group's dummy-scale gradient at once.
+  scale_grads = jax.grad(total_nll)(jnp.ones(num_groups, logits.dtype))
+  if split_halves:
+    return jnp.mean(scale_grads[0::2] * scale_grads[1::2])
   return jnp.mean(scale_grads**2)
+
+
+def _domain_pairs(num_domains: int) -> tuple[np.ndarray, np.ndarray]:
+  return np.triu_indices(num_domains, k=1)
+
+
+def coral_penalty(features: jax.Array, domain_ids: jax.Array,
+                  num_domains: int) -> jax.Array:
+  """Deep CORAL, as DomainBed: mean over domain pairs of
+  mean((mu_e - mu_f)^2) + mean((cov_e - cov_f)^2), unbiased covariances."""
+  one_hot, counts = _domain_one_hot(domain_ids, num_domains, features.dtype)
+  means = domain_mean(features, domain_ids, num_domains)  # (E, D)
+  centered = features - means[domain_ids]
+  covs = jnp.einsum("ne,nd,nf->edf", one_hot, centered, centered,
+                    precision=_EXACT) / (counts - 1)[:, None, None]
+  e, f = _domain_pairs(num_domains)
+  mean_diff = ((means[e] - means[f])**2).mean(axis=1)
+  cov_diff = ((covs[e] - covs[f])**2).mean(axis=(1, 2))
+  return (mean_diff + cov_diff).mean()
+
+
+MMD_GAMMAS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
+
+
+def mmd_penalty(features: jax.Array, domain_ids: jax.Array, num_domains: int,
+                gammas: tuple[float, ...] = MMD_GAMMAS) -> jax.Array:
+  """Gaussian-kernel MMD^2 (a sum of RBF kernels, as DomainBed's MMD), mean
+  over domain pairs of K_ee + K_ff - 2 K_ef with K averaged over examples."""
+  one_hot, counts = _domain_one_hot(domain_ids, num_domains, features.dtype)
+  sq_norms = (features**2).sum(axis=1)
+  sq_dists = jnp.maximum(
+      sq_norms[:, None] + sq_norms[None, :]
+      - 2.0 * jnp.matmul(features, features.T, precision=_EXACT), 1e-30)
+  kernel = sum(jnp.exp(-g * sq_dists) for g in gammas)
+  mean_kernel = (jnp.matmul(one_hot.T, jnp.matmul(kernel, one_hot), precision=_EXACT)
+                 / (counts[:, None] * counts[None, :]))  # (E, E)
+  e, f = _domain_pairs(num_domains)
+  return (mean_kernel[e, e] + mean_kernel[f, f] - 2.0 * mean_kernel[e, f]).mean()
 
 
 def vrex_penalty(domain_losses: jax.Array,

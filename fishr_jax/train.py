@@ -60,12 +60,11 @@ class TrainState:
   rng: jax.Array
 
 
-def create_train_state(rng: jax.Array, model: flax.linen.Module,
+def create_train_state(rng: jax.Array, params: PyTree,
                        algorithm: algorithms.Algorithm,
                        tx: optax.GradientTransformation,
                        batch: Batch) -> TrainState:
-  init_rng, rng = jax.random.split(rng)
-  params = model.init(init_rng, batch["x"][:1])["params"]
+  """Step 0: fresh optimizer and algorithm state for `params`."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=tx.init(params),
                     alg_state=algorithm.init_state(params, batch), rng=rng)
@@ -84,8 +83,9 @@ def make_train_step(algorithm: algorithms.Algorithm,
   reset_at_anneal = config.reset_optimizer_at_anneal and anneal > 0
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    step_rng = jax.random.fold_in(state.rng, state.step)
     grads, (alg_state, metrics) = jax.grad(algorithm.loss_fn, has_aux=True)(
-        state.params, state.alg_state, batch, state.step)
+        state.params, state.alg_state, batch, state.step, step_rng)
     opt_state = state.opt_state
     if reset_at_anneal:
       # DomainBed builds a fresh Adam when the full penalty weight switches on.
@@ -148,9 +148,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           pools, config.data, np.random.default_rng([config.seed, restart]))
       batch = jax.device_put(envs.train)
       evals = jax.device_put(envs.evals)
-      state = create_train_state(
-          jax.random.fold_in(jax.random.key(config.seed), restart), model,
-          algorithm, tx, batch)
+      init_rng, rng = jax.random.split(
+          jax.random.fold_in(jax.random.key(config.seed), restart))
+      params = model.init(init_rng, batch["x"][:1])["params"]
+      state = create_train_state(rng, params, algorithm, tx, batch)
       for step in range(config.steps):
         logged = step % config.log_every == 0 or step == config.steps - 1
         if logged:  # the parameters this step's forward pass sees

@@ -141,6 +141,6 @@ def test_fishr_algorithm_reproduces_domainbed_penalties(x64):
               "domain": domain} for c in range(3)]
   state = algorithm.init_state(params, batches[0])
   for call, batch in enumerate(batches):
-    _, (state, metrics) = algorithm.loss_fn(params, state, batch, jnp.asarray(call))
+    _, (state, metrics) = algorithm.loss_fn(params, state, batch, jnp.asarray(call), None)
     assert_close(metrics["penalty"], ref[f"call{call}.penalty"])
     assert_close(metrics["nll"], ref[f"call{call}.nll"])

@@ -39,7 +39,8 @@ def _setup(config, batch):
   model = models.MLP(hidden_dims=(8, 8), num_outputs=1)
   algorithm = algorithms.make_algorithm(config.algorithm, model, 2, config)
   tx = train.make_optimizer(config)
-  state = train.create_train_state(jax.random.key(0), model, algorithm, tx, batch)
+  params = model.init(jax.random.key(1), batch["x"][:1])["params"]
+  state = train.create_train_state(jax.random.key(0), params, algorithm, tx, batch)
   return algorithm, tx, state
 
 
@@ -81,7 +82,8 @@ def test_first_moment_is_fresh_after_reset():
   for _ in range(ANNEAL):
     state, _ = step_fn(state, batch)
   grads, _ = jax.grad(algorithm.loss_fn, has_aux=True)(
-      state.params, state.alg_state, batch, state.step)
+      state.params, state.alg_state, batch, state.step,
+      jax.random.fold_in(state.rng, state.step))
   state, _ = step_fn(state, batch)
   mu = _adam_state(state.opt_state).mu
   chex.assert_trees_all_close(mu, jax.tree.map(lambda g: 0.1 * g, grads),
@@ -94,7 +96,7 @@ def test_loss_is_rescaled_by_the_weight_after_anneal():
   algorithm, _, state = _setup(config, batch)
   for step, weight in ((ANNEAL - 1, 1.0), (ANNEAL, 50.0)):
     loss, (_, m) = algorithm.loss_fn(state.params, state.alg_state, batch,
-                                     jnp.asarray(step))
+                                     jnp.asarray(step), None)
     unscaled = (m["nll"] + config.l2_regularizer_weight
                 * base.squared_l2_norm(state.params) + weight * m["penalty"])
     np.testing.assert_allclose(loss, unscaled / weight, rtol=1e-5)
@@ -105,7 +107,8 @@ def test_erm_has_no_penalty_and_no_rescaling():
   config = _config("erm")
   batch = _batch()
   algorithm, _, state = _setup(config, batch)
-  loss, (_, m) = algorithm.loss_fn(state.params, (), batch, jnp.asarray(ANNEAL + 5))
+  loss, (_, m) = algorithm.loss_fn(state.params, (), batch, jnp.asarray(ANNEAL + 5),
+                                   None)
   assert "penalty" not in m
   np.testing.assert_allclose(
       loss, m["nll"] + config.l2_regularizer_weight * base.squared_l2_norm(state.params),

@@ -2,13 +2,15 @@
 
 An algorithm is a pure loss function
 
-    loss_fn(params, state, batch, step) -> (loss, (new_state, metrics))
+    loss_fn(params, state, batch, step, rng) -> (loss, (new_state, metrics))
 
 over a batch {"x": (N, ...), "y": (N,), "domain": (N,) int} that holds every
 training domain, plus `init_state(params, batch)` for whatever it carries
-across steps (Fishr's moving averages; `()` for most). `train_step`
+across steps (Fishr's moving averages, GroupDRO's weights; `()` for most).
+`rng` is this step's key (dropout, Mixup's draws). `train_step`
 differentiates `loss_fn` w.r.t. `params` and nothing else, so an algorithm
-never sees the optimizer.
+never sees the optimizer. Algorithms call the model through a `Network`,
+which hides frozen collections (batch statistics) and dropout plumbing.
 
 Most invariance methods are "mean risk + weight(step) * penalty"; `penalized`
 builds that from a penalty function so each of them is a few lines.
@@ -28,8 +30,44 @@ from fishr_jax import penalties
 PyTree = Any
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
-LossFn = Callable[[PyTree, PyTree, Batch, jax.Array],
+LossFn = Callable[[PyTree, PyTree, Batch, jax.Array, jax.Array],
                   tuple[jax.Array, tuple[PyTree, Metrics]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+  """A featurizer + linear head as pure functions of the trainable params.
+
+  forward(params, x, rng) -> (features, logits); rng None means deterministic
+  (evaluation). classify(params, features) -> logits applies only the head,
+  reading its weights from params[models.HEAD].
+  """
+  forward: Callable[[PyTree, jax.Array, jax.Array | None],
+                    tuple[jax.Array, jax.Array]]
+  classify: Callable[[PyTree, jax.Array], jax.Array]
+
+  @classmethod
+  def from_module(cls, module: nn.Module, frozen: PyTree | None = None,
+                  stochastic: bool = False) -> "Network":
+    """Wraps a flax module whose __call__ returns (features, logits).
+
+    frozen: non-trainable variable collections, e.g. {"batch_stats": ...}.
+    stochastic: the module takes `deterministic=` and uses a "dropout" rng.
+    """
+    frozen = dict(frozen or {})
+
+    def forward(params, x, rng=None):
+      variables = {"params": params, **frozen}
+      if not stochastic:
+        return module.apply(variables, x)
+      return module.apply(variables, x, deterministic=rng is None,
+                          rngs=None if rng is None else {"dropout": rng})
+
+    def classify(params, features):
+      return module.apply({"params": params, **frozen}, features,
+                          method="classify")
+
+    return cls(forward=forward, classify=classify)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +109,19 @@ def no_state(params: PyTree, batch: Batch) -> PyTree:
   return ()
 
 
-def penalized(name: str, model: nn.Module, num_domains: int,
+def domain_losses(network: Network, params: PyTree, batch: Batch,
+                  num_domains: int, rng: jax.Array | None):
+  """One forward pass: Forward(features, logits, domain_nll) and metrics."""
+  features, logits = network.forward(params, batch["x"], rng)
+  per_example = losses.per_example_loss(logits, batch["y"])
+  domain_nll = penalties.domain_mean(per_example, batch["domain"], num_domains)
+  domain_acc = penalties.domain_mean(
+      losses.correct(logits, batch["y"]), batch["domain"], num_domains)
+  metrics = {"nll": domain_nll.mean(), "train_acc": domain_acc.mean()}
+  return Forward(features, logits, domain_nll), metrics
+
+
+def penalized(name: str, network: Network, num_domains: int,
               config: ml_collections.ConfigDict, lambda_: float,
               penalty_fn: PenaltyFn | None,
               init_state: Callable[[PyTree, Batch], PyTree] = no_state
@@ -83,19 +133,11 @@ def penalized(name: str, model: nn.Module, num_domains: int,
   `penalty_fn=None` is ERM: no penalty term and no rescaling.
   """
 
-  def loss_fn(params, state, batch, step):
-    features, logits = model.apply({"params": params}, batch["x"])
-    per_example = losses.per_example_loss(logits, batch["y"])
-    domain_nll = penalties.domain_mean(per_example, batch["domain"],
-                                       num_domains)
-    domain_acc = penalties.domain_mean(
-        losses.correct(logits, batch["y"]), batch["domain"], num_domains)
-    nll = domain_nll.mean()
-    loss = nll + config.l2_regularizer_weight * squared_l2_norm(params)
-    metrics = {"nll": nll, "train_acc": domain_acc.mean()}
+  def loss_fn(params, state, batch, step, rng):
+    forward, metrics = domain_losses(network, params, batch, num_domains, rng)
+    loss = metrics["nll"] + config.l2_regularizer_weight * squared_l2_norm(params)
     if penalty_fn is not None:
-      penalty, state = penalty_fn(params, state, batch,
-                                  Forward(features, logits, domain_nll))
+      penalty, state = penalty_fn(params, state, batch, forward)
       weight = penalty_weight(step, lambda_, config)
       loss = loss + weight * penalty
       if config.rescale_loss:

@@ -5,6 +5,6 @@ from fishr_jax.algorithms import registry
 
 
 @registry.register("erm")
-def make(model, num_domains, config) -> base.Algorithm:
-  return base.penalized("erm", model, num_domains, config, lambda_=0.0,
+def make(network, num_domains, config) -> base.Algorithm:
+  return base.penalized("erm", network, num_domains, config, lambda_=0.0,
                         penalty_fn=None)

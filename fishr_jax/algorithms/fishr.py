@@ -25,7 +25,7 @@ COVARIANCES = ("diagonal", "full")
 
 
 @registry.register("fishr")
-def make(model, num_domains, config) -> base.Algorithm:
+def make(network, num_domains, config) -> base.Algorithm:
   cfg = config.fishr
   if cfg.grad_path not in GRAD_PATHS:
     raise ValueError(f"fishr.grad_path must be one of {GRAD_PATHS}, "
@@ -38,8 +38,7 @@ def make(model, num_domains, config) -> base.Algorithm:
                      " set fishr.grad_path='vmap'.")
 
   def head_loss(head, features, label, params):
-    logits = model.apply({"params": {**params, models.HEAD: head}}, features,
-                         method="classify")
+    logits = network.classify({**params, models.HEAD: head}, features)
     return losses.per_example_loss(logits, label)
 
   def head_variances(params, batch, features, logits):
@@ -61,7 +60,7 @@ def make(model, num_domains, config) -> base.Algorithm:
       return ()
 
     def variances(params):
-      features, logits = model.apply({"params": params}, batch["x"])
+      features, logits = network.forward(params, batch["x"], None)
       return head_variances(params, batch, features, logits)
 
     shapes = jax.eval_shape(variances, params)
@@ -73,6 +72,6 @@ def make(model, num_domains, config) -> base.Algorithm:
       variances, state = penalties.ema_update(state, variances, cfg.ema)
     return penalties.fishr_penalty(variances, cfg.reduction), state
 
-  return base.penalized("fishr", model, num_domains, config,
+  return base.penalized("fishr", network, num_domains, config,
                         lambda_=cfg.lambda_, penalty_fn=penalty_fn,
                         init_state=init_state)

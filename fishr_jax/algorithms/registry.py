@@ -1,7 +1,7 @@
 """Name -> algorithm factory. A new algorithm is one module in this package
 that decorates its factory with `@register("name")`; nothing else to edit.
 
-A factory is `make(model, num_domains, config) -> base.Algorithm`.
+A factory is `make(network, num_domains, config) -> base.Algorithm`.
 """
 
 import importlib

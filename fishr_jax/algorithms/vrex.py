@@ -6,12 +6,12 @@ from fishr_jax.algorithms import registry
 
 
 @registry.register("vrex")
-def make(model, num_domains, config) -> base.Algorithm:
+def make(network, num_domains, config) -> base.Algorithm:
 
   def penalty_fn(params, state, batch, forward):
     del params, batch
     return penalties.vrex_penalty(forward.domain_nll,
                                   config.vrex.reduction), state
 
-  return base.penalized("vrex", model, num_domains, config,
+  return base.penalized("vrex", network, num_domains, config,
                         lambda_=config.vrex.lambda_, penalty_fn=penalty_fn)

@@ -1,0 +1,29 @@
+"""GroupDRO (Sagawa et al., 2020): minimise a weighted risk whose domain
+weights q grow exponentially with each domain's loss. State: q (E,), ones at
+first, as DomainBed. DomainBed hparam: groupdro_eta."""
+
+import jax
+import jax.numpy as jnp
+
+from fishr_jax.algorithms import base
+from fishr_jax.algorithms import registry
+
+
+@registry.register("groupdro")
+def make(network, num_domains, config) -> base.Algorithm:
+  eta = config.groupdro.eta
+
+  def init_state(params, batch):
+    del params, batch
+    return jnp.ones((num_domains,), jnp.float32)
+
+  def loss_fn(params, q, batch, step, rng):
+    del step
+    forward, metrics = base.domain_losses(network, params, batch, num_domains,
+                                          rng)
+    q = q * jnp.exp(eta * jax.lax.stop_gradient(forward.domain_nll))
+    q = q / q.sum()
+    loss = jnp.dot(forward.domain_nll, q)
+    return loss, (q, {**metrics, "loss": loss, "max_domain_weight": q.max()})
+
+  return base.Algorithm(name="groupdro", init_state=init_state, loss_fn=loss_fn)

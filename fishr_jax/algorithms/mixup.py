@@ -1,0 +1,45 @@
+"""Inter-domain Mixup (Xu et al., 2020; Yan et al., 2020), as DomainBed: the
+domains are put in a random cycle, each consecutive pair's inputs mixed with
+lam ~ Beta(alpha, alpha), and the loss is the lam-weighted cross-entropy to
+both label sets. DomainBed hparam: mixup_alpha.
+
+Needs DomainBed's batch layout: the domains contiguous and of equal size, in
+domain order (what every DomainBed sampler gives).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from fishr_jax import losses
+from fishr_jax.algorithms import base
+from fishr_jax.algorithms import registry
+
+
+@registry.register("mixup")
+def make(network, num_domains, config) -> base.Algorithm:
+  alpha = config.mixup.alpha
+
+  def loss_fn(params, state, batch, step, rng):
+    del step
+    x, y = batch["x"], batch["y"]
+    if x.shape[0] % num_domains:
+      raise ValueError(f"Mixup needs equal domain batches; got {x.shape[0]} "
+                       f"examples for {num_domains} domains.")
+    if rng is None:
+      raise ValueError("Mixup draws random pairs and weights: it needs an rng.")
+    per_domain = lambda a: a.reshape((num_domains, -1) + a.shape[1:])
+    x, y = per_domain(x), per_domain(y)
+    perm_rng, lam_rng, dropout_rng = jax.random.split(rng, 3)
+    first = jax.random.permutation(perm_rng, num_domains)
+    second = jnp.roll(first, -1)
+    lam = jax.random.beta(lam_rng, alpha, alpha, (num_domains,))
+    lam_x = lam.reshape((num_domains,) + (1,) * (x.ndim - 1))
+    mixed = lam_x * x[first] + (1.0 - lam_x) * x[second]
+    _, logits = network.forward(params, mixed.reshape((-1,) + x.shape[2:]),
+                                dropout_rng)
+    logits = per_domain(logits)
+    nll = lambda labels: losses.per_example_loss(logits, labels).mean(axis=1)
+    loss = jnp.mean(lam * nll(y[first]) + (1.0 - lam) * nll(y[second]))
+    return loss, (state, {"loss": loss, "nll": loss})
+
+  return base.Algorithm(name="mixup", init_state=base.no_state, loss_fn=loss_fn)
