@@ -314,7 +314,8 @@ def selected_accs(records: Sequence[Record], method: SelectionMethod) -> dict[Gr
 # -------------------------------------------------------------------- tables
 
 
-def format_mean(data: Sequence[float], latex: bool = False) -> tuple[Optional[float], Optional[float], str]:
+def format_mean(data: Sequence[float], latex: bool = False
+                ) -> tuple[Optional[float], Optional[float], str]:
   """(100 * mean, 100 * standard error, text); DomainBed's standard error is
   np.std (ddof=0) / sqrt(n). "X" when there is no data."""
   if len(data) == 0:
@@ -409,7 +410,8 @@ def results_tables(records: Sequence[Record], method: SelectionMethod) -> list[T
 
 
 def format_cell(mean: Optional[float], err: Optional[float], style: str = "text") -> str:
-  """"X", "12.3" (Avg) or "12.3 +/- 0.4"; style is "text", "latex" or "markdown"."""
+  """A cell's text: X (missing), 12.3 (Avg column) or 12.3 +/- 0.4; `style`
+  is "text", "latex" ($\\pm$) or "markdown" (±)."""
   if mean is None:
     return "X"
   if err is None:

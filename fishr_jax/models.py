@@ -42,3 +42,32 @@ class MLP(nn.Module):
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     features = self.featurize(x)
     return features, self.classify(features)
+
+
+class MNISTCNN(nn.Module):
+  """DomainBed's MNIST_CNN featurizer (4 convs 64-128-128-128, each followed
+  by ReLU then GroupNorm(8), global average pool: 128-d) and a linear head.
+  Inputs NHWC (28, 28, C)."""
+  num_outputs: int
+
+  def setup(self):
+    conv = lambda n, stride, name: nn.Conv(
+        n, (3, 3), strides=stride, padding=((1, 1), (1, 1)), name=name)
+    self.convs = [conv(64, 1, "conv1"), conv(128, 2, "conv2"),
+                  conv(128, 1, "conv3"), conv(128, 1, "conv4")]
+    # torch GroupNorm's epsilon is 1e-5 (flax's default is 1e-6).
+    self.norms = [nn.GroupNorm(num_groups=8, epsilon=1e-5, name=f"norm{i}")
+                  for i in range(4)]
+    self.classifier = nn.Dense(self.num_outputs, name=HEAD)
+
+  def featurize(self, x: jax.Array) -> jax.Array:
+    for conv, norm in zip(self.convs, self.norms):
+      x = norm(nn.relu(conv(x)))
+    return x.mean(axis=(1, 2))
+
+  def classify(self, features: jax.Array) -> jax.Array:
+    return self.classifier(features)
+
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    features = self.featurize(x)
+    return features, self.classify(features)

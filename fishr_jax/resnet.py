@@ -15,8 +15,7 @@ head:
 
   model = ResNet(depth=50, num_classes=7, dropout_rate=0.1)
   pretrained = load_torchvision_checkpoint("resnet50.npz", 50, num_classes=7)
-  variables = model.init(rng, jnp.zeros((1, 224, 224, 3)))
-  variables = merge_pretrained(variables, pretrained)
+  variables = with_fresh_head(model, pretrained, rng)
   features, logits = model.apply(variables, x, deterministic=False,
                                  rngs={"dropout": dropout_rng})
 
@@ -53,7 +52,7 @@ def _check_depth(depth: int) -> None:
 
 
 def _expansion(depth: int) -> int:
-  """Output channels of a block over its width: 1 (BasicBlock), 4 (Bottleneck)."""
+  """A block's output channels over its width: 1 (Basic), 4 (Bottleneck)."""
   return 1 if depth == 18 else 4
 
 
@@ -267,21 +266,20 @@ def params_from_torchvision(state_dict: Mapping[str, Any], depth: int,
   num_batches_tracked is ignored. Values may be numpy arrays or CPU tensors.
 
   `num_classes=None` or equal to the checkpoint's fc rows keeps the head. Any
-  other value drops it: the returned tree has no `classifier`, to be filled by
-  a fresh init through `merge_pretrained`.
+  other value drops it: the returned tree has no `classifier`, for a fresh
+  one from `with_fresh_head` (or `merge_pretrained` into a full init).
 
   Strict: a missing or unexpected key, or a shape that does not fit this
   depth, raises (KeyError / ValueError naming the key).
   """
   _check_depth(depth)
   entries = _backbone_entries(depth)
-  expected_keys = {e.torch_key for e in entries} | {"fc.weight", "fc.bias"}
+  required = [e.torch_key for e in entries] + ["fc.weight", "fc.bias"]
   # torch keeps a step counter per BatchNorm; it plays no part in eval mode.
   counters = {e.torch_key.rsplit(".", 1)[0] + ".num_batches_tracked"
               for e in entries if e.path[-1] == "mean"}
-  missing = [k for k in [e.torch_key for e in entries] + ["fc.weight", "fc.bias"]
-             if k not in state_dict]
-  unexpected = sorted(set(state_dict) - expected_keys - counters)
+  missing = [k for k in required if k not in state_dict]
+  unexpected = sorted(set(state_dict) - set(required) - counters)
   if missing or unexpected:
     raise KeyError(f"torchvision resnet{depth} state_dict does not fit: "
                    f"missing keys {missing}, unexpected keys {unexpected}.")
@@ -300,6 +298,18 @@ def params_from_torchvision(state_dict: Mapping[str, Any], depth: int,
     flat[("params", models.HEAD, "kernel")] = jnp.asarray(fc_weight.T)
     flat[("params", models.HEAD, "bias")] = jnp.asarray(fc_bias)
   return traverse_util.unflatten_dict(flat)
+
+
+def with_fresh_head(model: ResNet, pretrained: Variables,
+                    rng: jax.Array) -> Variables:
+  """`pretrained` with `model`'s head freshly initialized (replacing any head).
+
+  Only the head is initialized, which spares drawing the whole backbone that
+  `model.init` would and the pretrained weights would then overwrite.
+  """
+  features = jnp.zeros((1, model.num_features), jnp.float32)
+  head = model.init(rng, features, method="classify")["params"][models.HEAD]
+  return {**pretrained, "params": {**pretrained["params"], models.HEAD: head}}
 
 
 def merge_pretrained(variables: Variables, pretrained: Variables) -> Variables:

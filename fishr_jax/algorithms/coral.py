@@ -6,7 +6,13 @@ from fishr_jax.algorithms import base
 from fishr_jax.algorithms import registry
 
 
-@registry.register("coral")
+DOMAINBED = registry.DomainBedSpec(
+    name="CORAL",
+    hparams={"mmd_gamma": (1.0, lambda r: 10**r.uniform(-1, 1))},
+    to_config=lambda h: {"coral": {"lambda_": h["mmd_gamma"]}})
+
+
+@registry.register("coral", DOMAINBED)
 def make(network, num_domains, config) -> base.Algorithm:
 
   def penalty_fn(params, state, batch, forward):

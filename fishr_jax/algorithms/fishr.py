@@ -24,7 +24,24 @@ GRAD_PATHS = ("closed_form", "vmap")
 COVARIANCES = ("diagonal", "full")
 
 
-@registry.register("fishr")
+DOMAINBED = registry.DomainBedSpec(
+    name="Fishr",
+    hparams={
+        "lambda": (1000.0, lambda r: 10**r.uniform(1.0, 4.0)),
+        "penalty_anneal_iters": (1500, lambda r: int(r.uniform(0.0, 5000.0))),
+        "ema": (0.95, lambda r: r.uniform(0.90, 0.99)),
+    },
+    to_config=lambda h: {
+        "fishr": {"lambda_": h["lambda"], "ema": h["ema"], "reduction": "mean",
+                  "centered": True, "covariance": "diagonal",
+                  "grad_path": "closed_form"},
+        "penalty_anneal_iters": h["penalty_anneal_iters"],
+        "penalty_warmup_weight": 0.0,
+        "reset_optimizer_at_anneal": True,
+    })
+
+
+@registry.register("fishr", DOMAINBED)
 def make(network, num_domains, config) -> base.Algorithm:
   cfg = config.fishr
   if cfg.grad_path not in GRAD_PATHS:

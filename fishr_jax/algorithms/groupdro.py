@@ -9,7 +9,13 @@ from fishr_jax.algorithms import base
 from fishr_jax.algorithms import registry
 
 
-@registry.register("groupdro")
+DOMAINBED = registry.DomainBedSpec(
+    name="GroupDRO",
+    hparams={"groupdro_eta": (1e-2, lambda r: 10**r.uniform(-3, -1))},
+    to_config=lambda h: {"groupdro": {"eta": h["groupdro_eta"]}})
+
+
+@registry.register("groupdro", DOMAINBED)
 def make(network, num_domains, config) -> base.Algorithm:
   eta = config.groupdro.eta
 

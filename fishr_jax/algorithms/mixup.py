@@ -15,7 +15,13 @@ from fishr_jax.algorithms import base
 from fishr_jax.algorithms import registry
 
 
-@registry.register("mixup")
+DOMAINBED = registry.DomainBedSpec(
+    name="Mixup",
+    hparams={"mixup_alpha": (0.2, lambda r: 10**r.uniform(-1, 1))},
+    to_config=lambda h: {"mixup": {"alpha": h["mixup_alpha"]}})
+
+
+@registry.register("mixup", DOMAINBED)
 def make(network, num_domains, config) -> base.Algorithm:
   alpha = config.mixup.alpha
 

@@ -6,7 +6,13 @@ from fishr_jax.algorithms import base
 from fishr_jax.algorithms import registry
 
 
-@registry.register("mmd")
+DOMAINBED = registry.DomainBedSpec(
+    name="MMD",
+    hparams={"mmd_gamma": (1.0, lambda r: 10**r.uniform(-1, 1))},
+    to_config=lambda h: {"mmd": {"lambda_": h["mmd_gamma"]}})
+
+
+@registry.register("mmd", DOMAINBED)
 def make(network, num_domains, config) -> base.Algorithm:
 
   def penalty_fn(params, state, batch, forward):

@@ -5,7 +5,21 @@ from fishr_jax.algorithms import base
 from fishr_jax.algorithms import registry
 
 
-@registry.register("vrex")
+DOMAINBED = registry.DomainBedSpec(
+    name="VREx",
+    hparams={
+        "vrex_lambda": (1e1, lambda r: 10**r.uniform(-1, 5)),
+        "vrex_penalty_anneal_iters": (500, lambda r: int(10**r.uniform(0, 4))),
+    },
+    to_config=lambda h: {
+        "vrex": {"lambda_": h["vrex_lambda"], "reduction": "variance"},
+        "penalty_anneal_iters": h["vrex_penalty_anneal_iters"],
+        "penalty_warmup_weight": 1.0,
+        "reset_optimizer_at_anneal": True,
+    })
+
+
+@registry.register("vrex", DOMAINBED)
 def make(network, num_domains, config) -> base.Algorithm:
 
   def penalty_fn(params, state, batch, forward):
