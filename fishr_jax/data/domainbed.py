@@ -127,8 +127,9 @@ def _idx_folder(data_dir: str) -> str:
   return data_dir  # mnist.py then names the missing file
 
 
-def load_all_digits(source: str = "embedded",
-                    data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_all_digits(
+    source: str = "embedded",
+    data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
   """uint8 images (N, 28, 28) and int64 digits (N,): MNIST's training then test
   digits, concatenated as DomainBed does (all 70,000 for tfds and idx, which
   then also needs the t10k files); 'embedded' gives its 5,000 digits."""
@@ -165,10 +166,11 @@ def rotate_digits(images: np.ndarray, angle: float) -> np.ndarray:
   """uint8 (N, 28, 28) rotated counterclockwise by `angle` degrees about the
   center, bilinear, zero fill: torchvision's rotate(img, angle, fill=(0,),
   interpolation=BILINEAR) on the Pillow image, which is Pillow's rotate."""
-  return np.stack([
-      np.asarray(Image.fromarray(image, "L").rotate(
-          angle, resample=Image.Resampling.BILINEAR, fillcolor=0))
-      for image in images]) if len(images) else images.copy()
+  rotated = np.empty_like(images)
+  for i, image in enumerate(images):
+    rotated[i] = np.asarray(Image.fromarray(image, "L").rotate(
+        angle, resample=Image.Resampling.BILINEAR, fillcolor=0))
+  return rotated
 
 
 def _colored_mnist(images: np.ndarray, digits: np.ndarray,
@@ -189,9 +191,12 @@ def _colored_mnist(images: np.ndarray, digits: np.ndarray,
 
 def _rotated_mnist(images: np.ndarray, digits: np.ndarray) -> list[ArraySource]:
   num_envs = len(ROTATED_MNIST_ENVIRONMENTS)
-  return [ArraySource(rotate_digits(images[env::num_envs], float(angle))[..., None],
-                      digits[env::num_envs].astype(np.int32))
-          for env, angle in enumerate(ROTATED_MNIST_ENVIRONMENTS)]
+  sources = []
+  for env, angle in enumerate(ROTATED_MNIST_ENVIRONMENTS):
+    rotated = rotate_digits(images[env::num_envs], float(angle))
+    sources.append(ArraySource(rotated[..., None],
+                               digits[env::num_envs].astype(np.int32)))
+  return sources
 
 
 def _mnist_dataset(name: str, data_dir: str, digits_source: str,
@@ -305,9 +310,6 @@ def _gather(source: Source, indices: np.ndarray,
     examples = [source.load(int(i)) for i in indices]
   else:
     examples = [source.load(int(i), rng) for i, rng in zip(indices, rngs)]
-  if not examples:
-    return {"x": np.zeros((0,) + (source.image_size,) * 2 + (3,), np.float32),
-            "y": np.zeros((0,), np.int32)}
   return {"x": np.stack([e["x"] for e in examples]),
           "y": np.asarray([e["y"] for e in examples], np.int32)}
 
@@ -374,8 +376,9 @@ def train_batches(dataset: Dataset, splits: Splits, train_envs: Sequence[int],
   return _iterate(steps, worker_count)
 
 
-def eval_batches(dataset: Dataset, splits: Splits, batch_size: int, *,
-                 worker_count: int = 0) -> dict[str, Callable[[], Iterator[Batch]]]:
+def eval_batches(
+    dataset: Dataset, splits: Splits, batch_size: int, *,
+    worker_count: int = 0) -> dict[str, Callable[[], Iterator[Batch]]]:
   """For every env i, "env{i}_in" and "env{i}_out" (all ins first, as
   train.py names its eval loaders): a function giving a fresh pass over that
   split in split order, without augmentation, as {"x", "y"} batches of

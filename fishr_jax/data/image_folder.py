@@ -1,4 +1,4 @@
-"""DomainBed's folder datasets: `<domain_dir>/<class>/<image>`, read with Pillow.
+"""DomainBed's folder datasets, `<domain_dir>/<class>/<image>`, via Pillow.
 
 `ImageFolderSource` is a random-access source (len and [i], usable by grain)
 over one domain folder. It lists images like torchvision's ImageFolder (class
