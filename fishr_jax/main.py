@@ -2,9 +2,14 @@
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from fishr_jax import train
+from fishr_jax import train_domainbed
+
+TRAINERS = {"colored_mnist": train.train_and_evaluate,
+            "domainbed": train_domainbed.train_and_evaluate}
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a configs/*.py file (optionally :preset).",
@@ -17,7 +22,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  # JAX's note that no TPU was found is noise on CPU and GPU machines.
+  logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  trainer = config.get("trainer", "colored_mnist")
+  if trainer not in TRAINERS:
+    raise app.UsageError(f"config.trainer must be one of {sorted(TRAINERS)}.")
+  TRAINERS[trainer](config, _WORKDIR.value)
 
 
 def run():

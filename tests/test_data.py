@@ -1,6 +1,5 @@
 """Colored MNIST environments and the three digit sources."""
 
-import gzip
 import os
 import sys
 
@@ -10,6 +9,7 @@ import pytest
 from configs import colored_mnist as cmnist_config
 from fishr_jax.data import colored_mnist
 from fishr_jax.data import mnist
+from tests.conftest import write_idx
 
 
 @pytest.fixture(scope="module")
@@ -95,21 +95,13 @@ def test_same_seed_same_data_new_restart_new_data(pools):
   assert not np.array_equal(a.train["x"], c.train["x"])
 
 
-def _write_idx(path, array):
-  header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-      int(n).to_bytes(4, "big") for n in array.shape)
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "wb") as f:
-    f.write(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.mark.parametrize("suffix", ["", ".gz"])
 def test_idx_source(tmp_path, suffix):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (60, 28, 28))
   digits = rng.integers(0, 10, 60)
-  _write_idx(str(tmp_path / f"train-images-idx3-ubyte{suffix}"), images)
-  _write_idx(str(tmp_path / f"train-labels-idx1-ubyte{suffix}"), digits)
+  write_idx(str(tmp_path / f"train-images-idx3-ubyte{suffix}"), images)
+  write_idx(str(tmp_path / f"train-labels-idx1-ubyte{suffix}"), digits)
   pools = mnist.load_digit_pools("idx", str(tmp_path))
   # First 5/6 train (50,000 of 60,000 for MNIST), the rest test.
   np.testing.assert_array_equal(pools.train_images, images[:50])

@@ -11,6 +11,7 @@ from PIL import Image
 
 from fishr_jax.data import domainbed
 from fishr_jax.data import image_folder
+from tests.conftest import write_idx
 
 
 @pytest.fixture(scope="module")
@@ -121,13 +122,6 @@ def test_rotate_is_counterclockwise_about_the_center(digits):
   assert abs(angle - 30) < 5
 
 
-def _write_idx(path, array):
-  header = bytes([0, 0, 8, array.ndim]) + b"".join(
-      int(d).to_bytes(4, "big") for d in array.shape)
-  with open(path, "wb") as f:
-    f.write(header + array.astype(np.uint8).tobytes())
-
-
 def test_idx_digits_are_train_then_test(tmp_path):
   # DomainBed's torchvision layout: <data_dir>/MNIST/raw/<IDX files>.
   raw = tmp_path / "MNIST" / "raw"
@@ -135,12 +129,12 @@ def test_idx_digits_are_train_then_test(tmp_path):
   rng = np.random.default_rng(0)
   train = rng.integers(0, 256, (12, 28, 28), dtype=np.uint8)
   test = rng.integers(0, 256, (6, 28, 28), dtype=np.uint8)
-  _write_idx(str(raw / "train-images-idx3-ubyte"), train)
-  _write_idx(str(raw / "train-labels-idx1-ubyte"), np.arange(12) % 10)
-  _write_idx(str(raw / "t10k-images-idx3-ubyte"), test)
+  write_idx(str(raw / "train-images-idx3-ubyte"), train)
+  write_idx(str(raw / "train-labels-idx1-ubyte"), np.arange(12) % 10)
+  write_idx(str(raw / "t10k-images-idx3-ubyte"), test)
   with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
     domainbed.load_all_digits("idx", str(tmp_path))
-  _write_idx(str(raw / "t10k-labels-idx1-ubyte"), np.arange(6))
+  write_idx(str(raw / "t10k-labels-idx1-ubyte"), np.arange(6))
   images, labels = domainbed.load_all_digits("idx", str(tmp_path))
   np.testing.assert_array_equal(images, np.concatenate([train, test]))
   np.testing.assert_array_equal(labels, np.r_[np.arange(12) % 10, np.arange(6)])

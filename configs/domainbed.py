@@ -1,0 +1,56 @@
+"""One DomainBed run (Gulrajani & Lopez-Paz, 2021), the Fishr paper's Table 3.
+
+  python -m fishr_jax.main --config configs/domainbed.py \\
+      --config.dataset=ColoredMNIST --config.algorithm=fishr \\
+      --config.test_envs=2 --workdir runs/cmnist_fishr_te2
+
+trains on the other environments with the sampled hparams (hparams_seed 0 =
+DomainBed's defaults) and writes DomainBed records to DIR/results.jsonl.
+Datasets: ColoredMNIST, RotatedMNIST (digits: data.digits_source
+embedded|tfds|idx), VLCS, PACS, OfficeHome, TerraIncognita, DomainNet (from
+DomainBed's folders under --config.data_dir; ImageNet weights for ResNet-50
+from --config.pretrained_checkpoint, a local torchvision file).
+Any hparam can be forced: --config.hparams.lr=1e-4 --config.hparams.lambda=100.
+"""
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from fishr_jax import hparams as hparams_lib
+from fishr_jax.algorithms import registry
+
+
+def _hparam_overrides() -> ml_collections.ConfigDict:
+  """Every hparam name any algorithm has, unset (None = use the sampled)."""
+  overrides = ml_collections.ConfigDict()
+  for algorithm in registry.names():
+    try:
+      specs = hparams_lib.specs(algorithm, "PACS")
+    except ValueError:  # no DomainBed hparams
+      continue
+    for name, (default, _) in specs.items():
+      overrides[name] = placeholder(type(default))
+  overrides["lambda_"] = placeholder(float)  # alias of "lambda"
+  return overrides
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.trainer = "domainbed"
+  config.dataset = "ColoredMNIST"
+  config.algorithm = "fishr"
+  config.test_envs = (2,)
+  config.steps = 5001
+  config.checkpoint_freq = placeholder(int)  # None: the dataset's default
+  config.hparams_seed = 0
+  config.trial_seed = 0
+  config.seed = 0
+  config.holdout_fraction = 0.2
+  config.data_dir = ""
+  config.digits_source = "embedded"
+  config.image_size = 224
+  config.pretrained_checkpoint = ""
+  config.eval_batch_size = 256
+  config.worker_count = 0
+  config.hparams = _hparam_overrides()
+  return config
