@@ -8,22 +8,17 @@ on which other hparams exist. The algorithm-specific entries live with each
 algorithm (`registry.DomainBedSpec`), the shared ones here.
 """
 
-import hashlib
 from typing import Any, Callable
 
 import numpy as np
 
 from fishr_jax.algorithms import registry
+from fishr_jax.data.domainbed import seed_hash  # pylint: disable=unused-import
 
 Sampler = Callable[[np.random.RandomState], Any]
 HParamSpecs = dict[str, tuple[Any, Sampler]]
 
 SMALL_IMAGES = ("Debug28", "RotatedMNIST", "ColoredMNIST")
-
-
-def seed_hash(*args: Any) -> int:
-  """DomainBed's misc.seed_hash: md5 of str(args), mod 2**31."""
-  return int(hashlib.md5(str(args).encode("utf-8")).hexdigest(), 16) % (2**31)
 
 
 def shared_specs(algorithm: str, dataset: str) -> HParamSpecs:

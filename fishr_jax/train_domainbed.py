@@ -88,7 +88,7 @@ def make_network(dataset: domainbed.Dataset, hparams: dict[str, Any],
   """(Network, initial trainable params) for the dataset's backbone."""
   if not dataset.is_image_folder:
     module = models.MNISTCNN(num_outputs=dataset.num_classes)
-    params = module.init(rng, sample_x)["params"]
+    params = jax.jit(module.init)(rng, sample_x)["params"]
     return algorithms.Network.from_module(module), params
   from fishr_jax import resnet  # pylint: disable=g-import-not-at-top
   depth = 18 if hparams["resnet18"] else 50
@@ -101,7 +101,7 @@ def make_network(dataset: domainbed.Dataset, hparams: dict[str, Any],
   else:
     print("No config.pretrained_checkpoint: the ResNet starts from random "
           "weights, unlike DomainBed's ImageNet initialization.", flush=True)
-    variables = module.init(rng, sample_x)
+    variables = jax.jit(module.init)(rng, sample_x)
   network = algorithms.Network.from_module(
       module, frozen={"batch_stats": variables["batch_stats"]}, stochastic=True)
   return network, variables["params"]

@@ -95,6 +95,10 @@ COLOR_FLIP_PROBS = (0.1, 0.2, 0.9)
 LABEL_NOISE = 0.25
 ROTATED_MNIST_ENVIRONMENTS = ("0", "15", "30", "45", "60", "75")
 DATASETS = ("ColoredMNIST", "RotatedMNIST") + tuple(FOLDER_DATASETS)
+# Environment names of every dataset, without loading it.
+ENVIRONMENTS = {"ColoredMNIST": COLORED_MNIST_ENVIRONMENTS,
+                "RotatedMNIST": ROTATED_MNIST_ENVIRONMENTS,
+                **{name: layout.environments for name, layout in FOLDER_DATASETS.items()}}
 CHECKPOINT_FREQ = {"ColoredMNIST": 100, "RotatedMNIST": 100, "VLCS": 300,
                    "PACS": 300, "OfficeHome": 300, "TerraIncognita": 300,
                    "DomainNet": 1000}

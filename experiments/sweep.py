@@ -1,0 +1,262 @@
+"""DomainBed sweeps: every (dataset, algorithm, test envs, hparams sample,
+trial) as one run of `python -m fishr_jax.main --config configs/domainbed.py`.
+
+  python -m experiments.sweep launch --datasets ColoredMNIST PACS \\
+      --algorithms ERM Fishr --n_hparams 20 --n_trials 3 \\
+      --output_dir runs/sweep --data_dir /data/domainbed \\
+      --command_launcher local
+  python -m experiments.sweep list --output_dir runs/sweep ...
+  python -m experiments.sweep delete_incomplete --output_dir runs/sweep ...
+  python -m experiments.collect_results --input_dir runs/sweep
+
+Flags keep DomainBed's names; any --config.X=Y flag goes to every run. A
+run's folder is the md5 of its arguments, so
+launching again skips finished runs (those with a `done` file) and resumes
+the unfinished ones from their last checkpoint. Launchers: `local` (one run
+after another), `multi_device` (one run per local GPU at a time, through
+CUDA_VISIBLE_DEVICES), `slurm` (submitit's SLURM executor) and
+`submitit_local` (submitit's local executor, for trying the SLURM path
+without a cluster), `dummy` (print the commands).
+"""
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+from fishr_jax import hparams as hparams_lib
+from fishr_jax.algorithms import registry
+from fishr_jax.data import domainbed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "domainbed.py")
+
+
+def algorithm_name(name: str) -> str:
+  """fishr-jax's name for `name`, which may be DomainBed's ("Fishr")."""
+  for ours in registry.names():
+    try:
+      theirs = registry.domainbed_spec(ours).name
+    except ValueError:
+      continue
+    if name in (ours, theirs):
+      return ours
+  raise ValueError(f"Unknown algorithm {name!r}.")
+
+
+def test_env_sets(num_envs: int, single_test_envs: bool) -> list[list[int]]:
+  """Each env alone, plus every pair unless single_test_envs (DomainBed's
+  leave-one-domain-out selection needs the pairs)."""
+  singles = [[i] for i in range(num_envs)]
+  if single_test_envs:
+    return singles
+  return singles + [list(p) for p in itertools.combinations(range(num_envs), 2)]
+
+
+class Job:
+  """One run: its arguments, folder, status and command."""
+
+  def __init__(self, args: dict[str, Any], output_dir: str,
+               extra_flags: Sequence[str]):
+    self.args = args
+    digest = hashlib.md5(json.dumps(args, sort_keys=True).encode()).hexdigest()
+    self.output_dir = os.path.join(output_dir, digest)
+    self.command = [sys.executable, "-m", "fishr_jax.main", "--config", CONFIG,
+                    "--workdir", self.output_dir]
+    for key, value in args.items():
+      if key == "hparams":
+        self.command += [f"--config.hparams.{k}={v}" for k, v in value.items()]
+      elif key == "test_envs":
+        self.command.append(f"--config.test_envs=({','.join(map(str, value))},)")
+      else:
+        self.command.append(f"--config.{key}={value}")
+    self.command += list(extra_flags)
+
+  @property
+  def status(self) -> str:
+    if os.path.exists(os.path.join(self.output_dir, "done")):
+      return "done"
+    return "incomplete" if os.path.exists(self.output_dir) else "not launched"
+
+  def __str__(self) -> str:
+    a = self.args
+    return (f"{self.status:<13} {a['dataset']:<14} {a['algorithm']:<9} "
+            f"test_envs={a['test_envs']} hparams_seed={a['hparams_seed']} "
+            f"trial_seed={a['trial_seed']}  {self.output_dir}")
+
+
+def make_jobs(flags: argparse.Namespace) -> list[Job]:
+  hparams = json.loads(flags.hparams) if flags.hparams else {}
+  extra = []
+  if flags.data_dir:
+    extra.append(f"--config.data_dir={flags.data_dir}")
+  extra += flags.extra_flags
+  jobs = []
+  for dataset in flags.datasets:
+    num_envs = len(domainbed.ENVIRONMENTS[dataset])
+    for algorithm in flags.algorithms:
+      ours = algorithm_name(algorithm)
+      for test_envs in test_env_sets(num_envs, flags.single_test_envs):
+        for hparams_seed in range(flags.n_hparams_from, flags.n_hparams):
+          for trial_seed in range(flags.n_trials):
+            args = {"dataset": dataset, "algorithm": ours, "test_envs": test_envs,
+                    "hparams_seed": hparams_seed, "trial_seed": trial_seed,
+                    "seed": hparams_lib.seed_hash(dataset, ours, test_envs,
+                                                  hparams_seed, trial_seed),
+                    "holdout_fraction": flags.holdout_fraction}
+            if flags.steps is not None:
+              args["steps"] = flags.steps
+            if flags.checkpoint_freq is not None:
+              args["checkpoint_freq"] = flags.checkpoint_freq
+            if hparams:
+              args["hparams"] = hparams
+            jobs.append(Job(args, flags.output_dir, extra))
+  return jobs
+
+
+# ----------------------------------------------------------------- launchers
+
+
+def run_command(command: Sequence[str]) -> int:
+  """Runs one job's command; module-level so submitit can pickle it."""
+  return subprocess.run(list(command), check=False).returncode
+
+
+def local_launcher(commands: Sequence[list[str]]) -> None:
+  for i, command in enumerate(commands):
+    print(f"[{i + 1}/{len(commands)}] {shlex.join(command)}", flush=True)
+    if run_command(command):
+      print(f"  exited with an error; its folder stays incomplete.", flush=True)
+
+
+def multi_device_launcher(commands: Sequence[list[str]]) -> None:
+  """One job per local GPU (CUDA_VISIBLE_DEVICES) at a time."""
+  visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+  if visible:
+    devices = visible.split(",")
+  else:
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
+                         check=False)
+    devices = [str(i) for i in range(len(out.stdout.splitlines()))] or ["0"]
+  pending, running = list(commands), {}
+  while pending or running:
+    for device in devices:
+      proc = running.get(device)
+      if proc is not None and proc.poll() is not None:
+        del running[device]
+      if device not in running and pending:
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": device}
+        running[device] = subprocess.Popen(pending.pop(0), env=env)
+    time.sleep(1)
+
+
+def _submitit_launcher(executor_factory: Callable[[str], Any]
+                       ) -> Callable[[Sequence[list[str]]], None]:
+  def launch(commands):
+    import submitit  # pylint: disable=g-import-not-at-top,unused-import
+    folder = os.path.join(os.path.commonpath(
+        [c[c.index("--workdir") + 1] for c in commands]), "submitit_logs")
+    executor = executor_factory(folder)
+    jobs = executor.map_array(run_command, commands)
+    print(f"Submitted {len(jobs)} jobs; logs in {folder}.", flush=True)
+    codes = [job.result() for job in jobs]
+    failed = sum(1 for c in codes if c)
+    if failed:
+      print(f"{failed} jobs exited with an error.", flush=True)
+  return launch
+
+
+def _slurm_executor(folder):
+  import submitit  # pylint: disable=g-import-not-at-top
+  executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+  executor.update_parameters(
+      timeout_min=int(os.environ.get("SWEEP_TIMEOUT_MIN", 24 * 60)),
+      gpus_per_node=int(os.environ.get("SWEEP_GPUS", 1)),
+      slurm_partition=os.environ.get("SWEEP_PARTITION"))
+  return executor
+
+
+def _submitit_local_executor(folder):
+  import submitit  # pylint: disable=g-import-not-at-top
+  executor = submitit.LocalExecutor(folder=folder)
+  executor.update_parameters(timeout_min=60)
+  return executor
+
+
+LAUNCHERS = {
+    "local": local_launcher,
+    "multi_device": multi_device_launcher,
+    "slurm": _submitit_launcher(_slurm_executor),
+    "submitit_local": _submitit_launcher(_submitit_local_executor),
+    "dummy": lambda commands: [print(shlex.join(c)) for c in commands],
+}
+
+
+# ----------------------------------------------------------------------- CLI
+
+
+def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("command", choices=["launch", "delete_incomplete", "list"])
+  parser.add_argument("--datasets", nargs="+", default=["ColoredMNIST"])
+  parser.add_argument("--algorithms", nargs="+", default=["ERM", "Fishr"])
+  parser.add_argument("--n_hparams_from", type=int, default=0)
+  parser.add_argument("--n_hparams", type=int, default=20)
+  parser.add_argument("--n_trials", type=int, default=3)
+  parser.add_argument("--output_dir", required=True)
+  parser.add_argument("--data_dir", default="")
+  parser.add_argument("--steps", type=int, default=None)
+  parser.add_argument("--checkpoint_freq", type=int, default=None)
+  parser.add_argument("--holdout_fraction", type=float, default=0.2)
+  parser.add_argument("--single_test_envs", action="store_true")
+  parser.add_argument("--hparams", default="",
+                      help='JSON of hparams forced on every run, e.g. \'{"lr": 1e-4}\'.')
+  parser.add_argument("--command_launcher", default="local", choices=sorted(LAUNCHERS))
+  parser.add_argument("--skip_confirmation", action="store_true")
+  # Any --config.X=Y flag is passed on to every run (e.g. --config.image_size=64).
+  flags, extra = parser.parse_known_args(argv)
+  unknown = [a for a in extra if not a.startswith("--config.")]
+  if unknown:
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+  flags.extra_flags = extra
+  return flags
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  flags = parse_flags(sys.argv[1:] if argv is None else argv)
+  jobs = make_jobs(flags)
+  for job in jobs:
+    print(job)
+  counts = {s: sum(j.status == s for j in jobs)
+            for s in ("done", "incomplete", "not launched")}
+  print(f"{len(jobs)} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+  if flags.command == "launch":
+    # Runs that share shapes (same dataset, algorithm, batch size) share
+    # their compiled programs through JAX's persistent cache.
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                          os.path.join(os.path.abspath(flags.output_dir), ".jax_cache"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    todo = [j for j in jobs if j.status != "done"]
+    if todo and not flags.skip_confirmation:
+      if input(f"Launch {len(todo)} jobs? (y/n) ").strip().lower() != "y":
+        return
+    LAUNCHERS[flags.command_launcher]([j.command for j in todo])
+  elif flags.command == "delete_incomplete":
+    todo = [j for j in jobs if j.status == "incomplete"]
+    if todo and not flags.skip_confirmation:
+      if input(f"Delete {len(todo)} incomplete runs? (y/n) ").strip().lower() != "y":
+        return
+    for job in todo:
+      shutil.rmtree(job.output_dir)
+    print(f"Deleted {len(todo)} incomplete runs.")
+
+
+if __name__ == "__main__":
+  main()

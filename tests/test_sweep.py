@@ -1,0 +1,77 @@
+"""A short DomainBed sweep end to end: launch, list, collect the tables."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from experiments import sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _fake_pacs(root):
+  rng = np.random.default_rng(0)
+  for domain in ("art_painting", "cartoon", "photo", "sketch"):
+    for cls in ("dog", "horse"):
+      folder = root / "PACS" / domain / cls
+      folder.mkdir(parents=True)
+      for i in range(2):
+        size = tuple(rng.integers(24, 48, 2))
+        pixels = rng.integers(0, 256, size + (3,), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def _sweep(*args):
+  cmd = [sys.executable, "-m", "experiments.sweep", *args]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  return out.stdout
+
+
+def test_jobs_names_and_test_envs():
+  assert sweep.algorithm_name("Fishr") == "fishr" == sweep.algorithm_name("fishr")
+  with pytest.raises(ValueError):
+    sweep.algorithm_name("NotAnAlgorithm")
+  assert sweep.test_env_sets(3, True) == [[0], [1], [2]]
+  assert sweep.test_env_sets(3, False)[3:] == [[0, 1], [0, 2], [1, 2]]
+
+
+@pytest.mark.slow
+def test_short_sweep_then_collect_results(tmp_path, tiny_mnist_dir):
+  """ColoredMNIST (real digits: a small IDX copy of the embedded ones) and a
+  generated PACS folder, ERM and Fishr x 2 hparams samples x 1 trial x every
+  test env, 3 steps each; then all three model-selection tables."""
+  _fake_pacs(tmp_path / "data")
+  output_dir = tmp_path / "sweep"
+  # Small batches keep it quick; the other hparams are sampled (sample 1).
+  common = ["--algorithms", "ERM", "Fishr", "--n_hparams", "2", "--n_trials", "1",
+            "--single_test_envs", "--steps", "3", "--skip_confirmation"]
+  mnist = ["--datasets", "ColoredMNIST", "--output_dir", str(output_dir),
+           "--data_dir", tiny_mnist_dir, "--config.digits_source=idx",
+           "--config.eval_batch_size=64", "--hparams", '{"batch_size": 8}', *common]
+  pacs = ["--datasets", "PACS", "--output_dir", str(output_dir),
+          "--data_dir", str(tmp_path / "data"), "--hparams", '{"resnet18": true, "batch_size": 4}',
+          "--config.image_size=32", "--config.eval_batch_size=16",
+          *common]
+  _sweep("launch", *mnist)
+  _sweep("launch", *pacs)
+  listing = _sweep("list", *pacs)
+  assert "16 jobs: 16 done, 0 incomplete, 0 not launched" in listing
+  assert "12 jobs: 12 done" in _sweep("list", *mnist)
+  # A finished sweep launched again runs nothing.
+  assert "12 jobs: 12 done" in _sweep("launch", *mnist)
+
+  out = subprocess.run([sys.executable, "-m", "experiments.collect_results",
+                        "--input_dir", str(output_dir)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  for method in ("training-domain validation set", "leave-one-domain-out "
+                 "cross-validation", "test-domain validation set (oracle)"):
+    for dataset in ("ColoredMNIST", "PACS"):
+      assert f"-------- Dataset: {dataset}, model selection method: {method}" in out.stdout
+    assert f"-------- Averages, model selection method: {method}" in out.stdout
+  assert "Fishr" in out.stdout and "ERM" in out.stdout
