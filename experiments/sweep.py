@@ -133,7 +133,7 @@ def local_launcher(commands: Sequence[list[str]]) -> None:
   for i, command in enumerate(commands):
     print(f"[{i + 1}/{len(commands)}] {shlex.join(command)}", flush=True)
     if run_command(command):
-      print(f"  exited with an error; its folder stays incomplete.", flush=True)
+      print("  exited with an error; its folder stays incomplete.", flush=True)
 
 
 def multi_device_launcher(commands: Sequence[list[str]]) -> None:
@@ -160,7 +160,6 @@ def multi_device_launcher(commands: Sequence[list[str]]) -> None:
 def _submitit_launcher(executor_factory: Callable[[str], Any]
                        ) -> Callable[[Sequence[list[str]]], None]:
   def launch(commands):
-    import submitit  # pylint: disable=g-import-not-at-top,unused-import
     folder = os.path.join(os.path.commonpath(
         [c[c.index("--workdir") + 1] for c in commands]), "submitit_logs")
     executor = executor_factory(folder)

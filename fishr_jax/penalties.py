@@ -15,7 +15,6 @@ official code, as stated in SPEC.md:
         | sum_e sum_j  (v_e,j - mean_e v_e,j)^2           ("sum", IRM script)
 """
 
-import functools
 from typing import Any, Callable, Literal
 
 import chex

@@ -1,6 +1,5 @@
 """Colored MNIST environments and the three digit sources."""
 
-import os
 import sys
 
 import numpy as np
