@@ -23,6 +23,7 @@ Every field can be overridden, e.g. --config.algorithm=erm|irm|vrex|fishr,
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 # The IRM authors' tuned values; the official Fishr script uses them for every
 # algorithm (github facebookresearch/InvariantRiskMinimization).
@@ -72,6 +73,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
       "centered": True,
       "covariance": "diagonal",
       "grad_path": "closed_form",
+      "vmap_chunk_size": placeholder(int),  # None: all examples at once
   })
 
   if preset == "paper":

@@ -46,6 +46,16 @@ def test_per_example_grads_equals_loop_of_grad():
                                  atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 4, 7, 17, 64])
+def test_chunking_never_changes_per_example_grads(chunk_size):
+  features, head, labels, _ = _head_problem(num_classes=3)  # N = 17
+  whole = penalties.per_example_grads(_head_loss, head, features, labels)
+  chunked = jax.jit(lambda h, z, y: penalties.per_example_grads(
+      _head_loss, h, z, y, chunk_size=chunk_size))(head, features, labels)
+  for name in head:
+    np.testing.assert_allclose(chunked[name], whole[name], rtol=1e-6, atol=1e-7)
+
+
 def test_per_example_grads_of_any_subtree():
   """A two-layer model, gradients w.r.t. every parameter."""
   k1, k2, k3 = jax.random.split(jax.random.key(1), 3)

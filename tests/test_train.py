@@ -147,15 +147,17 @@ def test_fishr_ema_state_is_carried_by_the_train_state():
 def test_fishr_grad_paths_give_the_same_step():
   batch = _batch()
   states = {}
-  for path in ("closed_form", "vmap"):
+  for path, chunk in (("closed_form", None), ("vmap", None), ("vmap_chunked", 5)):
     config = _config()
-    config.fishr.grad_path = path
+    config.fishr.grad_path = path.replace("_chunked", "")
+    config.fishr.vmap_chunk_size = chunk
     algorithm, tx, state = _setup(config, batch)
     step_fn = jax.jit(train.make_train_step(algorithm, tx, config))
     for _ in range(ANNEAL + 2):
       state, metrics = step_fn(state, batch)
     states[path] = (state.params, metrics["penalty"])
   chex.assert_trees_all_close(states["closed_form"], states["vmap"], rtol=1e-4, atol=1e-6)
+  chex.assert_trees_all_close(states["vmap"], states["vmap_chunked"], rtol=1e-6, atol=1e-7)
 
 
 def test_bad_algorithm_settings_raise_clear_errors():

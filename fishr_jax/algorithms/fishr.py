@@ -65,7 +65,7 @@ def make(network, num_domains, config) -> base.Algorithm:
           features, logits, labels, domain, num_domains, centered=cfg.centered)
     grads = penalties.per_example_grads(
         lambda head, z, y: head_loss(head, z, y, params), params[models.HEAD],
-        features, labels)
+        features, labels, chunk_size=cfg.get("vmap_chunk_size"))
     if cfg.covariance == "full":
       return penalties.domain_grad_covariance(grads, domain, num_domains,
                                               centered=cfg.centered)
