@@ -176,10 +176,12 @@ def linear_head_grad_variance(features: jax.Array, logits: jax.Array,
 # (features**2, each dot's (N, D) cotangent) is a fresh allocation the step
 # pays for; with N = 50,000 and D = 390 the plain einsums made the Colored
 # MNIST Fishr step 17 % slower than ERM. Squares are taken chunk by chunk
-# (cache-sized temporaries) and the features' cotangent is one expression.
-# Rows per chunk: features**2 of a chunk stays small (8192 x 390 floats are
-# 12 MiB, reused from the heap rather than freshly mapped at every step).
+# (cache-sized temporaries: 8192 x 390 floats are 12 MiB, reused from the heap
+# rather than freshly mapped at every step), and for a few weight columns the
+# features' cotangent is one elementwise expression that XLA fuses into its
+# consumer; with many columns a matmul is cheaper.
 _ROW_CHUNK = 8192
+_ELEMENTWISE_MAX_COLUMNS = 8
 
 
 def _row_chunks(num_rows: int):
@@ -215,7 +217,7 @@ def _feature_moment_sums_bwd(residuals, cotangents):
   features, weights, sq_weights = residuals
   g, g_sq = cotangents
   num_columns = weights.shape[1]
-  if num_columns <= 8:
+  if num_columns <= _ELEMENTWISE_MAX_COLUMNS:
     d_features = sum(weights[:, k, None] * g[k]
                      + 2.0 * features * sq_weights[:, k, None] * g_sq[k]
                      for k in range(num_columns))
