@@ -41,6 +41,10 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.steps = 301
   config.hidden_dim = 128
   config.log_every = 50
+  # Data parallelism (fishr_jax/parallel.py): devices of the mesh (0: all),
+  # and whether to join a multi-host job first.
+  config.num_devices = 0
+  config.distributed = False
 
   # Optimizer: Adam, explicit L2 in the loss (biases included, not halved),
   # coupled weight decay off.

@@ -57,5 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.pretrained_checkpoint = ""
   config.eval_batch_size = 256
   config.worker_count = 0
+  # Data parallelism (fishr_jax/parallel.py): devices of the mesh (0: all),
+  # and whether to join a multi-host job first.
+  config.num_devices = 0
+  config.distributed = False
   config.hparams = _hparam_overrides()
   return config

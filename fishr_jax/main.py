@@ -5,6 +5,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from fishr_jax import parallel
 from fishr_jax import train
 from fishr_jax import train_domainbed
 
@@ -28,6 +29,7 @@ def main(argv):
   trainer = config.get("trainer", "colored_mnist")
   if trainer not in TRAINERS:
     raise app.UsageError(f"config.trainer must be one of {sorted(TRAINERS)}.")
+  parallel.initialize(config)
   TRAINERS[trainer](config, _WORKDIR.value)
 
 

@@ -21,6 +21,7 @@ import tqdm
 from fishr_jax import algorithms
 from fishr_jax import evaluation
 from fishr_jax import models
+from fishr_jax import parallel
 from fishr_jax.data import colored_mnist
 from fishr_jax.data import mnist
 
@@ -135,7 +136,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   algorithm = algorithms.make_algorithm(config.algorithm, model, num_domains,
                                         config)
   tx = make_optimizer(config)
-  train_step = jax.jit(make_train_step(algorithm, tx, config), donate_argnums=0)
+  mesh = parallel.make_mesh(config.num_devices)
+  train_step = jax.jit(make_train_step(algorithm, tx, config), donate_argnums=0,
+                       out_shardings=parallel.replicated(mesh))
   eval_accuracy = evaluation.make_accuracy_fn(model)
 
   final = {"train_acc": [], "test_acc": [], "gray_acc": []}
@@ -146,12 +149,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     for restart in range(config.restarts):
       envs = colored_mnist.make_environments(
           pools, config.data, np.random.default_rng([config.seed, restart]))
-      batch = jax.device_put(envs.train)
-      evals = jax.device_put(envs.evals)
+      batch = parallel.shard_batch(parallel.process_part(envs.train), mesh)
+      evals = parallel.replicate(envs.evals, mesh)
       init_rng, rng = jax.random.split(
           jax.random.fold_in(jax.random.key(config.seed), restart))
       params = model.init(init_rng, batch["x"][:1])["params"]
-      state = create_train_state(rng, params, algorithm, tx, batch)
+      state = parallel.replicate(
+          create_train_state(rng, params, algorithm, tx, batch), mesh)
       for step in range(config.steps):
         logged = step % config.log_every == 0 or step == config.steps - 1
         if logged:  # the parameters this step's forward pass sees

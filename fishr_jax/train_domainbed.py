@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from fishr_jax import algorithms
 from fishr_jax import hparams as hparams_lib
 from fishr_jax import losses
+from fishr_jax import parallel
 from fishr_jax import models
 from fishr_jax import train
 from fishr_jax.algorithms import registry
@@ -201,7 +202,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   algorithm = algorithms.make_algorithm(config.algorithm, network,
                                         len(train_envs), alg_config)
   tx = train.make_optimizer(alg_config)
-  train_step = jax.jit(train.make_train_step(algorithm, tx, alg_config))
+  mesh = parallel.make_mesh(config.num_devices)
+  train_step = jax.jit(train.make_train_step(algorithm, tx, alg_config),
+                       out_shardings=parallel.replicated(mesh))
   accuracy = make_accuracy_fn(network)
   state = train.create_train_state(state_rng, params, algorithm, tx,
                                    jax.device_put(sample))
@@ -217,6 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     state, start_step = restored, int(restored.step)
     records = _read_records(records_path, start_step - 1)
     print(f"Resuming {workdir} from step {start_step}.", flush=True)
+  state = parallel.replicate(state, mesh)
   with open(records_path, "w") as f:  # drop records past the checkpoint
     f.writelines(json.dumps(r) + "\n" for r in records)
 
@@ -224,11 +228,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   batches = domainbed.train_batches(
       dataset, splits, train_envs, batch_size, config.seed,
       start_step=start_step, augment=hparams["data_augmentation"],
-      worker_count=config.worker_count)
+      worker_count=config.worker_count,
+      process_shard=(jax.process_index(), jax.process_count()))
   pending: dict[str, list[float]] = {}
   for step in range(start_step, config.steps):
     start = time.time()
-    state, metrics = train_step(state, jax.device_put(next(batches)))
+    state, metrics = train_step(state, parallel.shard_batch(next(batches), mesh))
     metrics = jax.device_get(metrics)
     pending.setdefault("step_time", []).append(time.time() - start)
     for key, value in metrics.items():

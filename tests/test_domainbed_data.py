@@ -385,3 +385,25 @@ def test_missing_folders_are_named(pacs_root, tmp_path):
   assert "missing" in message and "1 of them" in message
   with pytest.raises(ValueError, match="data_dir"):
     domainbed.get_dataset("VLCS")
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_process_shards_make_up_the_global_batch(pacs, augment):
+  """Each process of a multi-host job decodes its slice of every env; the
+  slices, put together env by env, are the single-process batch."""
+  splits = domainbed.split_environments(pacs, 0.2, trial_seed=0)
+  envs, batch_size, processes = [0, 2, 3], 4, 2
+  whole = _take(domainbed.train_batches(pacs, splits, envs, batch_size, seed=1,
+                                        augment=augment), 2)
+  parts = [_take(domainbed.train_batches(pacs, splits, envs, batch_size,
+                                         seed=1, augment=augment,
+                                         process_shard=(i, processes)), 2)
+           for i in range(processes)]
+  for step, batch in enumerate(whole):
+    for key in batch:
+      per_env = [np.split(part[step][key], len(envs)) for part in parts]
+      joined = np.concatenate([np.concatenate([p[e] for p in per_env])
+                               for e in range(len(envs))])
+      np.testing.assert_array_equal(joined, batch[key])
+  with pytest.raises(ValueError, match="process_shard"):
+    domainbed.train_batches(pacs, splits, envs, 3, seed=1, process_shard=(0, 2))

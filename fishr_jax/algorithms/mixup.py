@@ -3,8 +3,8 @@ domains are put in a random cycle, each consecutive pair's inputs mixed with
 lam ~ Beta(alpha, alpha), and the loss is the lam-weighted cross-entropy to
 both label sets. DomainBed hparam: mixup_alpha.
 
-Needs DomainBed's batch layout: the domains contiguous and of equal size, in
-domain order (what every DomainBed sampler gives).
+Needs equal-sized domains (what every DomainBed sampler gives); their order
+in the batch does not matter (a sharded batch interleaves them).
 """
 
 import jax
@@ -27,7 +27,9 @@ def make(network, num_domains, config) -> base.Algorithm:
 
   def loss_fn(params, state, batch, step, rng):
     del step
-    x, y = batch["x"], batch["y"]
+    # Stable: each domain's examples keep their order, as DomainBed's cycle.
+    by_domain = jnp.argsort(batch["domain"], stable=True)
+    x, y = batch["x"][by_domain], batch["y"][by_domain]
     if x.shape[0] % num_domains:
       raise ValueError(f"Mixup needs equal domain batches; got {x.shape[0]} "
                        f"examples for {num_domains} domains.")

@@ -332,8 +332,8 @@ def _iterate(batches: grain.MapDataset, worker_count: int) -> Iterator[Batch]:
 
 def train_batches(dataset: Dataset, splits: Splits, train_envs: Sequence[int],
                   batch_size: int, seed: int, start_step: int = 0,
-                  augment: bool = False, *,
-                  worker_count: int = 0) -> Iterator[Batch]:
+                  augment: bool = False, *, worker_count: int = 0,
+                  process_shard: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
   """Infinite training batches, one per step from `start_step` on.
 
   Step k: for each env of `train_envs`, in that order, `batch_size` examples
@@ -343,6 +343,8 @@ def train_batches(dataset: Dataset, splits: Splits, train_envs: Sequence[int],
   Step k depends only on (seed, k), so start_step=k resumes exactly.
   `augment` applies DomainBed's augmentation to the folder datasets (the MNIST
   ones have none); `worker_count` threads decode ahead (0: in the caller).
+  `process_shard=(i, p)`: process i of a p-process job loads only its part,
+  the i-th of p equal slices of every env's examples (same draws).
   """
   train_envs = [int(e) for e in train_envs]
   if not train_envs:
@@ -357,20 +359,27 @@ def train_batches(dataset: Dataset, splits: Splits, train_envs: Sequence[int],
     raise ValueError("batch_size must be positive, seed and start_step >= 0; "
                      f"got {batch_size}, {seed}, {start_step}.")
   augment = augment and dataset.is_image_folder
-  domains = np.repeat(np.arange(len(train_envs), dtype=np.int32), batch_size)
+  shard_index, shard_count = process_shard
+  if batch_size % shard_count or not 0 <= shard_index < shard_count:
+    raise ValueError(f"process_shard={process_shard} must split the batch size "
+                     f"{batch_size} per env evenly.")
+  mine = slice(shard_index * batch_size // shard_count,
+               (shard_index + 1) * batch_size // shard_count)
+  domains = np.repeat(np.arange(len(train_envs), dtype=np.int32),
+                      batch_size // shard_count)
 
   def make_batch(step: int) -> Batch:
     rng = np.random.default_rng([_SAMPLING_STREAM, seed, step])
     parts = []
     for position, env in enumerate(train_envs):
       in_indices = splits[env][0]
-      chosen = in_indices[rng.integers(0, len(in_indices), batch_size)]
+      chosen = in_indices[rng.integers(0, len(in_indices), batch_size)][mine]
       rngs = None
       if augment:
         # One stream per example, so threads need not share a generator.
         rngs = [np.random.default_rng(
             [_AUGMENTATION_STREAM, seed, step, position, b])
-                for b in range(batch_size)]
+                for b in range(batch_size)[mine]]
       parts.append(_gather(dataset.sources[env], chosen, rngs))
     return {"x": np.concatenate([p["x"] for p in parts]),
             "y": np.concatenate([p["y"] for p in parts]),

@@ -1,0 +1,87 @@
+"""Data parallelism: 1, 2, 4 and 8 (fake CPU) devices give the one-device
+numbers; the batch layout spreads every domain over the devices."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fishr_jax import parallel
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def multi_device_results(tmp_path_factory):
+  path = tmp_path_factory.mktemp("multi_device") / "results.npz"
+  env = {**os.environ, "PYTHONPATH": os.path.dirname(HERE)}
+  env.pop("XLA_FLAGS", None)
+  subprocess.run([sys.executable, os.path.join(HERE, "multi_device_run.py"),
+                  str(path)], check=True, env=env, timeout=600)
+  return dict(np.load(path))
+
+
+@pytest.mark.parametrize("variant", ["fishr_closed_form", "fishr_vmap", "erm",
+                                     "mixup"])
+@pytest.mark.parametrize("num_devices", [1, 2, 4, 8])
+def test_sharded_steps_equal_single_device(multi_device_results, variant,
+                                           num_devices):
+  keys = ["loss", "params"]
+  if variant.startswith("fishr"):
+    keys += ["penalty", "ema", "grads"]
+  for key in keys:
+    single = multi_device_results[f"{variant}/None/{key}"]
+    sharded = multi_device_results[f"{variant}/{num_devices}/{key}"]
+    assert np.all(np.isfinite(single)), key
+    scale = np.abs(single).max()
+    assert scale > 0, key
+    # Float32 sums in another order: agreement to a few ulps of the largest.
+    np.testing.assert_allclose(sharded, single, rtol=0, atol=2e-6 * scale,
+                               err_msg=f"{variant} on {num_devices}: {key}")
+  if variant.startswith("fishr"):
+    assert multi_device_results[f"{variant}/None/penalty"] > 1e-4
+
+
+@pytest.mark.parametrize("variant", ["fishr_closed_form", "fishr_vmap", "erm"])
+def test_sharded_step_reduces_and_never_gathers_the_batch(multi_device_results,
+                                                          variant):
+  for n in (2, 4, 8):
+    has_all_reduce, has_all_gather = multi_device_results[
+        f"{variant}/{n}/collectives"]
+    assert has_all_reduce and not has_all_gather, (variant, n)
+
+
+def test_spread_domains_interleaves_and_keeps_order():
+  domains = np.array([0] * 6 + [1] * 10 + [2] * 8, np.int32)
+  order = parallel.spread_domains(domains, 4)
+  assert sorted(order) == list(range(len(domains)))
+  shards = domains[order].reshape(4, -1)
+  for shard in shards:
+    assert set(shard.tolist()) == {0, 1, 2}
+  for d in range(3):  # each domain's examples keep their relative order
+    picked = order[domains[order] == d]
+    assert np.all(np.diff(picked) > 0)
+
+
+def test_spread_domains_rejects_uneven_split():
+  with pytest.raises(ValueError, match="cannot be split evenly over 5"):
+    parallel.spread_domains(np.zeros(12, np.int32), 5)
+
+
+def test_make_mesh_rejects_missing_devices():
+  with pytest.raises(ValueError, match="devices"):
+    parallel.make_mesh(10_000)
+
+
+def test_process_parts_cover_the_batch_and_every_domain():
+  domains = np.repeat(np.arange(3, dtype=np.int32), [8, 4, 12])
+  batch = {"domain": domains, "x": np.arange(len(domains))}
+  parts = [parallel.process_part(batch, i, 4) for i in range(4)]
+  rows = np.concatenate([p["x"] for p in parts])
+  assert sorted(rows.tolist()) == list(range(len(domains)))
+  for part in parts:
+    assert len(part["x"]) == 6 and set(part["domain"].tolist()) == {0, 1, 2}
+    np.testing.assert_array_equal(part["domain"], domains[part["x"]])
+  assert parallel.process_part(batch, 0, 1) is batch
