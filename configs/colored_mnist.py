@@ -77,6 +77,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
       "centered": True,
       "covariance": "diagonal",
       "grad_path": "closed_form",
+      "params": "head",  # or "all", or a pattern such as "hidden_1|classifier"
       "vmap_chunk_size": placeholder(int),  # None: all examples at once
   })
 

@@ -62,4 +62,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_devices = 0
   config.distributed = False
   config.hparams = _hparam_overrides()
+  # Fishr's options that are not DomainBed hparams (algorithms/fishr.py):
+  # --config.fishr.params=all --config.fishr.grad_path=vmap.
+  config.fishr = ml_collections.ConfigDict({
+      "params": "head", "grad_path": "closed_form",
+      "vmap_chunk_size": placeholder(int)})
   return config

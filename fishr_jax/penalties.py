@@ -118,49 +118,45 @@ def domain_grad_covariance(grads: PyTree, domain_ids: jax.Array,
   return jax.tree.map(leaf_covariance, grads)
 
 
-def linear_head_grad_variance(features: jax.Array, logits: jax.Array,
-                              labels: jax.Array, domain_ids: jax.Array,
-                              num_domains: int,
-                              centered: bool = True) -> dict[str, jax.Array]:
-  """Exact per-domain gradient variance of a linear head, in closed form.
+def dense_grad_variance(inputs: jax.Array, signals: jax.Array,
+                        domain_ids: jax.Array, num_domains: int,
+                        centered: bool = True) -> dict[str, jax.Array]:
+  """Exact per-domain gradient variance of a Dense layer, in closed form.
 
-  For logits = features @ kernel + bias and r_i = d loss_i / d logits_i
-  (softmax - onehot, or sigmoid - label for one output unit), the per-example
-  gradients are g^kernel_i = z_i (outer) r_i and g^bias_i = r_i, so
+  For y = inputs @ kernel + bias and delta_i = d loss_i / d y_i (the signal
+  backpropagated to example i's output), the per-example gradients are
+  g^kernel_i = a_i (outer) delta_i and g^bias_i = delta_i, so per domain
 
-    Var[g^kernel] = (z*z)^T (r*r) / n - (z^T r / n)^2,
-    Var[g^bias]   = mean(r^2) - mean(r)^2,
+    Var[g^kernel] = (a*a)^T (delta*delta) / n - (a^T delta / n)^2,
+    Var[g^bias]   = mean(delta^2) - mean(delta)^2,
 
-  per domain, at O(N * D * E * C) cost and without the (N, D, C) tensor.
-  Equals `domain_grad_variance(per_example_grads(...))` of a flax Dense head.
+  at O(N * D * E * K) cost and without the (N, D, K) per-example gradients.
 
   Args:
-    features: (N, D) inputs of the head.
-    logits: (N, C) outputs of the head; C == 1 means a binary head.
-    labels: (N,) integer labels (C > 1) or {0, 1} labels (C == 1).
+    inputs: (N, D) the layer's inputs a.
+    signals: (N, K) d loss_i / d y_i.
     domain_ids: (N,) integer domain of each example.
     num_domains: static number of domains E.
     centered: as in `domain_grad_variance`.
 
   Returns:
-    {"kernel": (E, D, C), "bias": (E, C)}: flax Dense's layout, domain first.
+    {"kernel": (E, D, K), "bias": (E, K)}: flax Dense's layout, domain first.
   """
-  chex.assert_rank([features, logits], 2)
-  chex.assert_equal_shape_prefix([features, logits, labels, domain_ids], 1)
-  residual = losses.loss_residual(logits, labels)
-  one_hot, counts = _domain_one_hot(domain_ids, num_domains, features.dtype)
-  num_classes = residual.shape[1]
-  # Route each example's residual to its domain's column block: (N, E * C).
-  routed = (one_hot[:, :, None] * residual[:, None, :]).reshape(
-      -1, num_domains * num_classes)
-  routed_sq = routed * jnp.tile(residual, (1, num_domains))
+  chex.assert_rank([inputs, signals], 2)
+  chex.assert_equal_shape_prefix([inputs, signals, domain_ids], 1)
+  one_hot, counts = _domain_one_hot(domain_ids, num_domains, inputs.dtype)
+  num_columns = signals.shape[1]
+  # Route each example's signal to its domain's column block: (N, E * K).
+  routed = (one_hot[:, :, None] * signals[:, None, :]).reshape(
+      -1, num_domains * num_columns)
+  routed_sq = routed * jnp.tile(signals, (1, num_domains))
 
-  def per_domain(sums):  # (E * C, ...) sums -> (E, C, ...) means
-    sums = sums.reshape((num_domains, num_classes) + sums.shape[1:])
+  def per_domain(sums):  # (E * K, ...) sums -> (E, K, ...) means
+    sums = sums.reshape((num_domains, num_columns) + sums.shape[1:])
     return sums / counts.reshape((num_domains,) + (1,) * (sums.ndim - 1))
 
-  sums, sq_sums = feature_moment_sums(features, routed, routed_sq)
-  kernel_sq = jnp.swapaxes(per_domain(sq_sums), 1, 2)  # flax layout (E, D, C)
+  sums, sq_sums = feature_moment_sums(inputs, routed, routed_sq)
+  kernel_sq = jnp.swapaxes(per_domain(sq_sums), 1, 2)  # flax layout (E, D, K)
   bias_sq = per_domain(routed_sq.sum(axis=0))
   if not centered:
     return {"kernel": kernel_sq, "bias": bias_sq}
@@ -170,6 +166,32 @@ def linear_head_grad_variance(features: jax.Array, logits: jax.Array,
       "kernel": kernel_sq - kernel_mean**2,
       "bias": bias_sq - bias_mean**2,
   }
+
+
+def linear_head_grad_variance(features: jax.Array, logits: jax.Array,
+                              labels: jax.Array, domain_ids: jax.Array,
+                              num_domains: int,
+                              centered: bool = True) -> dict[str, jax.Array]:
+  """Exact per-domain gradient variance of a linear head, in closed form.
+
+  The head's backpropagated signal is the loss residual r_i = d loss_i /
+  d logits_i (softmax - onehot, or sigmoid - label for one output unit), so
+  this is `dense_grad_variance(features, r)`. Equals
+  `domain_grad_variance(per_example_grads(...))` of a flax Dense head.
+
+  Args:
+    features: (N, D) inputs of the head.
+    logits: (N, C) outputs of the head; C == 1 means a binary head.
+    labels: (N,) integer labels (C > 1) or {0, 1} labels (C == 1).
+    domain_ids, num_domains, centered: as in `dense_grad_variance`.
+
+  Returns:
+    {"kernel": (E, D, C), "bias": (E, C)}: flax Dense's layout, domain first.
+  """
+  chex.assert_rank([features, logits], 2)
+  chex.assert_equal_shape_prefix([features, logits, labels, domain_ids], 1)
+  return dense_grad_variance(features, losses.loss_residual(logits, labels),
+                             domain_ids, num_domains, centered)
 
 
 # Why `feature_moment_sums` is hand-written: on XLA:CPU every (N, D) temporary

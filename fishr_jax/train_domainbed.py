@@ -54,17 +54,22 @@ def resolve_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return values
 
 
-def algorithm_config(hparams: dict[str, Any],
-                     algorithm: str) -> ml_collections.ConfigDict:
+def algorithm_config(hparams: dict[str, Any], algorithm: str,
+                     options: ml_collections.ConfigDict | None = None
+                     ) -> ml_collections.ConfigDict:
   """The trainer's config fields for DomainBed hparams: the DomainBed
   schedule (no warm-up weight unless the algorithm says otherwise, no loss
-  rescaling), Adam with coupled weight decay, plus the algorithm's own."""
+  rescaling), Adam with coupled weight decay, plus the algorithm's own.
+  `options` (e.g. config.fishr: params, grad_path) override the algorithm's
+  non-hparam fields."""
   config = ml_collections.ConfigDict({
       "lr": hparams["lr"], "weight_decay": hparams["weight_decay"],
       "l2_regularizer_weight": 0.0, "penalty_anneal_iters": 0,
       "penalty_warmup_weight": 0.0, "rescale_loss": False,
       "reset_optimizer_at_anneal": False})
   config.update(registry.domainbed_spec(algorithm).to_config(hparams))
+  if options:
+    config[algorithm].update(options.to_dict())
   return config
 
 
@@ -174,7 +179,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   config = config.copy_and_resolve_references()
   hparams = resolve_hparams(config)
-  alg_config = algorithm_config(hparams, config.algorithm)
+  alg_config = algorithm_config(hparams, config.algorithm,
+                                config.get(config.algorithm))
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2) + "\n")
 

@@ -82,11 +82,19 @@ class Forward(NamedTuple):
   features: jax.Array  # (N, D), the head's inputs
   logits: jax.Array  # (N, C)
   domain_nll: jax.Array  # (E,), each domain's mean loss
+  extras: Any = None  # what a custom forward_fn adds (Fishr: layer signals)
 
 
-# A penalty sees the parameters, its carried state, the batch and the forward
-# pass, and returns (scalar penalty, new state).
-PenaltyFn = Callable[[PyTree, PyTree, Batch, Forward], tuple[jax.Array, PyTree]]
+# (params, batch, rng) -> (features, logits, extras): the training forward
+# pass; the default is the network's, with no extras.
+ForwardFn = Callable[[PyTree, Batch, jax.Array | None],
+                     tuple[jax.Array, jax.Array, Any]]
+
+
+# A penalty sees the parameters, its carried state, the batch, the forward
+# pass and the step's rng, and returns (scalar penalty, new state).
+PenaltyFn = Callable[[PyTree, PyTree, Batch, Forward, jax.Array | None],
+                     tuple[jax.Array, PyTree]]
 
 
 def penalty_weight(step: jax.Array, lambda_: float,
@@ -110,34 +118,42 @@ def no_state(params: PyTree, batch: Batch) -> PyTree:
 
 
 def domain_losses(network: Network, params: PyTree, batch: Batch,
-                  num_domains: int, rng: jax.Array | None):
-  """One forward pass: Forward(features, logits, domain_nll) and metrics."""
-  features, logits = network.forward(params, batch["x"], rng)
+                  num_domains: int, rng: jax.Array | None,
+                  forward_fn: ForwardFn | None = None):
+  """One forward pass: Forward(features, logits, domain_nll, extras) and
+  metrics."""
+  if forward_fn is None:
+    features, logits = network.forward(params, batch["x"], rng)
+    extras = None
+  else:
+    features, logits, extras = forward_fn(params, batch, rng)
   per_example = losses.per_example_loss(logits, batch["y"])
   domain_nll = penalties.domain_mean(per_example, batch["domain"], num_domains)
   domain_acc = penalties.domain_mean(
       losses.correct(logits, batch["y"]), batch["domain"], num_domains)
   metrics = {"nll": domain_nll.mean(), "train_acc": domain_acc.mean()}
-  return Forward(features, logits, domain_nll), metrics
+  return Forward(features, logits, domain_nll, extras), metrics
 
 
 def penalized(name: str, network: Network, num_domains: int,
               config: ml_collections.ConfigDict, lambda_: float,
               penalty_fn: PenaltyFn | None,
-              init_state: Callable[[PyTree, Batch], PyTree] = no_state
-              ) -> Algorithm:
+              init_state: Callable[[PyTree, Batch], PyTree] = no_state,
+              forward_fn: ForwardFn | None = None) -> Algorithm:
   """mean_e risk_e + l2 * ||params||^2 + weight(step) * penalty.
 
   With `config.rescale_loss` the whole loss is divided by the weight while it
   exceeds 1 (the IRM-setup script keeps gradients in range this way).
-  `penalty_fn=None` is ERM: no penalty term and no rescaling.
+  `penalty_fn=None` is ERM: no penalty term and no rescaling. `forward_fn`
+  replaces the network's forward pass (see `domain_losses`).
   """
 
   def loss_fn(params, state, batch, step, rng):
-    forward, metrics = domain_losses(network, params, batch, num_domains, rng)
+    forward, metrics = domain_losses(network, params, batch, num_domains, rng,
+                                     forward_fn)
     loss = metrics["nll"] + config.l2_regularizer_weight * squared_l2_norm(params)
     if penalty_fn is not None:
-      penalty, state = penalty_fn(params, state, batch, forward)
+      penalty, state = penalty_fn(params, state, batch, forward, rng)
       weight = penalty_weight(step, lambda_, config)
       loss = loss + weight * penalty
       if config.rescale_loss:

@@ -6,14 +6,19 @@ config.fishr:
   reduction   "mean" (DomainBed) or "sum" (IRM-setup Colored MNIST script).
   centered    centered variance (True) or raw second moment (ablation).
   covariance  "diagonal" (the method) or "full" (off-diagonal ablation).
-  grad_path   "closed_form": exact moments of the linear head from its inputs
-              and residuals, O(N*D*C); "vmap": jax.vmap(jax.grad) over the
-              head's parameters (any head; needed for covariance="full").
+  params      which parameters' gradients: "head" (the paper), "all", or a
+              regular expression searched in names like "hidden_0/kernel".
+  grad_path   "closed_form": exact moments of Dense layers from their inputs
+              and backpropagated signals (layer_signals.py), O(N*in*out*E)
+              per layer; "vmap": jax.vmap(jax.grad) over the chosen
+              parameters (any layer; needed for covariance="full").
+  vmap_chunk_size  examples per vmap chunk (None: all); speed/memory only.
 """
 
 import jax
 import jax.numpy as jnp
 
+from fishr_jax import layer_signals
 from fishr_jax import losses
 from fishr_jax import models
 from fishr_jax import penalties
@@ -44,6 +49,7 @@ DOMAINBED = registry.DomainBedSpec(
 @registry.register("fishr", DOMAINBED)
 def make(network, num_domains, config) -> base.Algorithm:
   cfg = config.fishr
+  which = cfg.get("params", "head")
   if cfg.grad_path not in GRAD_PATHS:
     raise ValueError(f"fishr.grad_path must be one of {GRAD_PATHS}, "
                      f"got {cfg.grad_path!r}.")
@@ -53,42 +59,94 @@ def make(network, num_domains, config) -> base.Algorithm:
   if cfg.covariance == "full" and cfg.grad_path != "vmap":
     raise ValueError("fishr.covariance='full' needs the per-example gradients:"
                      " set fishr.grad_path='vmap'.")
+  closed_form = cfg.grad_path == "closed_form"
+  head_names = [f"{models.HEAD}/kernel", f"{models.HEAD}/bias"]
 
-  def head_loss(head, features, label, params):
-    logits = network.classify({**params, models.HEAD: head}, features)
-    return losses.per_example_loss(logits, label)
+  def chosen(params):  # static: names only
+    return layer_signals.select_params(params, which)
 
-  def head_variances(params, batch, features, logits):
-    domain, labels = batch["domain"], batch["y"]
-    if cfg.grad_path == "closed_form":
-      return penalties.linear_head_grad_variance(
-          features, logits, labels, domain, num_domains, centered=cfg.centered)
-    grads = penalties.per_example_grads(
-        lambda head, z, y: head_loss(head, z, y, params), params[models.HEAD],
-        features, labels, chunk_size=cfg.get("vmap_chunk_size"))
+  def only_head(params):
+    return sorted(chosen(params)) == sorted(head_names)
+
+  def closed_form_layers(params):
+    return layer_signals.dense_layers(chosen(params))
+
+  def forward_fn(params, batch, rng):
+    """The training forward pass; for the closed form beyond the head it
+    also gives the chosen Dense layers' inputs and signals."""
+    if not closed_form or only_head(params):
+      return (*network.forward(params, batch["x"], rng), None)
+    return layer_signals.forward_with_signals(
+        network.forward, params, batch["x"], rng, batch["y"],
+        list(closed_form_layers(params)))
+
+  def reduce(grads, domain):
     if cfg.covariance == "full":
       return penalties.domain_grad_covariance(grads, domain, num_domains,
                                               centered=cfg.centered)
     return penalties.domain_grad_variance(grads, domain, num_domains,
                                           centered=cfg.centered)
 
+  def head_grads(params, batch, features):
+    """vmap(grad) of each example's loss w.r.t. the head, from its features."""
+    def example_loss(head, z, y):
+      logits = network.classify({**params, models.HEAD: head}, z[None])
+      return losses.per_example_loss(logits, y[None])[0]
+    return penalties.per_example_grads(
+        example_loss, params[models.HEAD], features, batch["y"],
+        chunk_size=cfg.get("vmap_chunk_size"))
+
+  def network_grads(params, batch, rng):
+    """vmap(grad) of each example's loss w.r.t. the chosen parameters, one
+    forward pass per example (each with its own dropout key)."""
+    def example_loss(chosen_params, x, y, key):
+      full = layer_signals.with_subtree(params, chosen_params)
+      _, logits = network.forward(full, x[None], key)
+      return losses.per_example_loss(logits, y[None])[0]
+    n = batch["x"].shape[0]
+    keys = (jnp.zeros((n, 0)) if rng is None else jax.random.split(rng, n))
+    if rng is None:
+      loss = lambda p, x, y, key: example_loss(p, x, y, None)
+    else:
+      loss = example_loss
+    return penalties.per_example_grads(
+        loss, layer_signals.subtree(params, chosen(params)), batch["x"],
+        batch["y"], keys, chunk_size=cfg.get("vmap_chunk_size"))
+
+  def variances(params, batch, forward, rng):
+    domain = batch["domain"]
+    if only_head(params):
+      if closed_form:
+        return penalties.linear_head_grad_variance(
+            forward.features, forward.logits, batch["y"], domain, num_domains,
+            centered=cfg.centered)
+      return reduce(head_grads(params, batch, forward.features), domain)
+    if closed_form:
+      return {layer: {leaf: variance[leaf] for leaf in leaves}
+              for layer, leaves in closed_form_layers(params).items()
+              for variance in [penalties.dense_grad_variance(
+                  *forward.extras[layer], domain, num_domains,
+                  centered=cfg.centered)]}
+    return reduce(network_grads(params, batch, rng), domain)
+
   def init_state(params, batch):
     if not cfg.ema:
       return ()
 
-    def variances(params):
-      features, logits = network.forward(params, batch["x"], None)
-      return head_variances(params, batch, features, logits)
+    def initial(params):
+      forward, _ = base.domain_losses(network, params, batch, num_domains,
+                                      None, forward_fn)
+      return variances(params, batch, forward, None)
 
-    shapes = jax.eval_shape(variances, params)
+    shapes = jax.eval_shape(initial, params)
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
-  def penalty_fn(params, state, batch, forward):
-    variances = head_variances(params, batch, forward.features, forward.logits)
+  def penalty_fn(params, state, batch, forward, rng):
+    v = variances(params, batch, forward, rng)
     if cfg.ema:
-      variances, state = penalties.ema_update(state, variances, cfg.ema)
-    return penalties.fishr_penalty(variances, cfg.reduction), state
+      v, state = penalties.ema_update(state, v, cfg.ema)
+    return penalties.fishr_penalty(v, cfg.reduction), state
 
   return base.penalized("fishr", network, num_domains, config,
                         lambda_=cfg.lambda_, penalty_fn=penalty_fn,
-                        init_state=init_state)
+                        init_state=init_state, forward_fn=forward_fn)

@@ -25,7 +25,7 @@ DOMAINBED = registry.DomainBedSpec(
 @registry.register("irm", DOMAINBED)
 def make(network, num_domains, config) -> base.Algorithm:
 
-  def penalty_fn(params, state, batch, forward):
+  def penalty_fn(params, state, batch, forward, rng):
     del params
     penalty = penalties.irm_penalty(
         forward.logits, batch["y"], batch["domain"], num_domains,

@@ -15,7 +15,7 @@ DOMAINBED = registry.DomainBedSpec(
 @registry.register("mmd", DOMAINBED)
 def make(network, num_domains, config) -> base.Algorithm:
 
-  def penalty_fn(params, state, batch, forward):
+  def penalty_fn(params, state, batch, forward, rng):
     del params
     return penalties.mmd_penalty(forward.features, batch["domain"],
                                  num_domains), state

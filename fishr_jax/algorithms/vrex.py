@@ -22,7 +22,7 @@ DOMAINBED = registry.DomainBedSpec(
 @registry.register("vrex", DOMAINBED)
 def make(network, num_domains, config) -> base.Algorithm:
 
-  def penalty_fn(params, state, batch, forward):
+  def penalty_fn(params, state, batch, forward, rng):
     del params, batch
     return penalties.vrex_penalty(forward.domain_nll,
                                   config.vrex.reduction), state

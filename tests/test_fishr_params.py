@@ -1,0 +1,182 @@
+"""Fishr beyond the head: config.fishr.params = "all" or a pattern. The
+closed form from Dense layers' inputs and signals, vmap(grad), and a Python
+loop of jax.grad over single examples give the same variances, penalty and
+gradients."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from fishr_jax import algorithms
+from fishr_jax import layer_signals
+from fishr_jax import losses
+from fishr_jax import models
+from fishr_jax import penalties
+
+jax.config.update("jax_enable_x64", True)  # noqa: the comparisons are exact
+
+NUM_DOMAINS = 3
+
+
+def _batch(num_outputs, n=(7, 5, 9), seed=0, image=False):
+  rng = np.random.default_rng(seed)
+  total = sum(n)
+  shape = (total, 8, 8, 1) if image else (total, 6)
+  y = (rng.integers(0, 2, total).astype(np.float64) if num_outputs == 1
+       else rng.integers(0, num_outputs, total).astype(np.int32))
+  return {"x": jnp.asarray(rng.normal(size=shape)),
+          "y": jnp.asarray(y),
+          "domain": jnp.asarray(np.repeat(np.arange(NUM_DOMAINS), n)
+                                .astype(np.int32))}
+
+
+def _mlp(num_outputs):
+  module = models.MLP(hidden_dims=(5, 4), num_outputs=num_outputs)
+  params = module.init(jax.random.key(0), jnp.zeros((1, 6), jnp.float64))
+  # float64, and nonzero biases.
+  params = jax.tree.map(lambda p: p.astype(jnp.float64) + 0.1, params["params"])
+  return module, params
+
+
+def _loop_variances(module, params, batch, names):
+  """Per-example gradients by a Python loop of jax.grad, then numpy."""
+  def example_loss(chosen, x, y):
+    full = layer_signals.with_subtree(params, chosen)
+    _, logits = module.apply({"params": full}, x[None])
+    return losses.per_example_loss(logits, y[None])[0]
+
+  chosen = layer_signals.subtree(params, names)
+  grads = [jax.grad(example_loss)(chosen, batch["x"][i], batch["y"][i])
+           for i in range(len(batch["y"]))]
+  domain = np.asarray(batch["domain"])
+  out = {}
+  for name in names:
+    g = np.stack([np.asarray(gi[name]) for gi in grads])
+    out[name] = np.stack([g[domain == e].var(axis=0)
+                          for e in range(NUM_DOMAINS)])
+  return out
+
+
+@pytest.mark.parametrize("num_outputs", [1, 3])
+def test_dense_layer_closed_form_equals_loop_of_grad(num_outputs):
+  module, params = _mlp(num_outputs)
+  batch = _batch(num_outputs)
+  names = layer_signals.select_params(params, "all")
+  layers = layer_signals.dense_layers(names)
+  assert set(layers) == {"hidden_0", "hidden_1", "classifier"}
+  network = algorithms.Network.from_module(module)
+  features, logits, signals = layer_signals.forward_with_signals(
+      network.forward, params, batch["x"], None, batch["y"], list(layers))
+  plain_features, plain_logits = module.apply({"params": params}, batch["x"])
+  np.testing.assert_allclose(logits, plain_logits, rtol=1e-12)
+  np.testing.assert_allclose(features, plain_features, rtol=1e-12)
+  expected = _loop_variances(module, params, batch, names)
+  for layer in layers:
+    got = penalties.dense_grad_variance(*signals[layer], batch["domain"],
+                                        NUM_DOMAINS)
+    for leaf in ("kernel", "bias"):
+      assert np.abs(expected[f"{layer}/{leaf}"]).max() > 1e-6
+      np.testing.assert_allclose(got[leaf], expected[f"{layer}/{leaf}"],
+                                 rtol=1e-9, atol=1e-14)
+
+
+def _config(params, grad_path, chunk=None, ema=0.0):
+  return ml_collections.ConfigDict({
+      "l2_regularizer_weight": 0.0, "penalty_anneal_iters": 0,
+      "penalty_warmup_weight": 0.0, "rescale_loss": False,
+      "fishr": {"lambda_": 10.0, "ema": ema, "reduction": "mean",
+                "centered": True, "covariance": "diagonal",
+                "grad_path": grad_path, "params": params,
+                "vmap_chunk_size": chunk}})
+
+
+def _penalty_and_grads(module, params, batch, config):
+  network = algorithms.Network.from_module(module)
+  algorithm = algorithms.make_algorithm("fishr", network, NUM_DOMAINS, config)
+  state = algorithm.init_state(params, batch)
+
+  def loss(p):
+    value, (new_state, metrics) = algorithm.loss_fn(
+        p, state, batch, jnp.asarray(1), jax.random.key(0))
+    return value, (metrics["penalty"], new_state)
+
+  (value, (penalty, new_state)), grads = jax.jit(
+      jax.value_and_grad(loss, has_aux=True))(params)
+  return penalty, grads, new_state
+
+
+@pytest.mark.parametrize("which", ["all", "hidden_1|classifier", "head",
+                                   "hidden_0/kernel"])
+def test_closed_form_and_vmap_agree_on_penalty_and_its_gradient(which):
+  module, params = _mlp(3)
+  batch = _batch(3)
+  closed = _penalty_and_grads(module, params, batch,
+                              _config(which, "closed_form", ema=0.9))
+  vmapped = _penalty_and_grads(module, params, batch,
+                               _config(which, "vmap", ema=0.9))
+  chunked = _penalty_and_grads(module, params, batch,
+                               _config(which, "vmap", chunk=4, ema=0.9))
+  assert closed[0] > 1e-6
+  names = layer_signals.select_params(params, which)
+  expected = _loop_variances(module, params, batch, names)
+  # Penalty from the loop's variances ("mean": over domains and coordinates).
+  flat = np.concatenate([v.reshape(NUM_DOMAINS, -1) for v in expected.values()],
+                        axis=1)
+  loop_penalty = ((flat - flat.mean(axis=0)) ** 2).mean()
+  for penalty, grads, state in (closed, vmapped, chunked):
+    np.testing.assert_allclose(penalty, loop_penalty, rtol=1e-9)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-8,
+                                                         atol=1e-12),
+                 grads, closed[1])
+    # The moving averages, by name ({layer: {leaf}} or {"layer/leaf"}).
+    by_name = lambda t: dict(zip(layer_signals.param_names(t),
+                                 jax.tree.leaves(t)))
+    assert by_name(state).keys() == by_name(closed[2]).keys()
+    for name, value in by_name(state).items():
+      np.testing.assert_allclose(value, by_name(closed[2])[name], rtol=1e-9,
+                                 atol=1e-15)
+
+
+def test_full_network_penalty_differs_from_the_head_only_one():
+  module, params = _mlp(3)
+  batch = _batch(3)
+  head = _penalty_and_grads(module, params, batch, _config("head", "closed_form"))
+  full = _penalty_and_grads(module, params, batch, _config("all", "closed_form"))
+  assert not np.isclose(head[0], full[0])
+  # With the head only, the penalty still trains the featurizer (through the
+  # features), and covering all layers changes that gradient.
+  assert np.abs(head[1]["hidden_0"]["kernel"]).max() > 0
+  assert not np.allclose(head[1]["hidden_0"]["kernel"],
+                         full[1]["hidden_0"]["kernel"])
+
+
+def test_vmap_covers_conv_layers_and_closed_form_says_why_not():
+  module = models.MNISTCNN(num_outputs=3)
+  batch = _batch(3, n=(3, 2, 3), image=True)
+  params = module.init(jax.random.key(0), batch["x"][:1])["params"]
+  params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+  names = layer_signals.select_params(params, "conv4|classifier")
+  assert names == ["classifier/bias", "classifier/kernel", "conv4/bias",
+                   "conv4/kernel"]
+  penalty, _, _ = _penalty_and_grads(module, params, batch,
+                                     _config("conv4|classifier", "vmap"))
+  expected = _loop_variances(module, params, batch, names)
+  flat = np.concatenate([v.reshape(NUM_DOMAINS, -1) for v in expected.values()],
+                        axis=1)
+  np.testing.assert_allclose(penalty, ((flat - flat.mean(0)) ** 2).mean(),
+                             rtol=1e-9)
+  with pytest.raises(ValueError, match="not Dense layers"):
+    _penalty_and_grads(module, params, batch,
+                       _config("conv4|classifier", "closed_form"))
+  with pytest.raises(ValueError, match="neither"):
+    _penalty_and_grads(module, params, batch, _config("norm0", "closed_form"))
+
+
+def test_bad_patterns_are_explained():
+  _, params = _mlp(3)
+  with pytest.raises(ValueError, match="matches no parameter.*hidden_0/kernel"):
+    layer_signals.select_params(params, "decoder")
+  with pytest.raises(ValueError, match="not a valid pattern"):
+    layer_signals.select_params(params, "(")
