@@ -3,17 +3,26 @@
   python -m experiments.benchmark --output_dir runs/benchmark
 
 For each setting, jits the full train step of ERM, Fishr with the closed-form
-head variance and Fishr with jax.vmap(jax.grad) over the head, times the
-median of --repeats steps after --warmup steps (interleaving the algorithms
-round by round so machine noise hits all of them alike), reads the compiled
-step's memory from XLA's memory analysis, and writes benchmark.md and
-benchmark.json with Fishr/ERM ratios. Runs on whatever backend JAX finds.
+head variance and Fishr with jax.vmap(jax.grad) over the head (and, where
+listed, Fishr over every layer), times the median of --repeats steps after
+--warmup steps (interleaving the algorithms round by round so machine noise
+hits all of them alike), reads the compiled step's memory from XLA's memory
+analysis, and writes benchmark.md and benchmark.json with Fishr/ERM ratios.
+Runs on whatever backend JAX finds.
 
 Settings:
   colored_mnist_full_batch  MLP 392-390-390-1 on 2 x 25,000 random inputs
-                            (the full-MNIST Colored MNIST batch).
+                            (the full-MNIST Colored MNIST batch); also Fishr
+                            over all layers by the Dense closed form.
   domainbed_mnist_cnn       DomainBed's MNIST_CNN, 3 domains x 64, 10 classes.
-Pass setting names as arguments to run only those.
+  resnet50_pacs             ResNet-50 (frozen BN), 3 x 32, head C = 7.
+  resnet50_domainnet        ResNet-50 (frozen BN), 3 x 32, head C = 345.
+  weak_scaling              MNIST_CNN, 3 x 64 examples PER DEVICE, ERM and
+                            Fishr on 1, 2, 4, ... of the devices found;
+                            efficiency = time on 1 / time on n.
+Pass setting names as arguments to run only those. The ResNet rows use
+--image_size (DomainBed: 224) and random weights (timing does not depend on
+them).
 """
 
 import json
@@ -30,66 +39,107 @@ import numpy as np
 from configs import colored_mnist as cmnist_config
 from fishr_jax import algorithms
 from fishr_jax import models
+from fishr_jax import parallel
 from fishr_jax import train
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/benchmark", "Output folder.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed steps per algorithm.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224,
+                                   "Image side of the ResNet-50 rows.")
 
 VARIANTS = {
     "erm": ("erm", {}),
     "fishr_closed_form": ("fishr", {"grad_path": "closed_form"}),
     "fishr_vmap": ("fishr", {"grad_path": "vmap"}),
+    "fishr_all_layers_closed_form": ("fishr", {"grad_path": "closed_form",
+                                               "params": "all"}),
 }
+HEAD_VARIANTS = ("erm", "fishr_closed_form", "fishr_vmap")
 
 
-def colored_mnist_full_batch() -> dict[str, Any]:
-  n_per_domain, num_domains = 25000, 2
+def _random_batch(shape: tuple[int, ...], num_domains: int, n_per_domain: int,
+                  num_classes: int) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(0)
   n = n_per_domain * num_domains
-  batch = {"x": rng.random((n, 14, 14, 2), np.float32),
-           "y": rng.integers(0, 2, n).astype(np.float32),
-           "domain": np.repeat(np.arange(num_domains, dtype=np.int32), n_per_domain)}
-  config = cmnist_config.get_config("paper")
-  config.penalty_anneal_iters = 0  # time the step with the penalty on
-  return {"model": models.MLP(hidden_dims=(390, 390), num_outputs=1),
-          "batch": batch, "num_domains": num_domains, "config": config,
-          "description": "Colored MNIST full batch, 2 x 25,000, MLP 390"}
+  y = (rng.integers(0, 2, n).astype(np.float32) if num_classes == 1
+       else rng.integers(0, num_classes, n).astype(np.int32))
+  return {"x": rng.random((n,) + shape, np.float32), "y": y,
+          "domain": np.repeat(np.arange(num_domains, dtype=np.int32),
+                              n_per_domain)}
 
 
-def domainbed_mnist_cnn() -> dict[str, Any]:
-  n_per_domain, num_domains, num_classes = 64, 3, 10
-  rng = np.random.default_rng(0)
-  n = n_per_domain * num_domains
-  batch = {"x": rng.random((n, 28, 28, 1), np.float32),
-           "y": rng.integers(0, num_classes, n).astype(np.int32),
-           "domain": np.repeat(np.arange(num_domains, dtype=np.int32), n_per_domain)}
+def _domainbed_config():
   config = cmnist_config.get_config()
   config.update(l2_regularizer_weight=0.0, penalty_anneal_iters=0,
                 penalty_warmup_weight=0.0, rescale_loss=False)
   config.fishr.update(lambda_=1000.0, ema=0.95, reduction="mean")
-  return {"model": models.MNISTCNN(num_outputs=num_classes), "batch": batch,
-          "num_domains": num_domains, "config": config,
-          "description": "DomainBed MNIST_CNN, 3 x 64, 10 classes"}
+  return config
+
+
+def colored_mnist_full_batch() -> dict[str, Any]:
+  config = cmnist_config.get_config("paper")
+  config.penalty_anneal_iters = 0  # time the step with the penalty on
+  return {"model": models.MLP(hidden_dims=(390, 390), num_outputs=1),
+          "batch": _random_batch((14, 14, 2), 2, 25000, 1), "num_domains": 2,
+          "config": config,
+          "variants": HEAD_VARIANTS + ("fishr_all_layers_closed_form",),
+          "description": "Colored MNIST full batch, 2 x 25,000, MLP 390"}
+
+
+def domainbed_mnist_cnn(n_per_domain: int = 64) -> dict[str, Any]:
+  return {"model": models.MNISTCNN(num_outputs=10),
+          "batch": _random_batch((28, 28, 1), 3, n_per_domain, 10),
+          "num_domains": 3, "config": _domainbed_config(),
+          "description": f"DomainBed MNIST_CNN, 3 x {n_per_domain}, 10 classes"}
+
+
+def _resnet50(num_classes: int, dataset: str) -> dict[str, Any]:
+  from fishr_jax import resnet  # pylint: disable=g-import-not-at-top
+  size = _IMAGE_SIZE.value
+  return {"model": resnet.ResNet(depth=50, num_classes=num_classes),
+          "stochastic": True,
+          "batch": _random_batch((size, size, 3), 3, 32, num_classes),
+          "num_domains": 3, "config": _domainbed_config(),
+          "description": f"ResNet-50 {dataset} head (C = {num_classes}), "
+                         f"3 x 32, {size} px"}
 
 
 SETTINGS: dict[str, Callable[[], dict[str, Any]]] = {
     "colored_mnist_full_batch": colored_mnist_full_batch,
     "domainbed_mnist_cnn": domainbed_mnist_cnn,
+    "resnet50_pacs": lambda: _resnet50(7, "PACS"),
+    "resnet50_domainnet": lambda: _resnet50(345, "DomainNet"),
 }
 
 
-def compile_step(setting: dict[str, Any], variant: str):
+def compile_step(setting: dict[str, Any], variant: str, mesh=None):
+  """The jitted step of one variant (sharded over `mesh` if given), its
+  start state and batch, and its peak memory (bytes, None if unknown)."""
   name, fishr_overrides = VARIANTS[variant]
   config = setting["config"].copy_and_resolve_references()
   config.fishr.update(fishr_overrides)
-  algorithm = algorithms.make_algorithm(name, setting["model"],
-                                        setting["num_domains"], config)
+  model = setting["model"]
+  variables = dict(jax.jit(model.init)(jax.random.key(1),
+                                       setting["batch"]["x"][:1]))
+  params = variables.pop("params")
+  network = algorithms.Network.from_module(
+      model, frozen=variables, stochastic=setting.get("stochastic", False))
+  algorithm = algorithms.make_algorithm(name, network, setting["num_domains"],
+                                        config)
   tx = train.make_optimizer(config)
-  batch = jax.device_put(setting["batch"])
-  params = setting["model"].init(jax.random.key(1), batch["x"][:1])["params"]
-  state = train.create_train_state(jax.random.key(0), params, algorithm, tx, batch)
-  step = jax.jit(train.make_train_step(algorithm, tx, config), donate_argnums=0)
+  step = train.make_train_step(algorithm, tx, config)
+  if mesh is None:
+    batch = jax.device_put(setting["batch"])
+    step = jax.jit(step, donate_argnums=0)
+  else:
+    batch = parallel.shard_batch(setting["batch"], mesh)
+    step = jax.jit(step, donate_argnums=0,
+                   out_shardings=parallel.replicated(mesh))
+  state = train.create_train_state(jax.random.key(0), params, algorithm, tx,
+                                   batch)
+  if mesh is not None:
+    state = parallel.replicate(state, mesh)
   compiled = step.lower(state, batch).compile()
   memory = compiled.memory_analysis()
   peak = None
@@ -99,28 +149,53 @@ def compile_step(setting: dict[str, Any], variant: str):
   return compiled, state, batch, peak
 
 
-def benchmark_setting(setting: dict[str, Any], variants: Sequence[str]) -> dict[str, Any]:
-  runs = {v: compile_step(setting, v) for v in variants}
-  states = {v: runs[v][1] for v in variants}
-  for v in variants:
+def time_steps(runs: dict[str, tuple]) -> dict[str, float]:
+  """Median step time of each compiled run, interleaved round by round."""
+  states = {v: run[1] for v, run in runs.items()}
+  for v, run in runs.items():
     for _ in range(_WARMUP.value):
-      states[v], _ = runs[v][0](states[v], runs[v][2])
+      states[v], _ = run[0](states[v], run[2])
     jax.block_until_ready(states[v])
-  times = {v: [] for v in variants}
+  times = {v: [] for v in runs}
   for _ in range(_REPEATS.value):
-    for v in variants:
+    for v, run in runs.items():
       start = time.perf_counter()
-      states[v], metrics = runs[v][0](states[v], runs[v][2])
+      states[v], metrics = run[0](states[v], run[2])
       jax.block_until_ready((states[v], metrics))
       times[v].append(time.perf_counter() - start)
-  out = {v: {"step_time_s": float(np.median(times[v])),
-             "peak_memory_bytes": runs[v][3]} for v in variants}
+  return {v: float(np.median(t)) for v, t in times.items()}
+
+
+def benchmark_setting(setting: dict[str, Any]) -> dict[str, Any]:
+  variants = setting.get("variants", HEAD_VARIANTS)
+  runs = {v: compile_step(setting, v) for v in variants}
+  times = time_steps(runs)
+  out = {v: {"step_time_s": times[v], "peak_memory_bytes": runs[v][3]}
+         for v in variants}
   erm = out["erm"]
   for v in variants:
     out[v]["time_ratio_vs_erm"] = out[v]["step_time_s"] / erm["step_time_s"]
     if out[v]["peak_memory_bytes"] and erm["peak_memory_bytes"]:
       out[v]["memory_ratio_vs_erm"] = (out[v]["peak_memory_bytes"]
                                        / erm["peak_memory_bytes"])
+  return out
+
+
+def weak_scaling() -> dict[str, Any]:
+  """ERM and Fishr (closed form) on 1, 2, 4, ... devices, 3 x 64 per device."""
+  counts = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= jax.device_count()]
+  out = {}
+  for n in counts:
+    setting = domainbed_mnist_cnn(64 * n)
+    mesh = parallel.make_mesh(n)
+    runs = {v: compile_step(setting, v, mesh)
+            for v in ("erm", "fishr_closed_form")}
+    for v, t in time_steps(runs).items():
+      out[f"{v}@{n}"] = {"devices": n, "step_time_s": t,
+                         "peak_memory_bytes": runs[v][3]}
+  for key, row in out.items():
+    base = out[key.split("@")[0] + "@1"]["step_time_s"]
+    row["efficiency"] = base / row["step_time_s"]
   return out
 
 
@@ -131,36 +206,59 @@ def device_description() -> str:
   return f"{device.platform.upper()} {device.device_kind} x{jax.device_count()}"
 
 
+def _mib(num_bytes: int | None) -> str:
+  return "n/a" if num_bytes is None else f"{num_bytes / 2**20:.1f}"
+
+
 def markdown(results: dict[str, Any], device: str) -> str:
   lines = [f"Device: {device}. Median of {_REPEATS.value} steps after warm-up; "
            "memory from XLA's memory analysis of the compiled step.", "",
            "| setting | algorithm | step time (ms) | vs ERM | peak memory (MiB) | vs ERM |",
            "|---|---|---|---|---|---|"]
   for setting, rows in results.items():
+    if setting == "weak_scaling":
+      continue
     for variant, r in rows.items():
-      mem = r["peak_memory_bytes"]
       lines.append(
           f"| {setting} | {variant} | {1e3 * r['step_time_s']:.1f} | "
-          f"{r['time_ratio_vs_erm']:.3f} | "
-          f"{'n/a' if mem is None else f'{mem / 2**20:.1f}'} | "
+          f"{r['time_ratio_vs_erm']:.3f} | {_mib(r['peak_memory_bytes'])} | "
           f"{r.get('memory_ratio_vs_erm', float('nan')):.3f} |")
+  if "weak_scaling" in results:
+    lines += ["", "Weak scaling, MNIST_CNN, 3 x 64 examples per device "
+              "(efficiency: time on 1 device / time on n):", "",
+              "| algorithm | devices | step time (ms) | efficiency | "
+              "peak memory per device (MiB) |", "|---|---|---|---|---|"]
+    for key, r in results["weak_scaling"].items():
+      lines.append(f"| {key.split('@')[0]} | {r['devices']} | "
+                   f"{1e3 * r['step_time_s']:.1f} | {r['efficiency']:.3f} | "
+                   f"{_mib(r['peak_memory_bytes'])} |")
   return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str]) -> None:
-  settings = argv[1:] or list(SETTINGS)
+  names = argv[1:] or list(SETTINGS) + ["weak_scaling"]
+  unknown = sorted(set(names) - set(SETTINGS) - {"weak_scaling"})
+  if unknown:
+    raise app.UsageError(f"Unknown settings {unknown}; known: "
+                         f"{sorted(SETTINGS) + ['weak_scaling']}.")
   results = {}
-  for name in settings:
+  for name in names:
+    if name == "weak_scaling":
+      print(f"benchmarking weak scaling on {jax.device_count()} devices ...",
+            flush=True)
+      results[name] = weak_scaling()
+      continue
     setting = SETTINGS[name]()
     print(f"benchmarking {setting['description']} ...", flush=True)
-    results[name] = benchmark_setting(setting, list(VARIANTS))
+    results[name] = benchmark_setting(setting)
   device = device_description()
   os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
   table = markdown(results, device)
   with open(os.path.join(_OUTPUT_DIR.value, "benchmark.md"), "w") as f:
     f.write(table)
   with open(os.path.join(_OUTPUT_DIR.value, "benchmark.json"), "w") as f:
-    json.dump({"device": device, "jax": jax.__version__, "results": results}, f,
+    json.dump({"device": device, "jax": jax.__version__,
+               "image_size": _IMAGE_SIZE.value, "results": results}, f,
               indent=2)
   print(table)
 
