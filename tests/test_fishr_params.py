@@ -59,10 +59,18 @@ def _loop_variances(module, params, batch, names):
   return out
 
 
+# Unequal domains and shuffled equal ones take the routed sums; equal domains
+# one after another (every loader's layout) take the per-domain blocks.
+@pytest.mark.parametrize("sizes,shuffle", [((7, 5, 9), False), ((6, 6, 6), False),
+                                           ((6, 6, 6), True)])
 @pytest.mark.parametrize("num_outputs", [1, 3])
-def test_dense_layer_closed_form_equals_loop_of_grad(num_outputs):
+def test_dense_layer_closed_form_equals_loop_of_grad(num_outputs, sizes,
+                                                     shuffle):
   module, params = _mlp(num_outputs)
-  batch = _batch(num_outputs)
+  batch = _batch(num_outputs, n=sizes)
+  if shuffle:
+    order = np.random.default_rng(1).permutation(sum(sizes))
+    batch = {k: v[order] for k, v in batch.items()}
   names = layer_signals.select_params(params, "all")
   layers = layer_signals.dense_layers(names)
   assert set(layers) == {"hidden_0", "hidden_1", "classifier"}
@@ -107,11 +115,12 @@ def _penalty_and_grads(module, params, batch, config):
   return penalty, grads, new_state
 
 
+@pytest.mark.parametrize("sizes", [(7, 5, 9), (6, 6, 6)])
 @pytest.mark.parametrize("which", ["all", "hidden_1|classifier", "head",
                                    "hidden_0/kernel"])
-def test_closed_form_and_vmap_agree_on_penalty_and_its_gradient(which):
+def test_closed_form_and_vmap_agree_on_penalty_and_its_gradient(which, sizes):
   module, params = _mlp(3)
-  batch = _batch(3)
+  batch = _batch(3, n=sizes)
   closed = _penalty_and_grads(module, params, batch,
                               _config(which, "closed_form", ema=0.9))
   vmapped = _penalty_and_grads(module, params, batch,
