@@ -45,6 +45,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   # and whether to join a multi-host job first.
   config.num_devices = 0
   config.distributed = False
+  # "bfloat16": the network computes in bfloat16 (GPU/TPU); parameters,
+  # losses, Fishr's moments and its penalty stay float32.
+  config.compute_dtype = "float32"
 
   # Optimizer: Adam, explicit L2 in the loss (biases included, not halved),
   # coupled weight decay off.

@@ -61,6 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
   # and whether to join a multi-host job first.
   config.num_devices = 0
   config.distributed = False
+  # "bfloat16": the network computes in bfloat16 (GPU/TPU); parameters,
+  # losses, Fishr's moments and its penalty stay float32.
+  config.compute_dtype = "float32"
   config.hparams = _hparam_overrides()
   # Fishr's options that are not DomainBed hparams (algorithms/fishr.py):
   # --config.fishr.params=all --config.fishr.grad_path=vmap.

@@ -47,6 +47,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed steps per algorithm.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224,
                                    "Image side of the ResNet-50 rows.")
+_COMPUTE_DTYPE = flags.DEFINE_enum(
+    "compute_dtype", "float32", list(models.COMPUTE_DTYPES),
+    "The networks' compute dtype (Fishr's moments stay float32).")
 
 VARIANTS = {
     "erm": ("erm", {}),
@@ -69,6 +72,10 @@ def _random_batch(shape: tuple[int, ...], num_domains: int, n_per_domain: int,
                               n_per_domain)}
 
 
+def _dtype():
+  return models.compute_dtype(_COMPUTE_DTYPE.value)
+
+
 def _domainbed_config():
   config = cmnist_config.get_config()
   config.update(l2_regularizer_weight=0.0, penalty_anneal_iters=0,
@@ -80,7 +87,8 @@ def _domainbed_config():
 def colored_mnist_full_batch() -> dict[str, Any]:
   config = cmnist_config.get_config("paper")
   config.penalty_anneal_iters = 0  # time the step with the penalty on
-  return {"model": models.MLP(hidden_dims=(390, 390), num_outputs=1),
+  return {"model": models.MLP(hidden_dims=(390, 390), num_outputs=1,
+                               dtype=_dtype()),
           "batch": _random_batch((14, 14, 2), 2, 25000, 1), "num_domains": 2,
           "config": config,
           "variants": HEAD_VARIANTS + ("fishr_all_layers_closed_form",),
@@ -88,7 +96,7 @@ def colored_mnist_full_batch() -> dict[str, Any]:
 
 
 def domainbed_mnist_cnn(n_per_domain: int = 64) -> dict[str, Any]:
-  return {"model": models.MNISTCNN(num_outputs=10),
+  return {"model": models.MNISTCNN(num_outputs=10, dtype=_dtype()),
           "batch": _random_batch((28, 28, 1), 3, n_per_domain, 10),
           "num_domains": 3, "config": _domainbed_config(),
           "description": f"DomainBed MNIST_CNN, 3 x {n_per_domain}, 10 classes"}
@@ -97,7 +105,8 @@ def domainbed_mnist_cnn(n_per_domain: int = 64) -> dict[str, Any]:
 def _resnet50(num_classes: int, dataset: str) -> dict[str, Any]:
   from fishr_jax import resnet  # pylint: disable=g-import-not-at-top
   size = _IMAGE_SIZE.value
-  return {"model": resnet.ResNet(depth=50, num_classes=num_classes),
+  return {"model": resnet.ResNet(depth=50, num_classes=num_classes,
+                                       dtype=_dtype()),
           "stochastic": True,
           "batch": _random_batch((size, size, 3), 3, 32, num_classes),
           "num_domains": 3, "config": _domainbed_config(),
@@ -140,7 +149,10 @@ def compile_step(setting: dict[str, Any], variant: str, mesh=None):
                                    batch)
   if mesh is not None:
     state = parallel.replicate(state, mesh)
-  compiled = step.lower(state, batch).compile()
+    with jax.set_mesh(mesh):
+      compiled = step.lower(state, batch).compile()
+  else:
+    compiled = step.lower(state, batch).compile()
   memory = compiled.memory_analysis()
   peak = None
   if memory is not None:
@@ -211,8 +223,9 @@ def _mib(num_bytes: int | None) -> str:
 
 
 def markdown(results: dict[str, Any], device: str) -> str:
-  lines = [f"Device: {device}. Median of {_REPEATS.value} steps after warm-up; "
-           "memory from XLA's memory analysis of the compiled step.", "",
+  lines = [f"Device: {device}. Compute dtype {_COMPUTE_DTYPE.value}. Median of "
+           f"{_REPEATS.value} steps after warm-up; memory from XLA's memory "
+           "analysis of the compiled step.", "",
            "| setting | algorithm | step time (ms) | vs ERM | peak memory (MiB) | vs ERM |",
            "|---|---|---|---|---|---|"]
   for setting, rows in results.items():
@@ -258,7 +271,8 @@ def main(argv: Sequence[str]) -> None:
     f.write(table)
   with open(os.path.join(_OUTPUT_DIR.value, "benchmark.json"), "w") as f:
     json.dump({"device": device, "jax": jax.__version__,
-               "image_size": _IMAGE_SIZE.value, "results": results}, f,
+               "image_size": _IMAGE_SIZE.value,
+               "compute_dtype": _COMPUTE_DTYPE.value, "results": results}, f,
               indent=2)
   print(table)
 

@@ -117,7 +117,8 @@ def forward_with_signals(
                          f"{args[0].shape}; the closed form needs (N, in). "
                          "Use fishr.grad_path='vmap'.")
       inputs[name] = args[0]
-      return next_fun(*args, **kwargs) + perturbations[name]
+      out = next_fun(*args, **kwargs)
+      return out + perturbations[name].astype(out.dtype)
 
     with nn.intercept_methods(interceptor):
       features, logits = forward(params, x, rng)
@@ -130,5 +131,5 @@ def forward_with_signals(
   logits, backward, (features, inputs) = jax.vjp(perturbed, zeros,
                                                  has_aux=True)
   # d sum_i loss_i / d y_i = d loss_i / d y_i: examples do not interact.
-  (signals,) = backward(losses.loss_residual(logits, labels))
+  (signals,) = backward(losses.loss_residual(logits, labels).astype(logits.dtype))
   return features, logits, {l: (inputs[l], signals[l]) for l in layers}

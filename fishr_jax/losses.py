@@ -15,8 +15,15 @@ def is_binary(logits: jax.Array) -> bool:
   return logits.shape[-1] == 1
 
 
+def at_least_float32(x: jax.Array) -> jax.Array:
+  """bfloat16 activations -> float32; float32 and float64 stay as they are.
+  Losses and Fishr's moments are always taken in float32 or wider."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def per_example_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Each example's own loss (no reduction): shape logits.shape[:-1]."""
+  logits = at_least_float32(logits)
   if is_binary(logits):
     return optax.sigmoid_binary_cross_entropy(
         logits[..., 0], labels.astype(logits.dtype))

@@ -4,14 +4,28 @@
 inputs, and the penalty's gradient must flow back into the featurizer. The
 head's parameters live under the name `classifier` (kernel (D, C), bias (C,)),
 so algorithms can address "the head" as `params["classifier"]`.
+
+`dtype` is the compute dtype (None: float32; jnp.bfloat16 for GPU/TPU
+speed); parameters stay float32, and the losses and Fishr's moments are
+taken in float32 from the bfloat16 activations.
 """
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 HEAD = "classifier"
+COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> Any:
+  """config.compute_dtype -> the modules' `dtype` argument."""
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, "
+                     f"got {name!r}.")
+  return COMPUTE_DTYPES[name]
 
 
 class MLP(nn.Module):
@@ -22,11 +36,12 @@ class MLP(nn.Module):
   """
   hidden_dims: Sequence[int]
   num_outputs: int
+  dtype: Any = None
 
   def setup(self):
     dense = lambda n, name: nn.Dense(
         n, kernel_init=nn.initializers.xavier_uniform(),
-        bias_init=nn.initializers.zeros, name=name)
+        bias_init=nn.initializers.zeros, dtype=self.dtype, name=name)
     self.hidden = [dense(n, f"hidden_{i}") for i, n in enumerate(self.hidden_dims)]
     self.classifier = dense(self.num_outputs, HEAD)
 
@@ -49,16 +64,18 @@ class MNISTCNN(nn.Module):
   by ReLU then GroupNorm(8), global average pool: 128-d) and a linear head.
   Inputs NHWC (28, 28, C)."""
   num_outputs: int
+  dtype: Any = None
 
   def setup(self):
     conv = lambda n, stride, name: nn.Conv(
-        n, (3, 3), strides=stride, padding=((1, 1), (1, 1)), name=name)
+        n, (3, 3), strides=stride, padding=((1, 1), (1, 1)), dtype=self.dtype,
+        name=name)
     self.convs = [conv(64, 1, "conv1"), conv(128, 2, "conv2"),
                   conv(128, 1, "conv3"), conv(128, 1, "conv4")]
     # torch GroupNorm's epsilon is 1e-5 (flax's default is 1e-6).
-    self.norms = [nn.GroupNorm(num_groups=8, epsilon=1e-5, name=f"norm{i}")
-                  for i in range(4)]
-    self.classifier = nn.Dense(self.num_outputs, name=HEAD)
+    self.norms = [nn.GroupNorm(num_groups=8, epsilon=1e-5, dtype=self.dtype,
+                               name=f"norm{i}") for i in range(4)]
+    self.classifier = nn.Dense(self.num_outputs, dtype=self.dtype, name=HEAD)
 
   def featurize(self, x: jax.Array) -> jax.Array:
     for conv, norm in zip(self.convs, self.norms):

@@ -144,16 +144,21 @@ def dense_grad_variance(inputs: jax.Array, signals: jax.Array,
   """
   chex.assert_rank([inputs, signals], 2)
   chex.assert_equal_shape_prefix([inputs, signals, domain_ids], 1)
+  # E[x^2] - E[x]^2 cancels: never in bfloat16, whatever the compute dtype.
+  inputs = losses.at_least_float32(inputs)
+  signals = losses.at_least_float32(signals)
   num_examples, num_columns = signals.shape
   counts = _domain_one_hot(domain_ids, num_domains, inputs.dtype)[1]
   moments = lambda f: f(inputs, signals, domain_ids, num_domains)
   if (num_domains * num_columns <= _ELEMENTWISE_MAX_COLUMNS
-      or num_examples % num_domains):
+      or num_examples % num_domains or _traced_under_multi_device_mesh()):
     sums, sq_sums, bias_sums, bias_sq_sums = moments(_routed_moment_sums)
   else:
     # The batch layout every loader here gives (domain by domain, equal
     # sizes) lets each domain's sums skip the other domains' rows; any other
-    # layout takes the routed path, which is exact for all.
+    # layout takes the routed path, which is exact for all. (A sharded batch
+    # interleaves the domains over the devices, and the blocks' reshape would
+    # gather it: there the routed sums reduce locally, then all-reduce.)
     block = jnp.repeat(jnp.arange(num_domains), num_examples // num_domains)
     sums, sq_sums, bias_sums, bias_sq_sums = jax.lax.cond(
         jnp.all(domain_ids == block), lambda: moments(_block_moment_sums),
@@ -171,6 +176,12 @@ def dense_grad_variance(inputs: jax.Array, signals: jax.Array,
       "kernel": kernel_sq - kernel_mean**2,
       "bias": bias_sq - bias_mean**2,
   }
+
+
+def _traced_under_multi_device_mesh() -> bool:
+  """True while a step is traced under `jax.set_mesh` of several devices (as
+  the trainers do for data parallelism, fishr_jax/parallel.py)."""
+  return jax.sharding.get_abstract_mesh().size > 1
 
 
 def _routed_moment_sums(inputs, signals, domain_ids, num_domains):

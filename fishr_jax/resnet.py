@@ -90,7 +90,8 @@ def _block_specs(depth: int) -> Iterator[_BlockSpec]:
       in_channels = width * expansion
 
 
-def _conv(features: int, kernel_size: int, strides: int, name: str) -> nn.Conv:
+def _conv(features: int, kernel_size: int, strides: int, name: str,
+          dtype: Any = None) -> nn.Conv:
   # torchvision's init: kaiming_normal_(mode="fan_out", nonlinearity="relu"),
   # an untruncated normal.
   pad = (kernel_size - 1) // 2
@@ -98,11 +99,12 @@ def _conv(features: int, kernel_size: int, strides: int, name: str) -> nn.Conv:
                  padding=((pad, pad), (pad, pad)), use_bias=False,
                  kernel_init=nn.initializers.variance_scaling(
                      2.0, "fan_out", "normal"),
-                 name=name)
+                 dtype=dtype, name=name)
 
 
-def _frozen_batch_norm(name: str) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=True, epsilon=_BN_EPSILON, name=name)
+def _frozen_batch_norm(name: str, dtype: Any = None) -> nn.BatchNorm:
+  return nn.BatchNorm(use_running_average=True, epsilon=_BN_EPSILON,
+                      dtype=dtype, name=name)
 
 
 class _ResidualBlock(nn.Module):
@@ -111,6 +113,7 @@ class _ResidualBlock(nn.Module):
   strides: int
   downsample: bool
   bottleneck: bool
+  dtype: Any = None  # compute dtype; parameters stay float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -121,14 +124,15 @@ class _ResidualBlock(nn.Module):
       convs = ((self.width, 3, self.strides), (self.width, 3, 1))
     y = x
     for i, (features, kernel_size, strides) in enumerate(convs, start=1):
-      y = _conv(features, kernel_size, strides, f"conv{i}")(y)
-      y = _frozen_batch_norm(f"bn{i}")(y)
+      y = _conv(features, kernel_size, strides, f"conv{i}", self.dtype)(y)
+      y = _frozen_batch_norm(f"bn{i}", self.dtype)(y)
       if i < len(convs):
         y = nn.relu(y)
     identity = x
     if self.downsample:
-      identity = _conv(convs[-1][0], 1, self.strides, "downsample_conv")(x)
-      identity = _frozen_batch_norm("downsample_bn")(identity)
+      identity = _conv(convs[-1][0], 1, self.strides, "downsample_conv",
+                       self.dtype)(x)
+      identity = _frozen_batch_norm("downsample_bn", self.dtype)(identity)
     return nn.relu(y + identity)
 
 
@@ -150,6 +154,7 @@ class ResNet(nn.Module):
   depth: int = 50
   num_classes: int = 1000
   dropout_rate: float = 0.0
+  dtype: Any = None  # compute dtype (None: float32); parameters stay float32
 
   def __post_init__(self):
     _check_depth(self.depth)  # fail at construction, not at the first init
@@ -160,11 +165,12 @@ class ResNet(nn.Module):
     return num_features(self.depth)
 
   def setup(self):
-    self.conv1 = _conv(_STEM_WIDTH, 7, 2, "conv1")
-    self.bn1 = _frozen_batch_norm("bn1")
+    self.conv1 = _conv(_STEM_WIDTH, 7, 2, "conv1", self.dtype)
+    self.bn1 = _frozen_batch_norm("bn1", self.dtype)
     self.blocks = [
         _ResidualBlock(spec.width, spec.strides, spec.downsample,
-                       bottleneck=self.depth != 18, name=spec.name)
+                       bottleneck=self.depth != 18, dtype=self.dtype,
+                       name=spec.name)
         for spec in _block_specs(self.depth)]
     self.dropout = nn.Dropout(self.dropout_rate)
     # DomainBed's head is a fresh torch nn.Linear: U(+-1/sqrt(fan_in)) for
@@ -172,7 +178,8 @@ class ResNet(nn.Module):
     self.classifier = nn.Dense(
         self.num_classes,
         kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
-        bias_init=_torch_linear_bias_init(self.num_features), name=models.HEAD)
+        bias_init=_torch_linear_bias_init(self.num_features), dtype=self.dtype,
+        name=models.HEAD)
 
   def featurize(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     """NHWC images -> (N, num_features) pooled features, after dropout."""

@@ -107,7 +107,8 @@ def make_train_step(algorithm: algorithms.Algorithm,
 
 
 def make_colored_mnist_model(config: ml_collections.ConfigDict) -> models.MLP:
-  return models.MLP(hidden_dims=(config.hidden_dim,) * 2, num_outputs=1)
+  return models.MLP(hidden_dims=(config.hidden_dim,) * 2, num_outputs=1,
+                    dtype=models.compute_dtype(config.compute_dtype))
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -145,7 +146,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   total_steps = config.restarts * config.steps
   start = time.time()
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as log, \
-       tqdm.tqdm(total=total_steps, disable=None, unit="step") as bar:
+       tqdm.tqdm(total=total_steps, disable=None, unit="step") as bar, \
+       jax.set_mesh(mesh):
     for restart in range(config.restarts):
       envs = colored_mnist.make_environments(
           pools, config.data, np.random.default_rng([config.seed, restart]))

@@ -27,8 +27,8 @@ import orbax.checkpoint as ocp
 from fishr_jax import algorithms
 from fishr_jax import hparams as hparams_lib
 from fishr_jax import losses
-from fishr_jax import parallel
 from fishr_jax import models
+from fishr_jax import parallel
 from fishr_jax import train
 from fishr_jax.algorithms import registry
 from fishr_jax.data import domainbed
@@ -92,14 +92,15 @@ def make_network(dataset: domainbed.Dataset, hparams: dict[str, Any],
                  config: ml_collections.ConfigDict, rng: jax.Array,
                  sample_x: np.ndarray) -> tuple[algorithms.Network, Any]:
   """(Network, initial trainable params) for the dataset's backbone."""
+  dtype = models.compute_dtype(config.compute_dtype)
   if not dataset.is_image_folder:
-    module = models.MNISTCNN(num_outputs=dataset.num_classes)
+    module = models.MNISTCNN(num_outputs=dataset.num_classes, dtype=dtype)
     params = jax.jit(module.init)(rng, sample_x)["params"]
     return algorithms.Network.from_module(module), params
   from fishr_jax import resnet  # pylint: disable=g-import-not-at-top
   depth = 18 if hparams["resnet18"] else 50
   module = resnet.ResNet(depth=depth, num_classes=dataset.num_classes,
-                         dropout_rate=hparams["resnet_dropout"])
+                         dropout_rate=hparams["resnet_dropout"], dtype=dtype)
   if config.pretrained_checkpoint:  # ImageNet weights, a new head
     pretrained = resnet.load_torchvision_checkpoint(
         config.pretrained_checkpoint, depth, num_classes=dataset.num_classes)
@@ -239,7 +240,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   pending: dict[str, list[float]] = {}
   for step in range(start_step, config.steps):
     start = time.time()
-    state, metrics = train_step(state, parallel.shard_batch(next(batches), mesh))
+    with jax.set_mesh(mesh):
+      state, metrics = train_step(state,
+                                  parallel.shard_batch(next(batches), mesh))
     metrics = jax.device_get(metrics)
     pending.setdefault("step_time", []).append(time.time() - start)
     for key, value in metrics.items():

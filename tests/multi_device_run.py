@@ -5,6 +5,7 @@ Run in its own process: the device count is fixed when JAX starts.
   python tests/multi_device_run.py OUT.npz
 """
 
+import contextlib
 import sys
 
 import chex
@@ -26,6 +27,7 @@ DEVICE_COUNTS = (None, 1, 2, 4, 8)  # None: no mesh
 VARIANTS = {  # name: (algorithm, fishr overrides)
     "fishr_closed_form": ("fishr", {}),
     "fishr_vmap": ("fishr", {"grad_path": "vmap"}),
+    "fishr_all_layers": ("fishr", {"params": "all"}),
     "erm": ("erm", {}),
     "mixup": ("mixup", {}),
 }
@@ -39,7 +41,8 @@ def make_config(algorithm: str, fishr: dict) -> ml_collections.ConfigDict:
       "reset_optimizer_at_anneal": True,
       "fishr": {"lambda_": 100.0, "ema": 0.9, "reduction": "mean",
                 "centered": True, "covariance": "diagonal",
-                "grad_path": "closed_form", "vmap_chunk_size": None, **fishr},
+                "grad_path": "closed_form", "params": "head",
+                "vmap_chunk_size": None, **fishr},
       "mixup": {"alpha": 0.2},
   })
 
@@ -79,11 +82,13 @@ def run(algorithm_name: str, fishr: dict, num_devices: int | None) -> dict:
                                    batch)
   if num_devices is not None:
     state = parallel.replicate(state, mesh)
-    out_hlo = step.lower(state, batch).compile().as_text()
+    with jax.set_mesh(mesh):
+      out_hlo = step.lower(state, batch).compile().as_text()
   losses = []
-  for _ in range(STEPS):
-    state, metrics = step(state, batch)
-    losses.append(metrics["loss"])
+  with jax.set_mesh(mesh) if num_devices else contextlib.nullcontext():
+    for _ in range(STEPS):
+      state, metrics = step(state, batch)
+      losses.append(metrics["loss"])
   out = {"loss": np.stack(losses),
          "collectives": np.array([
              "all-reduce" in out_hlo, "all-gather" in out_hlo])

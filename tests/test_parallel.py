@@ -23,8 +23,8 @@ def multi_device_results(tmp_path_factory):
   return dict(np.load(path))
 
 
-@pytest.mark.parametrize("variant", ["fishr_closed_form", "fishr_vmap", "erm",
-                                     "mixup"])
+@pytest.mark.parametrize("variant", ["fishr_closed_form", "fishr_vmap",
+                                     "fishr_all_layers", "erm", "mixup"])
 @pytest.mark.parametrize("num_devices", [1, 2, 4, 8])
 def test_sharded_steps_equal_single_device(multi_device_results, variant,
                                            num_devices):
@@ -44,7 +44,8 @@ def test_sharded_steps_equal_single_device(multi_device_results, variant,
     assert multi_device_results[f"{variant}/None/penalty"] > 1e-4
 
 
-@pytest.mark.parametrize("variant", ["fishr_closed_form", "fishr_vmap", "erm"])
+@pytest.mark.parametrize("variant", ["fishr_closed_form", "fishr_vmap",
+                                     "fishr_all_layers", "erm"])
 def test_sharded_step_reduces_and_never_gathers_the_batch(multi_device_results,
                                                           variant):
   for n in (2, 4, 8):

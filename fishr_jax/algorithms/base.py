@@ -127,6 +127,9 @@ def domain_losses(network: Network, params: PyTree, batch: Batch,
     extras = None
   else:
     features, logits, extras = forward_fn(params, batch, rng)
+  # A bfloat16 network's outputs; penalties and losses work in float32.
+  features = losses.at_least_float32(features)
+  logits = losses.at_least_float32(logits)
   per_example = losses.per_example_loss(logits, batch["y"])
   domain_nll = penalties.domain_mean(per_example, batch["domain"], num_domains)
   domain_acc = penalties.domain_mean(
