@@ -223,9 +223,12 @@ def _mib(num_bytes: int | None) -> str:
 
 
 def markdown(results: dict[str, Any], device: str) -> str:
-  lines = [f"Device: {device}. Compute dtype {_COMPUTE_DTYPE.value}. Median of "
-           f"{_REPEATS.value} steps after warm-up; memory from XLA's memory "
-           "analysis of the compiled step.", "",
+  xla_flags = os.environ.get("XLA_FLAGS", "")
+  lines = [f"Device: {device}. Compute dtype {_COMPUTE_DTYPE.value}. "
+           f"XLA_FLAGS: {xla_flags or '(none)'}. ResNet images "
+           f"{_IMAGE_SIZE.value} px. Median of {_REPEATS.value} steps after "
+           "warm-up; memory from XLA's memory analysis of the compiled step.",
+           "",
            "| setting | algorithm | step time (ms) | vs ERM | peak memory (MiB) | vs ERM |",
            "|---|---|---|---|---|---|"]
   for setting, rows in results.items():
@@ -272,7 +275,9 @@ def main(argv: Sequence[str]) -> None:
   with open(os.path.join(_OUTPUT_DIR.value, "benchmark.json"), "w") as f:
     json.dump({"device": device, "jax": jax.__version__,
                "image_size": _IMAGE_SIZE.value,
-               "compute_dtype": _COMPUTE_DTYPE.value, "results": results}, f,
+               "compute_dtype": _COMPUTE_DTYPE.value,
+               "xla_flags": os.environ.get("XLA_FLAGS", ""),
+               "results": results}, f,
               indent=2)
   print(table)
 

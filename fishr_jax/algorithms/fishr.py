@@ -99,19 +99,16 @@ def make(network, num_domains, config) -> base.Algorithm:
   def network_grads(params, batch, rng):
     """vmap(grad) of each example's loss w.r.t. the chosen parameters, one
     forward pass per example (each with its own dropout key)."""
-    def example_loss(chosen_params, x, y, key):
+    def example_loss(chosen_params, x, y, key=None):
       full = layer_signals.with_subtree(params, chosen_params)
       _, logits = network.forward(full, x[None], key)
       return losses.per_example_loss(logits, y[None])[0]
-    n = batch["x"].shape[0]
-    keys = (jnp.zeros((n, 0)) if rng is None else jax.random.split(rng, n))
-    if rng is None:
-      loss = lambda p, x, y, key: example_loss(p, x, y, None)
-    else:
-      loss = example_loss
+    examples = (batch["x"], batch["y"])
+    if rng is not None:
+      examples += (jax.random.split(rng, batch["x"].shape[0]),)
     return penalties.per_example_grads(
-        loss, layer_signals.subtree(params, chosen(params)), batch["x"],
-        batch["y"], keys, chunk_size=cfg.get("vmap_chunk_size"))
+        example_loss, layer_signals.subtree(params, chosen(params)),
+        *examples, chunk_size=cfg.get("vmap_chunk_size"))
 
   def variances(params, batch, forward, rng):
     domain = batch["domain"]
@@ -121,13 +118,15 @@ def make(network, num_domains, config) -> base.Algorithm:
             forward.features, forward.logits, batch["y"], domain, num_domains,
             centered=cfg.centered)
       return reduce(head_grads(params, batch, forward.features), domain)
-    if closed_form:
-      return {layer: {leaf: variance[leaf] for leaf in leaves}
-              for layer, leaves in closed_form_layers(params).items()
-              for variance in [penalties.dense_grad_variance(
-                  *forward.extras[layer], domain, num_domains,
-                  centered=cfg.centered)]}
-    return reduce(network_grads(params, batch, rng), domain)
+    if not closed_form:
+      return reduce(network_grads(params, batch, rng), domain)
+    out = {}
+    for layer, leaves in closed_form_layers(params).items():
+      inputs, signals = forward.extras[layer]
+      variance = penalties.dense_grad_variance(inputs, signals, domain,
+                                               num_domains, cfg.centered)
+      out[layer] = {leaf: variance[leaf] for leaf in leaves}
+    return out
 
   def init_state(params, batch):
     if not cfg.ema:
