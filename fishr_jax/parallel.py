@@ -79,6 +79,8 @@ def spread_domains(domain_ids: np.ndarray, num_shards: int) -> np.ndarray:
     raise ValueError(f"A batch of {len(domain_ids)} examples cannot be split "
                      f"evenly over {num_shards} devices; pick a batch size "
                      "(or num_devices) that divides it.")
+  if num_shards == 1:  # keep the loaders' layout (and its fast block sums)
+    return np.arange(len(domain_ids))
   _, inverse, counts = np.unique(domain_ids, return_inverse=True,
                                  return_counts=True)
   rank = np.zeros(len(domain_ids))

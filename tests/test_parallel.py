@@ -66,6 +66,12 @@ def test_spread_domains_interleaves_and_keeps_order():
     assert np.all(np.diff(picked) > 0)
 
 
+def test_one_device_keeps_the_batch_order():
+  domains = np.repeat(np.arange(3, dtype=np.int32), [4, 6, 2])
+  np.testing.assert_array_equal(parallel.spread_domains(domains, 1),
+                                np.arange(12))
+
+
 def test_spread_domains_rejects_uneven_split():
   with pytest.raises(ValueError, match="cannot be split evenly over 5"):
     parallel.spread_domains(np.zeros(12, np.int32), 5)
