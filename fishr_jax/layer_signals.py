@@ -1,4 +1,4 @@
-"""Which parameters Fishr sees, and the Dense layers' per-example signals.
+"""Which parameters Fishr sees, and its layers' per-example signals.
 
 For a Dense layer y = a @ W + b inside a network, example i's loss gradient
 is g^W_i = a_i (outer) delta_i and g^b_i = delta_i, where a_i is the layer's
@@ -8,14 +8,17 @@ pass and one backward pass: the backward pass is taken w.r.t. zero
 perturbations added to the layers' outputs, so it computes no weight
 gradient. `penalties.dense_grad_variance` then gives the exact per-domain
 variances at O(N * in * out * E) per layer, without materialising the
-N x params per-example gradients that `vmap(grad)` needs.
+N x params per-example gradients that `vmap(grad)` needs. A Conv layer's
+per-example gradients are a sum over positions, which does not factor: they
+are built for that layer alone from its input patches and signals (N x the
+layer's parameters), still without a per-example backward pass.
 
 This needs each example's loss to depend on that example only (true of
 GroupNorm, LayerNorm and frozen BatchNorm; not of BatchNorm in train mode).
 """
 
 import re
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -23,6 +26,7 @@ import jax.numpy as jnp
 
 from fishr_jax import losses
 from fishr_jax import models
+from fishr_jax import penalties
 
 PyTree = Any
 # (params, x, rng) -> (features, logits), as algorithms.Network.forward.
@@ -77,59 +81,151 @@ def dense_layers(names: list[str]) -> dict[str, tuple[str, ...]]:
     layer, _, leaf = name.rpartition("/")
     if leaf not in ("kernel", "bias"):
       raise ValueError(
-          f"The closed form covers Dense layers' kernel and bias; {name!r} is "
-          "neither. Use fishr.grad_path='vmap' for any parameter.")
+          f"The closed form covers Dense and Conv layers' kernel and bias; "
+          f"{name!r} is neither. Use fishr.grad_path='vmap' for any parameter.")
     layers[layer] = layers.get(layer, ()) + (leaf,)
   return layers
+
+
+class ConvGeometry(NamedTuple):
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int]
+  padding: str | tuple[tuple[int, int], tuple[int, int]]
+
+
+class LayerSignals(NamedTuple):
+  """One layer's inputs, and each example's loss gradient w.r.t. its output
+  (shaped like the output); `conv` is None for a Dense layer."""
+  inputs: jax.Array
+  signals: jax.Array
+  conv: ConvGeometry | None
+
+
+def _pair(value, what: str, name: str) -> tuple[int, int]:
+  value = (value, value) if isinstance(value, int) else tuple(value)
+  if len(value) != 2:
+    raise ValueError(f"Conv layer {name!r}: the closed form needs 2-D "
+                     f"convolutions, got {what}={value}.")
+  return value
+
+
+def _conv_geometry(module: nn.Conv, name: str) -> ConvGeometry:
+  """The layer's window, checked to be a plain 2-D convolution."""
+  unit = lambda v: v is None or all(d == 1 for d in _pair(v, "dilation", name))
+  if (module.feature_group_count != 1 or not unit(module.kernel_dilation)
+      or not unit(module.input_dilation) or module.mask is not None):
+    raise ValueError(f"Conv layer {name!r} is grouped, dilated or masked; "
+                     "use fishr.grad_path='vmap'.")
+  padding = module.padding
+  if isinstance(padding, int):
+    padding = ((padding, padding),) * 2
+  elif not isinstance(padding, str):
+    padding = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+  if isinstance(padding, str) and padding not in ("SAME", "VALID"):
+    raise ValueError(f"Conv layer {name!r} pads {padding!r}; the closed form "
+                     "takes SAME, VALID or explicit padding. Use "
+                     "fishr.grad_path='vmap'.")
+  return ConvGeometry(_pair(module.kernel_size, "kernel_size", name),
+                      _pair(module.strides or 1, "strides", name), padding)
+
+
+def layer_grad_variance(layer: LayerSignals, domain_ids: jax.Array,
+                        num_domains: int,
+                        centered: bool = True) -> dict[str, jax.Array]:
+  """Per-domain variance of the layer's per-example kernel and bias
+  gradients, {"kernel": (E, *kernel.shape), "bias": (E, *bias.shape)}.
+
+  Dense: the closed form of penalties.dense_grad_variance. Conv: each
+  example's gradient is the sum over output positions of (input patch) x
+  (signal), built for this one layer (N x its parameters) from the patches,
+  never by a per-example backward pass through the network.
+  """
+  if layer.conv is None:
+    return penalties.dense_grad_variance(layer.inputs, layer.signals,
+                                         domain_ids, num_domains, centered)
+  geometry = layer.conv
+  inputs = losses.at_least_float32(layer.inputs)
+  signals = losses.at_least_float32(layer.signals)
+  patches = jax.lax.conv_general_dilated_patches(
+      inputs, geometry.kernel_size, geometry.strides, geometry.padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=jax.lax.Precision.HIGHEST)
+  n, channels = inputs.shape[0], inputs.shape[-1]
+  # Patch features come channel-major, (C, kh, kw); flax's kernel is HWIO.
+  kernel = jnp.einsum("nhwf,nhwo->nfo", patches, signals,
+                      precision=jax.lax.Precision.HIGHEST)
+  kernel = kernel.reshape((n, channels) + geometry.kernel_size + (-1,))
+  grads = {"kernel": jnp.moveaxis(kernel, 1, 3),
+           "bias": signals.sum(axis=(1, 2))}
+  return penalties.domain_grad_variance(grads, domain_ids, num_domains,
+                                        centered)
+
+
+def _is_covered(module: nn.Module) -> bool:
+  return type(module) in (nn.Dense, nn.Conv)  # not subclasses: their math may differ
 
 
 def forward_with_signals(
     forward: ForwardFn, params: PyTree, x: jax.Array, rng: jax.Array | None,
     labels: jax.Array, layers: list[str]
-) -> tuple[jax.Array, jax.Array, dict[str, tuple[jax.Array, jax.Array]]]:
+) -> tuple[jax.Array, jax.Array, dict[str, LayerSignals]]:
   """One forward and one backward pass of `forward` that also return, for
-  each named Dense layer, its inputs (N, in) and signals (N, out).
+  each named Dense or Conv layer, its inputs and per-example signals.
 
-  Returns (features, logits, {layer: (inputs, signals)}); features and logits
+  Returns (features, logits, {layer: LayerSignals}); features and logits
   are those of the plain forward pass, and everything is differentiable
   w.r.t. `params` (the penalty's gradient goes back through the signals).
   """
-  n = x.shape[0]
-  kernels = subtree(params, [f"{layer}/kernel" for layer in layers])
-  zeros = {layer: jnp.zeros((n, kernels[f"{layer}/kernel"].shape[-1]),
-                            kernels[f"{layer}/kernel"].dtype)
-           for layer in layers}
+  wanted = set(layers)
+  # Static facts seen while tracing: each layer's window and output shape.
+  geometry: dict[str, ConvGeometry | None] = {}
+  outputs: dict[str, jax.ShapeDtypeStruct] = {}
 
-  def perturbed(perturbations):
+  def run(perturbations):
     inputs = {}
 
     def interceptor(next_fun, args, kwargs, context):
       module = context.module
       name = "/".join(module.path)
-      if (context.method_name != "__call__" or not isinstance(module, nn.Dense)
-          or name not in perturbations):
+      if (context.method_name != "__call__" or name not in wanted
+          or not _is_covered(module)):
         return next_fun(*args, **kwargs)
       if name in inputs:
-        raise ValueError(f"Dense layer {name!r} is applied twice in one "
-                         "forward pass; use fishr.grad_path='vmap'.")
-      if args[0].ndim != 2:
-        raise ValueError(f"Dense layer {name!r} gets inputs of shape "
-                         f"{args[0].shape}; the closed form needs (N, in). "
-                         "Use fishr.grad_path='vmap'.")
-      inputs[name] = args[0]
+        raise ValueError(f"Layer {name!r} is applied twice in one forward "
+                         "pass; use fishr.grad_path='vmap'.")
+      x = args[0]
+      if isinstance(module, nn.Conv):
+        geometry[name] = _conv_geometry(module, name)
+        if x.ndim != 4:
+          raise ValueError(f"Conv layer {name!r} gets inputs of shape "
+                           f"{x.shape}; the closed form needs NHWC.")
+      else:
+        geometry[name] = None
+        if x.ndim != 2:
+          raise ValueError(f"Dense layer {name!r} gets inputs of shape "
+                           f"{x.shape}; the closed form needs (N, in). Use "
+                           "fishr.grad_path='vmap'.")
+      inputs[name] = x
       out = next_fun(*args, **kwargs)
+      outputs[name] = jax.ShapeDtypeStruct(out.shape, out.dtype)
+      if perturbations is None:
+        return out
       return out + perturbations[name].astype(out.dtype)
 
     with nn.intercept_methods(interceptor):
       features, logits = forward(params, x, rng)
-    missing = sorted(set(perturbations) - set(inputs))
+    missing = sorted(wanted - set(inputs))
     if missing:
-      raise ValueError(f"{missing} are not Dense layers called by the model's "
-                       "forward pass; use fishr.grad_path='vmap'.")
+      raise ValueError(f"{missing} are not Dense or Conv layers called by the "
+                       "model's forward pass; use fishr.grad_path='vmap'.")
     return logits, (features, inputs)
 
-  logits, backward, (features, inputs) = jax.vjp(perturbed, zeros,
-                                                 has_aux=True)
+  jax.eval_shape(lambda: run(None))  # fills `outputs`
+  zeros = {name: jnp.zeros(out.shape, jnp.promote_types(out.dtype, jnp.float32))
+           for name, out in outputs.items()}
+  logits, backward, (features, inputs) = jax.vjp(run, zeros, has_aux=True)
   # d sum_i loss_i / d y_i = d loss_i / d y_i: examples do not interact.
   (signals,) = backward(losses.loss_residual(logits, labels).astype(logits.dtype))
-  return features, logits, {l: (inputs[l], signals[l]) for l in layers}
+  return features, logits, {
+      name: LayerSignals(inputs[name], signals[name], geometry[name])
+      for name in layers}

@@ -3,6 +3,7 @@ closed form from Dense layers' inputs and signals, vmap(grad), and a Python
 loop of jax.grad over single examples give the same variances, penalty and
 gradients."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -75,15 +76,17 @@ def test_dense_layer_closed_form_equals_loop_of_grad(num_outputs, sizes,
   layers = layer_signals.dense_layers(names)
   assert set(layers) == {"hidden_0", "hidden_1", "classifier"}
   network = algorithms.Network.from_module(module)
-  features, logits, signals = layer_signals.forward_with_signals(
+  features, logits, captured = layer_signals.forward_with_signals(
       network.forward, params, batch["x"], None, batch["y"], list(layers))
   plain_features, plain_logits = module.apply({"params": params}, batch["x"])
   np.testing.assert_allclose(logits, plain_logits, rtol=1e-12)
   np.testing.assert_allclose(features, plain_features, rtol=1e-12)
   expected = _loop_variances(module, params, batch, names)
   for layer in layers:
-    got = penalties.dense_grad_variance(*signals[layer], batch["domain"],
-                                        NUM_DOMAINS)
+    assert captured[layer].conv is None
+    got = penalties.dense_grad_variance(captured[layer].inputs,
+                                        captured[layer].signals,
+                                        batch["domain"], NUM_DOMAINS)
     for leaf in ("kernel", "bias"):
       assert np.abs(expected[f"{layer}/{leaf}"]).max() > 1e-6
       np.testing.assert_allclose(got[leaf], expected[f"{layer}/{leaf}"],
@@ -161,26 +164,50 @@ def test_full_network_penalty_differs_from_the_head_only_one():
                          full[1]["hidden_0"]["kernel"])
 
 
-def test_vmap_covers_conv_layers_and_closed_form_says_why_not():
+@pytest.mark.parametrize("grad_path", ["closed_form", "vmap"])
+def test_conv_layers_equal_loop_of_grad(grad_path):
+  """MNIST_CNN's convolutions (3x3, stride 1 and 2, explicit padding)."""
   module = models.MNISTCNN(num_outputs=3)
   batch = _batch(3, n=(3, 2, 3), image=True)
   params = module.init(jax.random.key(0), batch["x"][:1])["params"]
   params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
-  names = layer_signals.select_params(params, "conv4|classifier")
-  assert names == ["classifier/bias", "classifier/kernel", "conv4/bias",
-                   "conv4/kernel"]
-  penalty, _, _ = _penalty_and_grads(module, params, batch,
-                                     _config("conv4|classifier", "vmap"))
+  which = "conv1|conv2|conv4|classifier"
+  names = layer_signals.select_params(params, which)
+  assert len(names) == 8
+  penalty, grads, _ = _penalty_and_grads(module, params, batch,
+                                         _config(which, grad_path))
   expected = _loop_variances(module, params, batch, names)
   flat = np.concatenate([v.reshape(NUM_DOMAINS, -1) for v in expected.values()],
                         axis=1)
   np.testing.assert_allclose(penalty, ((flat - flat.mean(0)) ** 2).mean(),
                              rtol=1e-9)
-  with pytest.raises(ValueError, match="not Dense layers"):
-    _penalty_and_grads(module, params, batch,
-                       _config("conv4|classifier", "closed_form"))
-  with pytest.raises(ValueError, match="neither"):
+  if grad_path == "closed_form":  # and the penalty's gradient, against vmap
+    vmapped = _penalty_and_grads(module, params, batch, _config(which, "vmap"))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-8,
+                                                         atol=1e-12),
+                 grads, vmapped[1])
+
+
+def test_closed_form_says_which_layers_it_cannot_cover():
+  module = models.MNISTCNN(num_outputs=3)
+  batch = _batch(3, n=(3, 2, 3), image=True)
+  params = module.init(jax.random.key(0), batch["x"][:1])["params"]
+  with pytest.raises(ValueError, match="neither"):  # GroupNorm's scale
     _penalty_and_grads(module, params, batch, _config("norm0", "closed_form"))
+  with pytest.raises(ValueError, match="matches no parameter"):
+    _penalty_and_grads(module, params, batch, _config("conv9", "closed_form"))
+
+  class GroupedConv(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      features = nn.Conv(4, (3, 3), feature_group_count=2, name="conv")(
+          jnp.concatenate([x, x], axis=-1)).mean(axis=(1, 2))
+      return features, nn.Dense(3, name=models.HEAD)(features)
+
+  grouped = GroupedConv()
+  params = grouped.init(jax.random.key(0), batch["x"][:1])["params"]
+  with pytest.raises(ValueError, match="grouped, dilated or masked"):
+    _penalty_and_grads(grouped, params, batch, _config("conv", "closed_form"))
 
 
 def test_bad_patterns_are_explained():

@@ -8,10 +8,10 @@ config.fishr:
   covariance  "diagonal" (the method) or "full" (off-diagonal ablation).
   params      which parameters' gradients: "head" (the paper), "all", or a
               regular expression searched in names like "hidden_0/kernel".
-  grad_path   "closed_form": exact moments of Dense layers from their inputs
-              and backpropagated signals (layer_signals.py), O(N*in*out*E)
-              per layer; "vmap": jax.vmap(jax.grad) over the chosen
-              parameters (any layer; needed for covariance="full").
+  grad_path   "closed_form": exact variances of Dense and Conv layers from
+              their inputs and backpropagated signals (layer_signals.py);
+              "vmap": jax.vmap(jax.grad) over the chosen parameters (any
+              layer; needed for covariance="full").
   vmap_chunk_size  examples per vmap chunk (None: all); speed/memory only.
 """
 
@@ -73,7 +73,7 @@ def make(network, num_domains, config) -> base.Algorithm:
 
   def forward_fn(params, batch, rng):
     """The training forward pass; for the closed form beyond the head it
-    also gives the chosen Dense layers' inputs and signals."""
+    also gives the chosen Dense and Conv layers' inputs and signals."""
     if not closed_form or only_head(params):
       return (*network.forward(params, batch["x"], rng), None)
     return layer_signals.forward_with_signals(
@@ -122,9 +122,8 @@ def make(network, num_domains, config) -> base.Algorithm:
       return reduce(network_grads(params, batch, rng), domain)
     out = {}
     for layer, leaves in closed_form_layers(params).items():
-      inputs, signals = forward.extras[layer]
-      variance = penalties.dense_grad_variance(inputs, signals, domain,
-                                               num_domains, cfg.centered)
+      variance = layer_signals.layer_grad_variance(
+          forward.extras[layer], domain, num_domains, cfg.centered)
       out[layer] = {leaf: variance[leaf] for leaf in leaves}
     return out
 
