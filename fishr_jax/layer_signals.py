@@ -143,22 +143,31 @@ def layer_grad_variance(layer: LayerSignals, domain_ids: jax.Array,
   if layer.conv is None:
     return penalties.dense_grad_variance(layer.inputs, layer.signals,
                                          domain_ids, num_domains, centered)
-  geometry = layer.conv
   inputs = losses.at_least_float32(layer.inputs)
   signals = losses.at_least_float32(layer.signals)
-  patches = jax.lax.conv_general_dilated_patches(
-      inputs, geometry.kernel_size, geometry.strides, geometry.padding,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      precision=jax.lax.Precision.HIGHEST)
-  n, channels = inputs.shape[0], inputs.shape[-1]
-  # Patch features come channel-major, (C, kh, kw); flax's kernel is HWIO.
-  kernel = jnp.einsum("nhwf,nhwo->nfo", patches, signals,
-                      precision=jax.lax.Precision.HIGHEST)
-  kernel = kernel.reshape((n, channels) + geometry.kernel_size + (-1,))
-  grads = {"kernel": jnp.moveaxis(kernel, 1, 3),
+  patches = _patches(inputs, layer.conv, signals.shape[1:3])
+  grads = {"kernel": jnp.einsum("nhwijc,nhwo->nijco", patches, signals,
+                                precision=jax.lax.Precision.HIGHEST),
            "bias": signals.sum(axis=(1, 2))}
   return penalties.domain_grad_variance(grads, domain_ids, num_domains,
                                         centered)
+
+
+def _patches(inputs: jax.Array, geometry: ConvGeometry,
+             out_size: tuple[int, int]) -> jax.Array:
+  """(N, H', W', kh, kw, C): the input window behind each output position,
+  by strided slices (lax.conv_general_dilated_patches is a convolution with
+  a one-hot filter: (kh*kw*C)^2 flops per position)."""
+  (kh, kw), (sh, sw) = geometry.kernel_size, geometry.strides
+  padding = geometry.padding
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(inputs.shape[1:3], (kh, kw), (sh, sw),
+                                      padding)
+  padded = jnp.pad(inputs, ((0, 0), *padding, (0, 0)))
+  rows, cols = out_size
+  windows = [[padded[:, i:i + sh * (rows - 1) + 1:sh, j:j + sw * (cols - 1) + 1:sw]
+              for j in range(kw)] for i in range(kh)]
+  return jnp.stack([jnp.stack(row, axis=3) for row in windows], axis=3)
 
 
 def _is_covered(module: nn.Module) -> bool:
