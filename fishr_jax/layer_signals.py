@@ -74,7 +74,7 @@ def with_subtree(params: PyTree, chosen: dict[str, jax.Array]) -> PyTree:
   return jax.tree.unflatten(jax.tree.structure(params), leaves)
 
 
-def dense_layers(names: list[str]) -> dict[str, tuple[str, ...]]:
+def group_by_layer(names: list[str]) -> dict[str, tuple[str, ...]]:
   """Group parameter names by layer: {'hidden_0': ('kernel', 'bias')}."""
   layers: dict[str, tuple[str, ...]] = {}
   for name in names:

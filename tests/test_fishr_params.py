@@ -73,7 +73,7 @@ def test_dense_layer_closed_form_equals_loop_of_grad(num_outputs, sizes,
     order = np.random.default_rng(1).permutation(sum(sizes))
     batch = {k: v[order] for k, v in batch.items()}
   names = layer_signals.select_params(params, "all")
-  layers = layer_signals.dense_layers(names)
+  layers = layer_signals.group_by_layer(names)
   assert set(layers) == {"hidden_0", "hidden_1", "classifier"}
   network = algorithms.Network.from_module(module)
   features, logits, captured = layer_signals.forward_with_signals(

@@ -69,7 +69,7 @@ def make(network, num_domains, config) -> base.Algorithm:
     return sorted(chosen(params)) == sorted(head_names)
 
   def closed_form_layers(params):
-    return layer_signals.dense_layers(chosen(params))
+    return layer_signals.group_by_layer(chosen(params))
 
   def forward_fn(params, batch, rng):
     """The training forward pass; for the closed form beyond the head it
