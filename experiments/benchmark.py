@@ -123,8 +123,8 @@ SETTINGS: dict[str, Callable[[], dict[str, Any]]] = {
 
 
 def compile_step(setting: dict[str, Any], variant: str, mesh=None):
-  """The jitted step of one variant (sharded over `mesh` if given), its
-  start state and batch, and its peak memory (bytes, None if unknown)."""
+  """The jitted step of one variant (sharded over `mesh`; None: one device),
+  its start state and batch, and its peak memory (bytes, None if unknown)."""
   name, fishr_overrides = VARIANTS[variant]
   config = setting["config"].copy_and_resolve_references()
   config.fishr.update(fishr_overrides)
@@ -137,21 +137,14 @@ def compile_step(setting: dict[str, Any], variant: str, mesh=None):
   algorithm = algorithms.make_algorithm(name, network, setting["num_domains"],
                                         config)
   tx = train.make_optimizer(config)
-  step = train.make_train_step(algorithm, tx, config)
-  if mesh is None:
-    batch = jax.device_put(setting["batch"])
-    step = jax.jit(step, donate_argnums=0)
-  else:
-    batch = parallel.shard_batch(setting["batch"], mesh)
-    step = jax.jit(step, donate_argnums=0,
-                   out_shardings=parallel.replicated(mesh))
-  state = train.create_train_state(jax.random.key(0), params, algorithm, tx,
-                                   batch)
-  if mesh is not None:
-    state = parallel.replicate(state, mesh)
-    with jax.set_mesh(mesh):
-      compiled = step.lower(state, batch).compile()
-  else:
+  # One device is a mesh of one: the batch keeps its order there.
+  mesh = mesh or parallel.make_mesh(1)
+  batch = parallel.shard_batch(setting["batch"], mesh)
+  step = jax.jit(train.make_train_step(algorithm, tx, config),
+                 donate_argnums=0, out_shardings=parallel.replicated(mesh))
+  state = parallel.replicate(train.create_train_state(
+      jax.random.key(0), params, algorithm, tx, batch), mesh)
+  with jax.set_mesh(mesh):
     compiled = step.lower(state, batch).compile()
   memory = compiled.memory_analysis()
   peak = None
