@@ -48,6 +48,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   # "bfloat16": the network computes in bfloat16 (GPU/TPU); parameters,
   # losses, Fishr's moments and its penalty stay float32.
   config.compute_dtype = "float32"
+  # On CPU, fuse dots with their elementwise neighbours (fishr_jax/train.py).
+  config.xla_cpu_dot_fusion = True
 
   # Optimizer: Adam, explicit L2 in the loss (biases included, not halved),
   # coupled weight decay off.

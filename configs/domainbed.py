@@ -64,6 +64,8 @@ def get_config() -> ml_collections.ConfigDict:
   # "bfloat16": the network computes in bfloat16 (GPU/TPU); parameters,
   # losses, Fishr's moments and its penalty stay float32.
   config.compute_dtype = "float32"
+  # On CPU, fuse dots with their elementwise neighbours (fishr_jax/train.py).
+  config.xla_cpu_dot_fusion = True
   config.hparams = _hparam_overrides()
   # Fishr's options that are not DomainBed hparams (algorithms/fishr.py):
   # --config.fishr.params=all --config.fishr.grad_path=vmap.

@@ -50,6 +50,10 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224,
 _COMPUTE_DTYPE = flags.DEFINE_enum(
     "compute_dtype", "float32", list(models.COMPUTE_DTYPES),
     "The networks' compute dtype (Fishr's moments stay float32).")
+_XLA_CPU_DOT_FUSION = flags.DEFINE_bool(
+    "xla_cpu_dot_fusion", True,
+    "On CPU, compile the steps with YNNPACK's dot fusion "
+    "(config.xla_cpu_dot_fusion).")
 
 VARIANTS = {
     "erm": ("erm", {}),
@@ -124,7 +128,8 @@ SETTINGS: dict[str, Callable[[], dict[str, Any]]] = {
 
 def compile_step(setting: dict[str, Any], variant: str, mesh=None):
   """The jitted step of one variant (sharded over `mesh`; None: one device),
-  its start state and batch, and its peak memory (bytes, None if unknown)."""
+  its start state and batch, its peak memory (bytes) and its floating-point
+  operations (XLA's cost analysis; None where the backend gives none)."""
   name, fishr_overrides = VARIANTS[variant]
   config = setting["config"].copy_and_resolve_references()
   config.fishr.update(fishr_overrides)
@@ -140,8 +145,9 @@ def compile_step(setting: dict[str, Any], variant: str, mesh=None):
   # One device is a mesh of one: the batch keeps its order there.
   mesh = mesh or parallel.make_mesh(1)
   batch = parallel.shard_batch(setting["batch"], mesh)
-  step = jax.jit(train.make_train_step(algorithm, tx, config),
-                 donate_argnums=0, out_shardings=parallel.replicated(mesh))
+  config.xla_cpu_dot_fusion = _XLA_CPU_DOT_FUSION.value
+  step = train.jit_train_step(train.make_train_step(algorithm, tx, config),
+                              mesh, config)
   state = parallel.replicate(train.create_train_state(
       jax.random.key(0), params, algorithm, tx, batch), mesh)
   with jax.set_mesh(mesh):
@@ -151,7 +157,8 @@ def compile_step(setting: dict[str, Any], variant: str, mesh=None):
   if memory is not None:
     peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
             + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-  return compiled, state, batch, peak
+  cost = compiled.cost_analysis() or {}
+  return compiled, state, batch, peak, cost.get("flops")
 
 
 def time_steps(runs: dict[str, tuple]) -> dict[str, float]:
@@ -175,14 +182,15 @@ def benchmark_setting(setting: dict[str, Any]) -> dict[str, Any]:
   variants = setting.get("variants", HEAD_VARIANTS)
   runs = {v: compile_step(setting, v) for v in variants}
   times = time_steps(runs)
-  out = {v: {"step_time_s": times[v], "peak_memory_bytes": runs[v][3]}
-         for v in variants}
+  out = {v: {"step_time_s": times[v], "peak_memory_bytes": runs[v][3],
+             "flops": runs[v][4]} for v in variants}
   erm = out["erm"]
   for v in variants:
     out[v]["time_ratio_vs_erm"] = out[v]["step_time_s"] / erm["step_time_s"]
-    if out[v]["peak_memory_bytes"] and erm["peak_memory_bytes"]:
-      out[v]["memory_ratio_vs_erm"] = (out[v]["peak_memory_bytes"]
-                                       / erm["peak_memory_bytes"])
+    for key, ratio in (("peak_memory_bytes", "memory_ratio_vs_erm"),
+                       ("flops", "flops_ratio_vs_erm")):
+      if out[v][key] and erm[key]:
+        out[v][ratio] = out[v][key] / erm[key]
   return out
 
 
@@ -218,20 +226,26 @@ def _mib(num_bytes: int | None) -> str:
 def markdown(results: dict[str, Any], device: str) -> str:
   xla_flags = os.environ.get("XLA_FLAGS", "")
   lines = [f"Device: {device}. Compute dtype {_COMPUTE_DTYPE.value}. "
-           f"XLA_FLAGS: {xla_flags or '(none)'}. ResNet images "
+           f"XLA_FLAGS: {xla_flags or '(none)'}. xla_cpu_dot_fusion: "
+           f"{_XLA_CPU_DOT_FUSION.value}. ResNet images "
            f"{_IMAGE_SIZE.value} px. Median of {_REPEATS.value} steps after "
-           "warm-up; memory from XLA's memory analysis of the compiled step.",
+           "warm-up; memory and FLOPs from XLA's memory and cost analyses of "
+           "the compiled step.",
            "",
-           "| setting | algorithm | step time (ms) | vs ERM | peak memory (MiB) | vs ERM |",
-           "|---|---|---|---|---|---|"]
+           "| setting | algorithm | step time (ms) | vs ERM | peak memory (MiB) "
+           "| vs ERM | GFLOP per step | vs ERM |",
+           "|---|---|---|---|---|---|---|---|"]
+  nan = float("nan")
   for setting, rows in results.items():
     if setting == "weak_scaling":
       continue
     for variant, r in rows.items():
+      gflop = "n/a" if r["flops"] is None else f"{r['flops'] / 1e9:.2f}"
       lines.append(
           f"| {setting} | {variant} | {1e3 * r['step_time_s']:.1f} | "
           f"{r['time_ratio_vs_erm']:.3f} | {_mib(r['peak_memory_bytes'])} | "
-          f"{r.get('memory_ratio_vs_erm', float('nan')):.3f} |")
+          f"{r.get('memory_ratio_vs_erm', nan):.3f} | {gflop} | "
+          f"{r.get('flops_ratio_vs_erm', nan):.3f} |")
   if "weak_scaling" in results:
     lines += ["", "Weak scaling, MNIST_CNN, 3 x 64 examples per device "
               "(efficiency: time on 1 device / time on n):", "",
@@ -270,6 +284,7 @@ def main(argv: Sequence[str]) -> None:
                "image_size": _IMAGE_SIZE.value,
                "compute_dtype": _COMPUTE_DTYPE.value,
                "xla_flags": os.environ.get("XLA_FLAGS", ""),
+               "xla_cpu_dot_fusion": _XLA_CPU_DOT_FUSION.value,
                "results": results}, f,
               indent=2)
   print(table)

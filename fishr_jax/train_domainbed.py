@@ -210,8 +210,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                         len(train_envs), alg_config)
   tx = train.make_optimizer(alg_config)
   mesh = parallel.make_mesh(config.num_devices)
-  train_step = jax.jit(train.make_train_step(algorithm, tx, alg_config),
-                       out_shardings=parallel.replicated(mesh))
+  train_step = train.jit_train_step(
+      train.make_train_step(algorithm, tx, alg_config), mesh, config,
+      donate=False)
   accuracy = make_accuracy_fn(network)
   state = train.create_train_state(state_rng, params, algorithm, tx,
                                    jax.device_put(sample))

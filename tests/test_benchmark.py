@@ -37,6 +37,9 @@ def test_benchmark_writes_table_and_json(tmp_path):
   for row in rows.values():
     assert row["step_time_s"] > 0 and row["peak_memory_bytes"] > 0
     assert row["memory_ratio_vs_erm"] > 0.5
+    # Fishr's head moments and their backward pass add FLOPs to ERM's.
+    assert row["flops"] > 0
+  assert rows["fishr_closed_form"]["flops_ratio_vs_erm"] > 1.0
   scaling = report["results"]["weak_scaling"]
   assert set(scaling) == {"erm@1", "erm@2", "fishr_closed_form@1",
                           "fishr_closed_form@2"}

@@ -1,5 +1,7 @@
 """The train step: schedule, optimizer reset, rescaling, tracing, EMA state."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ import pytest
 from configs import colored_mnist as cmnist_config
 from fishr_jax import algorithms
 from fishr_jax import models
+from fishr_jax import parallel
 from fishr_jax import train
 from fishr_jax.algorithms import base
 
@@ -169,3 +172,39 @@ def test_bad_algorithm_settings_raise_clear_errors():
   with pytest.raises(ValueError, match="grad_path='vmap'"):
     algorithms.make_algorithm("fishr", model, 2, config)
   assert set(algorithms.names()) >= {"erm", "irm", "vrex", "fishr"}
+
+
+def _ynn_fusion_operands(compiled_text: str) -> list[int]:
+  """Operand counts of the YNNPACK fusions in a compiled CPU program."""
+  return [len(m.group(1).split(","))
+          for m in re.finditer(r"= \S+ fusion\(([^)]*)\), kind=kCustom",
+                               compiled_text)]
+
+
+def test_cpu_dot_fusion_is_applied_and_keeps_the_result():
+  config = _config(penalty_anneal_iters=0)
+  batch = _batch(n_per_domain=(256, 256), dim=392)
+  model = models.MLP(hidden_dims=(390, 390), num_outputs=1)
+  algorithm = algorithms.make_algorithm("fishr", model, 2, config)
+  tx = train.make_optimizer(config)
+  params = model.init(jax.random.key(1), batch["x"][:1])["params"]
+  mesh = parallel.make_mesh(1)
+  outputs, operands = {}, {}
+  for fused in (True, False):
+    config.xla_cpu_dot_fusion = fused
+    step = train.jit_train_step(train.make_train_step(algorithm, tx, config),
+                                mesh, config, donate=False)
+    state = train.create_train_state(jax.random.key(0), params, algorithm, tx,
+                                     batch)
+    operands[fused] = _ynn_fusion_operands(
+        step.lower(state, batch).compile().as_text())
+    losses = []
+    for _ in range(3):
+      state, metrics = step(state, batch)
+      losses.append(metrics["loss"])
+    outputs[fused] = (state.params, jnp.stack(losses))
+  # Fused, the hidden layers' dots take their bias (3 operands); unfused, a
+  # YNNPACK dot takes only its two matrices.
+  assert max(operands[True]) >= 3 and max(operands[False]) == 2
+  chex.assert_trees_all_close(outputs[True], outputs[False], rtol=2e-5,
+                              atol=1e-6)
