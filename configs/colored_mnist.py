@@ -84,6 +84,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
       "grad_path": "closed_form",
       "params": "head",  # or "all", or a pattern such as "hidden_1|classifier"
       "vmap_chunk_size": placeholder(int),  # None: all examples at once
+      # The training envs come one after another (closed form's fast sums).
+      "domain_blocks": True,
   })
 
   if preset == "paper":

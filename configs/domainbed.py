@@ -69,7 +69,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.hparams = _hparam_overrides()
   # Fishr's options that are not DomainBed hparams (algorithms/fishr.py):
   # --config.fishr.params=all --config.fishr.grad_path=vmap.
+  # domain_blocks: batches come env by env, batch_size each.
   config.fishr = ml_collections.ConfigDict({
       "params": "head", "grad_path": "closed_form",
-      "vmap_chunk_size": placeholder(int)})
+      "vmap_chunk_size": placeholder(int), "domain_blocks": True})
   return config

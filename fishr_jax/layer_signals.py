@@ -130,8 +130,8 @@ def _conv_geometry(module: nn.Conv, name: str) -> ConvGeometry:
 
 
 def layer_grad_variance(layer: LayerSignals, domain_ids: jax.Array,
-                        num_domains: int,
-                        centered: bool = True) -> dict[str, jax.Array]:
+                        num_domains: int, centered: bool = True,
+                        domain_blocks: bool = False) -> dict[str, jax.Array]:
   """Per-domain variance of the layer's per-example kernel and bias
   gradients, {"kernel": (E, *kernel.shape), "bias": (E, *bias.shape)}.
 
@@ -139,10 +139,12 @@ def layer_grad_variance(layer: LayerSignals, domain_ids: jax.Array,
   example's gradient is the sum over output positions of (input patch) x
   (signal), built for this one layer (N x its parameters) from the patches,
   never by a per-example backward pass through the network.
+  `domain_blocks`: as in penalties.dense_grad_variance (Dense layers).
   """
   if layer.conv is None:
     return penalties.dense_grad_variance(layer.inputs, layer.signals,
-                                         domain_ids, num_domains, centered)
+                                         domain_ids, num_domains, centered,
+                                         domain_blocks)
   inputs = losses.at_least_float32(layer.inputs)
   signals = losses.at_least_float32(layer.signals)
   patches = _patches(inputs, layer.conv, signals.shape[1:3])

@@ -120,7 +120,8 @@ def domain_grad_covariance(grads: PyTree, domain_ids: jax.Array,
 
 def dense_grad_variance(inputs: jax.Array, signals: jax.Array,
                         domain_ids: jax.Array, num_domains: int,
-                        centered: bool = True) -> dict[str, jax.Array]:
+                        centered: bool = True,
+                        domain_blocks: bool = False) -> dict[str, jax.Array]:
   """Exact per-domain gradient variance of a Dense layer, in closed form.
 
   For y = inputs @ kernel + bias and delta_i = d loss_i / d y_i (the signal
@@ -138,6 +139,13 @@ def dense_grad_variance(inputs: jax.Array, signals: jax.Array,
     domain_ids: (N,) integer domain of each example.
     num_domains: static number of domains E.
     centered: as in `domain_grad_variance`.
+    domain_blocks: True promises the loaders' layout, domain_ids = [0] * B +
+      [1] * B + ... (E equal blocks in order), so each domain's sums skip the
+      other domains' rows; a batch that breaks the promise gets NaN
+      variances, never wrong ones. False accepts any layout: a run-time test
+      still takes the blocks when they hold, but the compiled step then keeps
+      both paths' buffers (2.3x the memory of the blocks alone for Fishr over
+      every layer of the Colored MNIST MLP at its full batch).
 
   Returns:
     {"kernel": (E, D, K), "bias": (E, K)}: flax Dense's layout, domain first.
@@ -160,9 +168,15 @@ def dense_grad_variance(inputs: jax.Array, signals: jax.Array,
     # interleaves the domains over the devices, and the blocks' reshape would
     # gather it: there the routed sums reduce locally, then all-reduce.)
     block = jnp.repeat(jnp.arange(num_domains), num_examples // num_domains)
-    sums, sq_sums, bias_sums, bias_sq_sums = jax.lax.cond(
-        jnp.all(domain_ids == block), lambda: moments(_block_moment_sums),
-        lambda: moments(_routed_moment_sums))
+    is_blocks = jnp.all(domain_ids == block)
+    if domain_blocks:
+      sums, sq_sums, bias_sums, bias_sq_sums = jax.tree.map(
+          lambda x: jnp.where(is_blocks, x, jnp.nan),
+          moments(_block_moment_sums))
+    else:
+      sums, sq_sums, bias_sums, bias_sq_sums = jax.lax.cond(
+          is_blocks, lambda: moments(_block_moment_sums),
+          lambda: moments(_routed_moment_sums))
 
   per_domain = lambda sums: sums / counts.reshape(
       (num_domains,) + (1,) * (sums.ndim - 1))
@@ -212,8 +226,9 @@ def _block_moment_sums(inputs, signals, domain_ids, num_domains):
 
 def linear_head_grad_variance(features: jax.Array, logits: jax.Array,
                               labels: jax.Array, domain_ids: jax.Array,
-                              num_domains: int,
-                              centered: bool = True) -> dict[str, jax.Array]:
+                              num_domains: int, centered: bool = True,
+                              domain_blocks: bool = False
+                              ) -> dict[str, jax.Array]:
   """Exact per-domain gradient variance of a linear head, in closed form.
 
   The head's backpropagated signal is the loss residual r_i = d loss_i /
@@ -225,7 +240,8 @@ def linear_head_grad_variance(features: jax.Array, logits: jax.Array,
     features: (N, D) inputs of the head.
     logits: (N, C) outputs of the head; C == 1 means a binary head.
     labels: (N,) integer labels (C > 1) or {0, 1} labels (C == 1).
-    domain_ids, num_domains, centered: as in `dense_grad_variance`.
+    domain_ids, num_domains, centered, domain_blocks: as in
+      `dense_grad_variance`.
 
   Returns:
     {"kernel": (E, D, C), "bias": (E, C)}: flax Dense's layout, domain first.
@@ -233,7 +249,7 @@ def linear_head_grad_variance(features: jax.Array, logits: jax.Array,
   chex.assert_rank([features, logits], 2)
   chex.assert_equal_shape_prefix([features, logits, labels, domain_ids], 1)
   return dense_grad_variance(features, losses.loss_residual(logits, labels),
-                             domain_ids, num_domains, centered)
+                             domain_ids, num_domains, centered, domain_blocks)
 
 
 # Why `feature_moment_sums` is hand-written: on XLA:CPU every (N, D) temporary

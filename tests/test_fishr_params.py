@@ -216,3 +216,50 @@ def test_bad_patterns_are_explained():
     layer_signals.select_params(params, "decoder")
   with pytest.raises(ValueError, match="not a valid pattern"):
     layer_signals.select_params(params, "(")
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_domain_blocks_promise_gives_the_blocks_or_nan(shuffle):
+  """domain_blocks=True: exact on the loaders' layout; on any other layout the
+  block-summed layers (E * K > 8 columns) give NaN, never a wrong number."""
+  module, params = _mlp(1)
+  batch = _batch(1, n=(6, 6, 6))
+  if shuffle:
+    order = np.random.default_rng(1).permutation(18)
+    batch = {k: v[order] for k, v in batch.items()}
+  names = layer_signals.select_params(params, "all")
+  network = algorithms.Network.from_module(module)
+  _, _, captured = layer_signals.forward_with_signals(
+      network.forward, params, batch["x"], None, batch["y"],
+      list(layer_signals.group_by_layer(names)))
+  expected = _loop_variances(module, params, batch, names)
+  for layer, signals in captured.items():
+    got = jax.jit(penalties.dense_grad_variance, static_argnums=(3, 4, 5))(
+        signals.inputs, signals.signals, batch["domain"], NUM_DOMAINS, True,
+        True)
+    blocked = NUM_DOMAINS * signals.signals.shape[1] > 8
+    for leaf in ("kernel", "bias"):
+      if shuffle and blocked:
+        assert np.isnan(got[leaf]).all()
+      else:
+        np.testing.assert_allclose(got[leaf], expected[f"{layer}/{leaf}"],
+                                   rtol=1e-9, atol=1e-14)
+  assert {n: NUM_DOMAINS * s.signals.shape[1] > 8
+          for n, s in captured.items()} == {"hidden_0": True, "hidden_1": True,
+                                            "classifier": False}
+
+
+@pytest.mark.parametrize("domain_blocks", [False, True])
+def test_domain_blocks_drops_the_layout_test(domain_blocks):
+  """Without the promise the step holds a run-time layout test (lax.cond over
+  both paths); with it, only the block sums are traced."""
+  module, params = _mlp(3)
+  batch = _batch(3, n=(6, 6, 6))
+  config = _config("all", "closed_form")
+  config.fishr.domain_blocks = domain_blocks
+  algorithm = algorithms.make_algorithm(
+      "fishr", algorithms.Network.from_module(module), NUM_DOMAINS, config)
+  state = algorithm.init_state(params, batch)
+  loss = lambda p: algorithm.loss_fn(p, state, batch, jnp.asarray(0), None)[0]
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
+  assert ("cond[" in jaxpr) != domain_blocks

@@ -13,6 +13,10 @@ config.fishr:
               "vmap": jax.vmap(jax.grad) over the chosen parameters (any
               layer; needed for covariance="full").
   vmap_chunk_size  examples per vmap chunk (None: all); speed/memory only.
+  domain_blocks  True: batches come as the loaders give them, E equal blocks
+              of examples in domain order, and the closed form's per-domain
+              sums use that layout alone (less memory; any other layout gives
+              NaN variances). False: any layout.
 """
 
 import jax
@@ -50,6 +54,7 @@ DOMAINBED = registry.DomainBedSpec(
 def make(network, num_domains, config) -> base.Algorithm:
   cfg = config.fishr
   which = cfg.get("params", "head")
+  domain_blocks = cfg.get("domain_blocks", False)
   if cfg.grad_path not in GRAD_PATHS:
     raise ValueError(f"fishr.grad_path must be one of {GRAD_PATHS}, "
                      f"got {cfg.grad_path!r}.")
@@ -116,14 +121,15 @@ def make(network, num_domains, config) -> base.Algorithm:
       if closed_form:
         return penalties.linear_head_grad_variance(
             forward.features, forward.logits, batch["y"], domain, num_domains,
-            centered=cfg.centered)
+            centered=cfg.centered, domain_blocks=domain_blocks)
       return reduce(head_grads(params, batch, forward.features), domain)
     if not closed_form:
       return reduce(network_grads(params, batch, rng), domain)
     out = {}
     for layer, leaves in closed_form_layers(params).items():
       variance = layer_signals.layer_grad_variance(
-          forward.extras[layer], domain, num_domains, cfg.centered)
+          forward.extras[layer], domain, num_domains, cfg.centered,
+          domain_blocks)
       out[layer] = {leaf: variance[leaf] for leaf in leaves}
     return out
 
