@@ -8,7 +8,8 @@ trains on the other environments with the sampled hparams (hparams_seed 0 =
 DomainBed's defaults) and writes DomainBed records to DIR/results.jsonl.
 Measured on the embedded digits with --config.steps=2001
 --config.checkpoint_freq=250 (2-core CPU, ~1.75 s per step with two runs
-sharing it): -90% in-split accuracy at the last step ERM 0.259, Fishr 0.257.
+sharing it; compiled as with --config.xla_cpu_dot_fusion=False, before that
+option existed): -90% in-split accuracy at the last step ERM 0.259, Fishr 0.257.
 Both fit the 1,667 digits per env before Fishr's penalty starts at step 1500,
 so full MNIST (--config.digits_source=tfds) is needed for the paper's numbers.
 Datasets: ColoredMNIST, RotatedMNIST (digits: data.digits_source
