@@ -104,11 +104,11 @@ def make_train_step(algorithm: algorithms.Algorithm,
 
 
 # XLA:CPU's YNNPACK fusion of each dot with its elementwise neighbours (bias,
-# ReLU, masks) is experimental and off by default; on a 2-core Xeon it takes
-# the Colored MNIST full-batch step from about 570 to 475 ms and DomainBed's
-# MNIST_CNN step from 1150 to 880 ms, ERM and Fishr alike, with results equal
-# to float32 rounding (tests/test_train.py). `config.xla_cpu_dot_fusion`
-# turns it off.
+# ReLU, masks) is experimental and off by default; on a 2-core Xeon it took
+# the Colored MNIST full-batch ERM step from 570 to 472 ms (Fishr: 622 to 520)
+# and DomainBed's MNIST_CNN ERM step from 1150 to 877 ms (README, Speed), with
+# results equal to float32 rounding (tests/test_train.py).
+# `config.xla_cpu_dot_fusion` turns it off.
 _CPU_DOT_FUSION = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
