@@ -140,9 +140,10 @@ def dense_grad_variance(inputs: jax.Array, signals: jax.Array,
     num_domains: static number of domains E.
     centered: as in `domain_grad_variance`.
     domain_blocks: True promises the loaders' layout, domain_ids = [0] * B +
-      [1] * B + ... (E equal blocks in order), so each domain's sums skip the
-      other domains' rows; a batch that breaks the promise gets NaN
-      variances, never wrong ones. False accepts any layout: a run-time test
+      [1] * B + ... (E equal blocks in order; sharded over a mesh by
+      parallel.shard_batch, the same on every device's slice), so each
+      domain's sums skip the other domains' rows; a batch that breaks the
+      promise gets NaN variances, never wrong ones. False accepts any layout: a run-time test
       still takes the blocks when they hold, but the compiled step then keeps
       both paths' buffers (2.3x the memory of the blocks alone for Fishr over
       every layer of the Colored MNIST MLP at its full batch).
@@ -158,20 +159,26 @@ def dense_grad_variance(inputs: jax.Array, signals: jax.Array,
   num_examples, num_columns = signals.shape
   counts = _domain_one_hot(domain_ids, num_domains, inputs.dtype)[1]
   moments = lambda f: f(inputs, signals, domain_ids, num_domains)
+  shards = _data_shards()
   if (num_domains * num_columns <= _ELEMENTWISE_MAX_COLUMNS
-      or num_examples % num_domains or _traced_under_multi_device_mesh()):
+      or num_examples % (num_domains * shards)):
     sums, sq_sums, bias_sums, bias_sq_sums = moments(_routed_moment_sums)
   else:
     # The batch layout every loader here gives (domain by domain, equal
     # sizes) lets each domain's sums skip the other domains' rows; any other
-    # layout takes the routed path, which is exact for all. (A sharded batch
-    # interleaves the domains over the devices, and the blocks' reshape would
-    # gather it: there the routed sums reduce locally, then all-reduce.)
-    block = jnp.repeat(jnp.arange(num_domains), num_examples // num_domains)
+    # layout takes the routed path, which is exact for all. Sharded over
+    # devices (parallel.shard_batch), each device's slice is laid out domain
+    # by domain: the sums reduce on every device, then all-reduce.
+    block = jnp.tile(jnp.repeat(jnp.arange(num_domains),
+                                num_examples // (num_domains * shards)),
+                     shards)
     is_blocks = jnp.all(domain_ids == block)
     if domain_blocks:
+      # Added, not selected, so that the gradients are NaN too (a select
+      # would pass the penalty's NaN cotangent to neither branch).
+      broken = jnp.where(is_blocks, 0.0, jnp.nan).astype(inputs.dtype)
       sums, sq_sums, bias_sums, bias_sq_sums = jax.tree.map(
-          lambda x: jnp.where(is_blocks, x, jnp.nan),
+          lambda x: x + broken,
           moments(_block_moment_sums))
     else:
       sums, sq_sums, bias_sums, bias_sq_sums = jax.lax.cond(
@@ -192,10 +199,11 @@ def dense_grad_variance(inputs: jax.Array, signals: jax.Array,
   }
 
 
-def _traced_under_multi_device_mesh() -> bool:
-  """True while a step is traced under `jax.set_mesh` of several devices (as
-  the trainers do for data parallelism, fishr_jax/parallel.py)."""
-  return jax.sharding.get_abstract_mesh().size > 1
+def _data_shards() -> int:
+  """The number of devices the batch is split over while a step is traced
+  under `jax.set_mesh` (as the trainers do for data parallelism,
+  fishr_jax/parallel.py); 1 outside a mesh."""
+  return max(jax.sharding.get_abstract_mesh().size, 1)
 
 
 def _routed_moment_sums(inputs, signals, domain_ids, num_domains):
@@ -214,14 +222,16 @@ def _routed_moment_sums(inputs, signals, domain_ids, num_domains):
 
 
 def _block_moment_sums(inputs, signals, domain_ids, num_domains):
-  """As `_routed_moment_sums`, for domain_ids = [0]*B + [1]*B + ...: one
-  batched matmul per moment, no wasted rows."""
+  """As `_routed_moment_sums`, for domain_ids = [0]*B + [1]*B + ... on each
+  of the batch's device shards: one batched matmul per moment, no wasted
+  rows."""
   del domain_ids
-  blocks = lambda x: x.reshape((num_domains, -1) + x.shape[1:])
+  blocks = lambda x: x.reshape((_data_shards(), num_domains, -1)
+                               + x.shape[1:])
   a, d = blocks(inputs), blocks(signals)
-  sums = jnp.einsum("ebk,ebd->ekd", d, a, precision=_EXACT)
-  sq_sums = jnp.einsum("ebk,ebd->ekd", d * d, a * a, precision=_EXACT)
-  return sums, sq_sums, d.sum(axis=1), (d * d).sum(axis=1)
+  sums = jnp.einsum("sebk,sebd->ekd", d, a, precision=_EXACT)
+  sq_sums = jnp.einsum("sebk,sebd->ekd", d * d, a * a, precision=_EXACT)
+  return sums, sq_sums, d.sum(axis=(0, 2)), (d * d).sum(axis=(0, 2))
 
 
 def linear_head_grad_variance(features: jax.Array, logits: jax.Array,

@@ -28,6 +28,9 @@ VARIANTS = {  # name: (algorithm, fishr overrides)
     "fishr_closed_form": ("fishr", {}),
     "fishr_vmap": ("fishr", {"grad_path": "vmap"}),
     "fishr_all_layers": ("fishr", {"params": "all"}),
+    # The trainers' setting: each device's slice is laid out domain by domain.
+    "fishr_all_layers_domain_blocks": ("fishr", {"params": "all",
+                                                 "domain_blocks": True}),
     "erm": ("erm", {}),
     "mixup": ("mixup", {}),
 }
@@ -84,6 +87,7 @@ def run(algorithm_name: str, fishr: dict, num_devices: int | None) -> dict:
     state = parallel.replicate(state, mesh)
     with jax.set_mesh(mesh):
       out_hlo = step.lower(state, batch).compile().as_text()
+      step_jaxpr = str(jax.make_jaxpr(step)(state, batch))
   losses = []
   with jax.set_mesh(mesh) if num_devices else contextlib.nullcontext():
     for _ in range(STEPS):
@@ -93,6 +97,11 @@ def run(algorithm_name: str, fishr: dict, num_devices: int | None) -> dict:
          "collectives": np.array([
              "all-reduce" in out_hlo, "all-gather" in out_hlo])
          if num_devices else np.zeros(2, bool),
+         # Block sums per device: with domain_blocks False the closed form
+         # picks them or the routed sums at run time (a cond); without
+         # blocks on offer there would be no cond.
+         "has_cond": np.array(num_devices is not None
+                              and "cond[" in step_jaxpr),
          "params": np.concatenate([np.ravel(p) for p in
                                    jax.tree.leaves(state.params)])}
   if algorithm_name == "fishr":
@@ -100,9 +109,11 @@ def run(algorithm_name: str, fishr: dict, num_devices: int | None) -> dict:
     out["ema"] = np.concatenate([np.ravel(v) for v in
                                  jax.tree.leaves(state.alg_state)])
     # The gradient of the loss at the final state, through the penalty.
-    grads = jax.jit(jax.grad(lambda p: algorithm.loss_fn(
-        p, state.alg_state, batch, jnp.asarray(3), jax.random.key(0))[0]))(
-            state.params)
+    # Traced under the mesh, as the trainers trace the step.
+    with jax.set_mesh(mesh) if num_devices else contextlib.nullcontext():
+      grads = jax.jit(jax.grad(lambda p: algorithm.loss_fn(
+          p, state.alg_state, batch, jnp.asarray(3), jax.random.key(0))[0]))(
+              state.params)
     out["grads"] = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
   return out
 

@@ -263,3 +263,19 @@ def test_domain_blocks_drops_the_layout_test(domain_blocks):
   loss = lambda p: algorithm.loss_fn(p, state, batch, jnp.asarray(0), None)[0]
   jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
   assert ("cond[" in jaxpr) != domain_blocks
+
+
+def test_broken_domain_blocks_promise_makes_the_gradient_nan_too():
+  """NaN variances must not leave a finite, penalty-free gradient behind."""
+  module, params = _mlp(3)
+  batch = _batch(3, n=(6, 6, 6))
+  order = np.random.default_rng(1).permutation(18)
+  batch = {k: v[order] for k, v in batch.items()}
+  config = _config("all", "closed_form")
+  config.fishr.domain_blocks = True
+  algorithm = algorithms.make_algorithm(
+      "fishr", algorithms.Network.from_module(module), NUM_DOMAINS, config)
+  state = algorithm.init_state(params, batch)
+  loss = lambda p: algorithm.loss_fn(p, state, batch, jnp.asarray(0), None)[0]
+  grads = jax.grad(loss)(params)
+  assert all(np.isnan(g).all() for g in jax.tree.leaves(grads))

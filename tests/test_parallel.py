@@ -24,7 +24,9 @@ def multi_device_results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("variant", ["fishr_closed_form", "fishr_vmap",
-                                     "fishr_all_layers", "erm", "mixup"])
+                                     "fishr_all_layers",
+                                     "fishr_all_layers_domain_blocks", "erm",
+                                     "mixup"])
 @pytest.mark.parametrize("num_devices", [1, 2, 4, 8])
 def test_sharded_steps_equal_single_device(multi_device_results, variant,
                                            num_devices):
@@ -45,13 +47,38 @@ def test_sharded_steps_equal_single_device(multi_device_results, variant,
 
 
 @pytest.mark.parametrize("variant", ["fishr_closed_form", "fishr_vmap",
-                                     "fishr_all_layers", "erm"])
+                                     "fishr_all_layers",
+                                     "fishr_all_layers_domain_blocks", "erm"])
 def test_sharded_step_reduces_and_never_gathers_the_batch(multi_device_results,
                                                           variant):
   for n in (2, 4, 8):
     has_all_reduce, has_all_gather = multi_device_results[
         f"{variant}/{n}/collectives"]
     assert has_all_reduce and not has_all_gather, (variant, n)
+
+
+@pytest.mark.parametrize("num_devices", [1, 2, 4, 8])
+def test_sharded_closed_form_offers_the_per_device_block_sums(
+    multi_device_results, num_devices):
+  # The head (4 classes x 3 domains) and the hidden layer (16 x 3) are past
+  # the few-column path, so each sharded step holds the block-or-routed cond;
+  # with domain_blocks the blocks alone.
+  for variant, has_cond in (("fishr_closed_form", True),
+                            ("fishr_all_layers", True),
+                            ("fishr_all_layers_domain_blocks", False)):
+    assert multi_device_results[
+        f"{variant}/{num_devices}/has_cond"] == has_cond, variant
+
+
+def test_spread_domains_lays_out_each_shard_domain_by_domain():
+  domains = np.repeat(np.arange(3, dtype=np.int32), [8, 4, 12])
+  order = parallel.spread_domains(domains, 4)
+  assert sorted(order) == list(range(len(domains)))
+  for shard in domains[order].reshape(4, -1):
+    np.testing.assert_array_equal(shard, [0, 0, 1, 2, 2, 2])
+  for d in range(3):  # each domain's examples keep their relative order
+    picked = order[domains[order] == d]
+    assert np.all(np.diff(picked) > 0)
 
 
 def test_spread_domains_interleaves_and_keeps_order():
