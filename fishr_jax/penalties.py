@@ -172,17 +172,20 @@ def dense_grad_variance(inputs: jax.Array, signals: jax.Array,
     block = jnp.tile(jnp.repeat(jnp.arange(num_domains),
                                 num_examples // (num_domains * shards)),
                      shards)
-    is_blocks = jnp.all(domain_ids == block)
     if domain_blocks:
-      # Added, not selected, so that the gradients are NaN too (a select
-      # would pass the penalty's NaN cotangent to neither branch).
-      broken = jnp.where(is_blocks, 0.0, jnp.nan).astype(inputs.dtype)
-      sums, sq_sums, bias_sums, bias_sq_sums = jax.tree.map(
-          lambda x: x + broken,
-          moments(_block_moment_sums))
+      # A row out of place makes its domain's bias sums NaN, and with them
+      # the penalty and (added, not selected) the gradients. Checked row by
+      # row inside a sum the step takes anyway: a test of the whole batch
+      # would make the devices wait on each other mid-step.
+      misplaced = jnp.where(domain_ids == block, 0.0, jnp.nan)
+      sums, sq_sums, bias_sums, bias_sq_sums = _block_moment_sums(
+          inputs, signals, domain_ids, num_domains,
+          misplaced.astype(signals.dtype))
+      poison = 0.0 * bias_sums[..., None]  # NaN in a broken domain, else 0
+      sums, sq_sums = sums + poison, sq_sums + poison
     else:
       sums, sq_sums, bias_sums, bias_sq_sums = jax.lax.cond(
-          is_blocks, lambda: moments(_block_moment_sums),
+          jnp.all(domain_ids == block), lambda: moments(_block_moment_sums),
           lambda: moments(_routed_moment_sums))
 
   per_domain = lambda sums: sums / counts.reshape(
@@ -221,17 +224,24 @@ def _routed_moment_sums(inputs, signals, domain_ids, num_domains):
           by_domain(routed_sq.sum(axis=0)))
 
 
-def _block_moment_sums(inputs, signals, domain_ids, num_domains):
+def _block_moment_sums(inputs, signals, domain_ids, num_domains,
+                       misplaced=None):
   """As `_routed_moment_sums`, for domain_ids = [0]*B + [1]*B + ... on each
   of the batch's device shards: one batched matmul per moment, no wasted
-  rows."""
+  rows. `misplaced` (N,), if given, is added to the signals' sums."""
   del domain_ids
-  blocks = lambda x: x.reshape((_data_shards(), num_domains, -1)
-                               + x.shape[1:])
+  # Sharded: (devices, E, B, ...), each device's blocks summed there, then
+  # over the devices (an all-reduce).
+  shards = _data_shards()
+  lead = (num_domains,) if shards == 1 else (shards, num_domains)
+  blocks = lambda x: x.reshape(lead + (-1,) + x.shape[1:])
+  over_shards = lambda x: x if shards == 1 else x.sum(axis=0)
   a, d = blocks(inputs), blocks(signals)
-  sums = jnp.einsum("sebk,sebd->ekd", d, a, precision=_EXACT)
-  sq_sums = jnp.einsum("sebk,sebd->ekd", d * d, a * a, precision=_EXACT)
-  return sums, sq_sums, d.sum(axis=(0, 2)), (d * d).sum(axis=(0, 2))
+  sums = jnp.einsum("...bk,...bd->...kd", d, a, precision=_EXACT)
+  sq_sums = jnp.einsum("...bk,...bd->...kd", d * d, a * a, precision=_EXACT)
+  bias = d if misplaced is None else d + blocks(misplaced)[..., None]
+  return tuple(over_shards(x) for x in (
+      sums, sq_sums, bias.sum(axis=-2), (d * d).sum(axis=-2)))
 
 
 def linear_head_grad_variance(features: jax.Array, logits: jax.Array,

@@ -16,7 +16,7 @@ config.fishr:
   domain_blocks  True: batches come as the loaders give them, E equal blocks
               of examples in domain order, and the closed form's per-domain
               sums use that layout alone (less memory; any other layout gives
-              NaN variances). False: any layout.
+              NaN variances, penalty and gradients). False: any layout.
 """
 
 import jax
