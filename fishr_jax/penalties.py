@@ -143,10 +143,11 @@ def dense_grad_variance(inputs: jax.Array, signals: jax.Array,
       [1] * B + ... (E equal blocks in order; sharded over a mesh by
       parallel.shard_batch, the same on every device's slice), so each
       domain's sums skip the other domains' rows; a batch that breaks the
-      promise gets NaN variances, never wrong ones. False accepts any layout: a run-time test
-      still takes the blocks when they hold, but the compiled step then keeps
-      both paths' buffers (2.3x the memory of the blocks alone for Fishr over
-      every layer of the Colored MNIST MLP at its full batch).
+      promise gets NaN variances (and so a NaN penalty and gradients), never
+      wrong ones. False accepts any layout: a run-time test still takes the
+      blocks when they hold, but the compiled step then keeps both paths'
+      buffers (2.3x the memory of the blocks alone for Fishr over every layer
+      of the Colored MNIST MLP at its full batch).
 
   Returns:
     {"kernel": (E, D, K), "bias": (E, K)}: flax Dense's layout, domain first.
@@ -173,16 +174,14 @@ def dense_grad_variance(inputs: jax.Array, signals: jax.Array,
                                 num_examples // (num_domains * shards)),
                      shards)
     if domain_blocks:
-      # A row out of place makes its domain's bias sums NaN, and with them
-      # the penalty and (added, not selected) the gradients. Checked row by
+      # A row out of place makes its domain's sums NaN, and with them the
+      # penalty and (added, not selected) the gradients. Checked row by
       # row inside a sum the step takes anyway: a test of the whole batch
       # would make the devices wait on each other mid-step.
       misplaced = jnp.where(domain_ids == block, 0.0, jnp.nan)
       sums, sq_sums, bias_sums, bias_sq_sums = _block_moment_sums(
           inputs, signals, domain_ids, num_domains,
           misplaced.astype(signals.dtype))
-      poison = 0.0 * bias_sums[..., None]  # NaN in a broken domain, else 0
-      sums, sq_sums = sums + poison, sq_sums + poison
     else:
       sums, sq_sums, bias_sums, bias_sq_sums = jax.lax.cond(
           jnp.all(domain_ids == block), lambda: moments(_block_moment_sums),
@@ -228,7 +227,8 @@ def _block_moment_sums(inputs, signals, domain_ids, num_domains,
                        misplaced=None):
   """As `_routed_moment_sums`, for domain_ids = [0]*B + [1]*B + ... on each
   of the batch's device shards: one batched matmul per moment, no wasted
-  rows. `misplaced` (N,), if given, is added to the signals' sums."""
+  rows. `misplaced` (N,), if given, is 0 or NaN per row: a NaN row makes
+  its domain's sums NaN."""
   del domain_ids
   # Sharded: (devices, E, B, ...), each device's blocks summed there, then
   # over the devices (an all-reduce).
@@ -240,8 +240,12 @@ def _block_moment_sums(inputs, signals, domain_ids, num_domains,
   sums = jnp.einsum("...bk,...bd->...kd", d, a, precision=_EXACT)
   sq_sums = jnp.einsum("...bk,...bd->...kd", d * d, a * a, precision=_EXACT)
   bias = d if misplaced is None else d + blocks(misplaced)[..., None]
-  return tuple(over_shards(x) for x in (
+  sums, sq_sums, bias_sums, bias_sq_sums = (over_shards(x) for x in (
       sums, sq_sums, bias.sum(axis=-2), (d * d).sum(axis=-2)))
+  if misplaced is not None:
+    poison = 0.0 * bias_sums[..., None]  # NaN in a broken domain, else 0
+    sums, sq_sums = sums + poison, sq_sums + poison
+  return sums, sq_sums, bias_sums, bias_sq_sums
 
 
 def linear_head_grad_variance(features: jax.Array, logits: jax.Array,

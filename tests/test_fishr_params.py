@@ -249,33 +249,33 @@ def test_domain_blocks_promise_gives_the_blocks_or_nan(shuffle):
                                             "classifier": False}
 
 
-@pytest.mark.parametrize("domain_blocks", [False, True])
-def test_domain_blocks_drops_the_layout_test(domain_blocks):
-  """Without the promise the step holds a run-time layout test (lax.cond over
-  both paths); with it, only the block sums are traced."""
+def _all_layers_loss(domain_blocks, shuffle=False):
+  """Fishr over every layer of a 3-class MLP: (loss of the params, params)."""
   module, params = _mlp(3)
   batch = _batch(3, n=(6, 6, 6))
+  if shuffle:
+    order = np.random.default_rng(1).permutation(18)
+    batch = {k: v[order] for k, v in batch.items()}
   config = _config("all", "closed_form")
   config.fishr.domain_blocks = domain_blocks
   algorithm = algorithms.make_algorithm(
       "fishr", algorithms.Network.from_module(module), NUM_DOMAINS, config)
   state = algorithm.init_state(params, batch)
-  loss = lambda p: algorithm.loss_fn(p, state, batch, jnp.asarray(0), None)[0]
+  return (lambda p: algorithm.loss_fn(p, state, batch, jnp.asarray(0),
+                                      None)[0]), params
+
+
+@pytest.mark.parametrize("domain_blocks", [False, True])
+def test_domain_blocks_drops_the_layout_test(domain_blocks):
+  """Without the promise the step holds a run-time layout test (lax.cond over
+  both paths); with it, only the block sums are traced."""
+  loss, params = _all_layers_loss(domain_blocks)
   jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
   assert ("cond[" in jaxpr) != domain_blocks
 
 
 def test_broken_domain_blocks_promise_makes_the_gradient_nan_too():
   """NaN variances must not leave a finite, penalty-free gradient behind."""
-  module, params = _mlp(3)
-  batch = _batch(3, n=(6, 6, 6))
-  order = np.random.default_rng(1).permutation(18)
-  batch = {k: v[order] for k, v in batch.items()}
-  config = _config("all", "closed_form")
-  config.fishr.domain_blocks = True
-  algorithm = algorithms.make_algorithm(
-      "fishr", algorithms.Network.from_module(module), NUM_DOMAINS, config)
-  state = algorithm.init_state(params, batch)
-  loss = lambda p: algorithm.loss_fn(p, state, batch, jnp.asarray(0), None)[0]
+  loss, params = _all_layers_loss(domain_blocks=True, shuffle=True)
   grads = jax.grad(loss)(params)
   assert all(np.isnan(g).all() for g in jax.tree.leaves(grads))

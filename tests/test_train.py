@@ -181,21 +181,27 @@ def _ynn_fusion_operands(compiled_text: str) -> list[int]:
                                compiled_text)]
 
 
-def test_cpu_dot_fusion_is_applied_and_keeps_the_result():
-  config = _config(penalty_anneal_iters=0)
+def _colored_mnist_mlp_step(config, algorithm_name="fishr"):
+  """The Colored MNIST MLP's step (392-390-390-1) on one CPU device, its
+  start state and a 2 x 256 batch."""
   batch = _batch(n_per_domain=(256, 256), dim=392)
   model = models.MLP(hidden_dims=(390, 390), num_outputs=1)
-  algorithm = algorithms.make_algorithm("fishr", model, 2, config)
+  algorithm = algorithms.make_algorithm(algorithm_name, model, 2, config)
   tx = train.make_optimizer(config)
   params = model.init(jax.random.key(1), batch["x"][:1])["params"]
-  mesh = parallel.make_mesh(1)
+  step = train.jit_train_step(train.make_train_step(algorithm, tx, config),
+                              parallel.make_mesh(1), config, donate=False)
+  state = train.create_train_state(jax.random.key(0), params, algorithm, tx,
+                                   batch)
+  return step, state, batch
+
+
+def test_cpu_dot_fusion_is_applied_and_keeps_the_result():
+  config = _config(penalty_anneal_iters=0)
   outputs, operands = {}, {}
   for fused in (True, False):
     config.xla_cpu_dot_fusion = fused
-    step = train.jit_train_step(train.make_train_step(algorithm, tx, config),
-                                mesh, config, donate=False)
-    state = train.create_train_state(jax.random.key(0), params, algorithm, tx,
-                                     batch)
+    step, state, batch = _colored_mnist_mlp_step(config)
     operands[fused] = _ynn_fusion_operands(
         step.lower(state, batch).compile().as_text())
     losses = []
@@ -208,3 +214,18 @@ def test_cpu_dot_fusion_is_applied_and_keeps_the_result():
   assert max(operands[True]) >= 3 and max(operands[False]) == 2
   chex.assert_trees_all_close(outputs[True], outputs[False], rtol=2e-5,
                               atol=1e-6)
+
+
+def test_relu_backward_is_fused_into_the_next_layers_matmul():
+  """The reason `models.relu` exists: on CPU, the hidden layers' backward
+  matmul and relu's mask are one YNNPACK fusion (with jax.nn.relu the mask
+  is a separate select over the (N, H) activations)."""
+  config = _config("erm", xla_cpu_dot_fusion=True)
+  step, state, batch = _colored_mnist_mlp_step(config, "erm")
+  text = step.lower(state, batch).compile().as_text()
+  ynn_computations = re.findall(
+      r"fusion\([^)]*\), kind=kCustom, calls=%([\w.]+)", text)
+  fused_bodies = [
+      re.search(rf"\n%{re.escape(name)} \(.*?\n}}", text, re.S).group(0)
+      for name in ynn_computations]
+  assert any(" dot(" in body and " sign(" in body for body in fused_bodies)
