@@ -23,7 +23,8 @@ Every field can be overridden, e.g. --config.algorithm=erm|irm|vrex|fishr,
 """
 
 import ml_collections
-from ml_collections.config_dict import placeholder
+
+from configs import common
 
 # The IRM authors' tuned values; the official Fishr script uses them for every
 # algorithm (github facebookresearch/InvariantRiskMinimization).
@@ -41,29 +42,21 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.steps = 301
   config.hidden_dim = 128
   config.log_every = 50
-  # Data parallelism (fishr_jax/parallel.py): devices of the mesh (0: all),
-  # and whether to join a multi-host job first.
-  config.num_devices = 0
-  config.distributed = False
-  # "bfloat16": the network computes in bfloat16 (GPU/TPU); parameters,
-  # losses, Fishr's moments and its penalty stay float32.
-  config.compute_dtype = "float32"
-  # On CPU, fuse dots with their elementwise neighbours (fishr_jax/train.py).
-  config.xla_cpu_dot_fusion = True
+  common.add_device_fields(config)
 
   # Optimizer: Adam, explicit L2 in the loss (biases included, not halved),
   # coupled weight decay off.
   config.lr = LR
-  config.l2_regularizer_weight = L2_REGULARIZER_WEIGHT
   config.weight_decay = 0.0
 
-  # Penalty schedule of the IRM script: weight 1.0 before the anneal step,
-  # lambda_ from it on, the whole loss divided by the weight when > 1, and no
-  # optimizer reset.
+  # The schedule of the IRM script (algorithms/base.py, Schedule): weight 1.0
+  # before the anneal step, lambda_ from it on, the whole loss divided by the
+  # weight when > 1, and no optimizer reset.
   config.penalty_anneal_iters = 100
   config.penalty_warmup_weight = 1.0
   config.rescale_loss = True
   config.reset_optimizer_at_anneal = False
+  config.l2_regularizer_weight = L2_REGULARIZER_WEIGHT
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "embedded"
@@ -72,20 +65,13 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.data.train_color_flip_probs = (0.2, 0.1)
   config.data.test_color_flip_prob = 0.9
 
-  config.irm = ml_collections.ConfigDict({"lambda_": PENALTY_WEIGHT})
-  config.vrex = ml_collections.ConfigDict({"lambda_": PENALTY_WEIGHT,
-                                           "reduction": "pairwise"})
-  config.fishr = ml_collections.ConfigDict({
-      "lambda_": PENALTY_WEIGHT,
-      "ema": 0.0,
-      "reduction": "sum",
-      "centered": True,
-      "covariance": "diagonal",
-      "grad_path": "closed_form",
-      "params": "head",  # or "all", or a pattern such as "hidden_1|classifier"
-      "vmap_chunk_size": placeholder(int),  # None: all examples at once
-      # The training envs come one after another (closed form's fast sums).
-      "domain_blocks": True,
+  # Every registered algorithm, with its Config's defaults (DomainBed's)
+  # except where the IRM-setup script differs.
+  common.add_algorithm_blocks(config, overrides={
+      "irm": {"lambda_": PENALTY_WEIGHT, "split_halves": False},
+      "vrex": {"lambda_": PENALTY_WEIGHT, "reduction": "pairwise"},
+      "fishr": {"lambda_": PENALTY_WEIGHT, "ema": 0.0, "reduction": "sum",
+                "moment_sums": "auto"},
   })
 
   if preset == "paper":

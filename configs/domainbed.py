@@ -22,8 +22,10 @@ Any hparam can be forced: --config.hparams.lr=1e-4 --config.hparams.lambda=100.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from configs import common
 from fishr_jax import hparams as hparams_lib
 from fishr_jax.algorithms import registry
+from fishr_jax.algorithms import settings
 
 
 def _hparam_overrides() -> ml_collections.ConfigDict:
@@ -58,20 +60,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.pretrained_checkpoint = ""
   config.eval_batch_size = 256
   config.worker_count = 0
-  # Data parallelism (fishr_jax/parallel.py): devices of the mesh (0: all),
-  # and whether to join a multi-host job first.
-  config.num_devices = 0
-  config.distributed = False
-  # "bfloat16": the network computes in bfloat16 (GPU/TPU); parameters,
-  # losses, Fishr's moments and its penalty stay float32.
-  config.compute_dtype = "float32"
-  # On CPU, fuse dots with their elementwise neighbours (fishr_jax/train.py).
-  config.xla_cpu_dot_fusion = True
+  common.add_device_fields(config)
   config.hparams = _hparam_overrides()
-  # Fishr's options that are not DomainBed hparams (algorithms/fishr.py):
-  # --config.fishr.params=all --config.fishr.grad_path=vmap.
-  # domain_blocks: batches come env by env, batch_size each.
-  config.fishr = ml_collections.ConfigDict({
-      "params": "head", "grad_path": "closed_form",
-      "vmap_chunk_size": placeholder(int), "domain_blocks": True})
+  # Each algorithm's options that no DomainBed hparam sets, unset (None: the
+  # algorithm's default): --config.fishr.params=all
+  # --config.fishr.grad_path=vmap --config.irm.split_halves=False.
+  common.add_algorithm_blocks(config, only_unset={
+      name: settings.domainbed_options(name) for name in registry.names()})
+  config.fishr.moment_sums = "auto"
   return config

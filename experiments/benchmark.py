@@ -38,9 +38,11 @@ import numpy as np
 
 from configs import colored_mnist as cmnist_config
 from fishr_jax import algorithms
+from fishr_jax import hparams as hparams_lib
 from fishr_jax import models
 from fishr_jax import parallel
 from fishr_jax import train
+from fishr_jax.algorithms import settings
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/benchmark", "Output folder.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed steps per algorithm.")
@@ -80,21 +82,32 @@ def _dtype():
   return models.compute_dtype(_COMPUTE_DTYPE.value)
 
 
-def _domainbed_config():
-  config = cmnist_config.get_config()
-  config.update(l2_regularizer_weight=0.0, penalty_anneal_iters=0,
-                penalty_warmup_weight=0.0, rescale_loss=False)
-  config.fishr.update(lambda_=1000.0, ema=0.95, reduction="mean")
-  return config
+def _colored_mnist_algorithm(name: str, fishr_options: dict):
+  """(algorithm config, schedule, lr) from the paper's Colored MNIST config,
+  the penalty on from step 0."""
+  config = cmnist_config.get_config("paper")
+  config.algorithm = name
+  config.penalty_anneal_iters = 0  # time the step with the penalty on
+  config.fishr.update(fishr_options)
+  return (*settings.from_config_dict(config), config.lr)
+
+
+def _domainbed_algorithm(dataset: str):
+  """The same from DomainBed's default hparams on `dataset`."""
+  def build(name: str, fishr_options: dict):
+    values = hparams_lib.default_hparams(name, dataset)
+    if name == "fishr":
+      values["penalty_anneal_iters"] = 0
+    options = {"moment_sums": "auto", **fishr_options} if name == "fishr" else {}
+    return (*settings.from_domainbed(name, values, options), values["lr"])
+  return build
 
 
 def colored_mnist_full_batch() -> dict[str, Any]:
-  config = cmnist_config.get_config("paper")
-  config.penalty_anneal_iters = 0  # time the step with the penalty on
   return {"model": models.MLP(hidden_dims=(390, 390), num_outputs=1,
                                dtype=_dtype()),
           "batch": _random_batch((14, 14, 2), 2, 25000, 1), "num_domains": 2,
-          "config": config,
+          "algorithm": _colored_mnist_algorithm,
           "variants": HEAD_VARIANTS + ("fishr_all_layers_closed_form",),
           "description": "Colored MNIST full batch, 2 x 25,000, MLP 390"}
 
@@ -102,7 +115,7 @@ def colored_mnist_full_batch() -> dict[str, Any]:
 def domainbed_mnist_cnn(n_per_domain: int = 64) -> dict[str, Any]:
   return {"model": models.MNISTCNN(num_outputs=10, dtype=_dtype()),
           "batch": _random_batch((28, 28, 1), 3, n_per_domain, 10),
-          "num_domains": 3, "config": _domainbed_config(),
+          "num_domains": 3, "algorithm": _domainbed_algorithm("ColoredMNIST"),
           "description": f"DomainBed MNIST_CNN, 3 x {n_per_domain}, 10 classes"}
 
 
@@ -113,7 +126,7 @@ def _resnet50(num_classes: int, dataset: str) -> dict[str, Any]:
                                        dtype=_dtype()),
           "stochastic": True,
           "batch": _random_batch((size, size, 3), 3, 32, num_classes),
-          "num_domains": 3, "config": _domainbed_config(),
+          "num_domains": 3, "algorithm": _domainbed_algorithm("PACS"),
           "description": f"ResNet-50 {dataset} head (C = {num_classes}), "
                          f"3 x 32, {size} px"}
 
@@ -130,28 +143,27 @@ def compile_step(setting: dict[str, Any], variant: str, mesh=None):
   """The jitted step of one variant (sharded over `mesh`; None: one device),
   its start state and batch, its peak memory (bytes) and its floating-point
   operations (XLA's cost analysis; None where the backend gives none)."""
-  name, fishr_overrides = VARIANTS[variant]
-  config = setting["config"].copy_and_resolve_references()
-  config.fishr.update(fishr_overrides)
+  name, fishr_options = VARIANTS[variant]
+  alg_config, schedule, lr = setting["algorithm"](name, fishr_options)
   model = setting["model"]
   variables = dict(jax.jit(model.init)(jax.random.key(1),
                                        setting["batch"]["x"][:1]))
   params = variables.pop("params")
   network = algorithms.Network.from_module(
       model, frozen=variables, stochastic=setting.get("stochastic", False))
-  algorithm = algorithms.make_algorithm(name, network, setting["num_domains"],
-                                        config)
-  tx = train.make_optimizer(config)
   # One device is a mesh of one: the batch keeps its order there.
   mesh = mesh or parallel.make_mesh(1)
-  batch = parallel.shard_batch(setting["batch"], mesh)
-  config.xla_cpu_dot_fusion = _XLA_CPU_DOT_FUSION.value
-  step = train.jit_train_step(train.make_train_step(algorithm, tx, config),
-                              mesh, config)
+  algorithm = algorithms.make_algorithm(name, network, setting["num_domains"],
+                                        alg_config, schedule, mesh)
+  tx = train.make_optimizer(lr)
+  batch = parallel.shard_batch(setting["batch"], mesh,
+                               algorithm.needs_domain_blocks,
+                               setting["num_domains"])
+  step = train.jit_train_step(train.make_train_step(algorithm, tx, schedule),
+                              mesh, _XLA_CPU_DOT_FUSION.value)
   state = parallel.replicate(train.create_train_state(
       jax.random.key(0), params, algorithm, tx, batch), mesh)
-  with jax.set_mesh(mesh):
-    compiled = step.lower(state, batch).compile()
+  compiled = step.lower(state, batch).compile()
   memory = compiled.memory_analysis()
   peak = None
   if memory is not None:

@@ -129,47 +129,25 @@ def _conv_geometry(module: nn.Conv, name: str) -> ConvGeometry:
                       _pair(module.strides or 1, "strides", name), padding)
 
 
-def layer_grad_variance(layer: LayerSignals, domain_ids: jax.Array,
-                        num_domains: int, centered: bool = True,
-                        domain_blocks: bool = False) -> dict[str, jax.Array]:
+def layer_grad_variance(
+    layer: LayerSignals, domain_ids: jax.Array, num_domains: int,
+    centered: bool = True,
+    dense_variance: Callable[..., dict[str, jax.Array]] = (
+        penalties.dense_grad_variance)) -> dict[str, jax.Array]:
   """Per-domain variance of the layer's per-example kernel and bias
   gradients, {"kernel": (E, *kernel.shape), "bias": (E, *bias.shape)}.
 
-  Dense: the closed form of penalties.dense_grad_variance. Conv: each
-  example's gradient is the sum over output positions of (input patch) x
-  (signal), built for this one layer (N x its parameters) from the patches,
-  never by a per-example backward pass through the network.
-  `domain_blocks`: as in penalties.dense_grad_variance (Dense layers).
+  Dense: `dense_variance` (penalties.dense_grad_variance, or a form of
+  fast_paths.py). Conv: penalties.conv_grad_variance of its input patches.
   """
   if layer.conv is None:
-    return penalties.dense_grad_variance(layer.inputs, layer.signals,
-                                         domain_ids, num_domains, centered,
-                                         domain_blocks)
-  inputs = losses.at_least_float32(layer.inputs)
-  signals = losses.at_least_float32(layer.signals)
-  patches = _patches(inputs, layer.conv, signals.shape[1:3])
-  grads = {"kernel": jnp.einsum("nhwijc,nhwo->nijco", patches, signals,
-                                precision=jax.lax.Precision.HIGHEST),
-           "bias": signals.sum(axis=(1, 2))}
-  return penalties.domain_grad_variance(grads, domain_ids, num_domains,
-                                        centered)
-
-
-def _patches(inputs: jax.Array, geometry: ConvGeometry,
-             out_size: tuple[int, int]) -> jax.Array:
-  """(N, H', W', kh, kw, C): the input window behind each output position,
-  by strided slices (lax.conv_general_dilated_patches is a convolution with
-  a one-hot filter: (kh*kw*C)^2 flops per position)."""
-  (kh, kw), (sh, sw) = geometry.kernel_size, geometry.strides
-  padding = geometry.padding
-  if isinstance(padding, str):
-    padding = jax.lax.padtype_to_pads(inputs.shape[1:3], (kh, kw), (sh, sw),
-                                      padding)
-  padded = jnp.pad(inputs, ((0, 0), *padding, (0, 0)))
-  rows, cols = out_size
-  windows = [[padded[:, i:i + sh * (rows - 1) + 1:sh, j:j + sw * (cols - 1) + 1:sw]
-              for j in range(kw)] for i in range(kh)]
-  return jnp.stack([jnp.stack(row, axis=3) for row in windows], axis=3)
+    return dense_variance(layer.inputs, layer.signals, domain_ids, num_domains,
+                          centered)
+  patches = penalties.conv_patches(layer.inputs, layer.conv.kernel_size,
+                                   layer.conv.strides, layer.conv.padding,
+                                   layer.signals.shape[1:3])
+  return penalties.conv_grad_variance(patches, layer.signals, domain_ids,
+                                      num_domains, centered)
 
 
 def _is_covered(module: nn.Module) -> bool:

@@ -6,10 +6,11 @@ the batch's leading axis is split over the mesh's "data" axis, everything else
 all-reduces that the per-domain sums need. The per-domain gradient variances,
 their moving average and the penalty are therefore those of the global batch,
 and a run on n devices equals the one-device run up to float summation order
-(tests/test_parallel.py checks 1, 2, 4 and 8 devices). Trace the step under
-`jax.set_mesh(mesh)`: code that picks a layout-dependent fast path (the
-per-domain blocks of penalties.dense_grad_variance) then knows the batch is
-sharded.
+(tests/test_parallel.py checks 1, 2, 4 and 8 devices). A step whose
+algorithm relies on the loaders' layout (fast_paths' domain blocks) is built
+for its mesh (`algorithms.make_algorithm(..., mesh=mesh)`), and
+`shard_batch(..., domain_blocks=True)` checks the layout as it makes the
+batch.
 
 Multi-host: set `config.distributed=True` to call `jax.distributed.initialize`
 (its arguments come from the cluster's environment: SLURM, TPU pods, or
@@ -111,13 +112,42 @@ def process_part(batch: dict[str, np.ndarray],
   return {k: np.asarray(v)[np.sort(mine)] for k, v in batch.items()}
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def check_domain_blocks(domain_ids: np.ndarray, num_domains: int,
+                        num_shards: int) -> None:
+  """Raises unless each of the `num_shards` equal slices of `domain_ids`
+  holds `num_domains` equal blocks in domain order: [0]*B + [1]*B + ...,
+  the layout fast_paths.blocked_dense_grad_variance relies on."""
+  domain_ids = np.asarray(domain_ids)
+  n = len(domain_ids)
+  if n % (num_domains * num_shards) == 0:
+    block = np.repeat(np.arange(num_domains), n // (num_domains * num_shards))
+    if np.array_equal(domain_ids, np.tile(block, num_shards)):
+      return
+  counts = np.bincount(domain_ids, minlength=num_domains).tolist()
+  raise ValueError(
+      f"This batch (domain sizes {counts}, {num_shards} device shard(s)) is "
+      f"not laid out in {num_domains} equal domain blocks per shard, which "
+      "fishr.moment_sums='auto'/'domain_blocks' needs: give every training "
+      "domain the same batch size, divisible by the number of devices, or set "
+      "--config.fishr.moment_sums=reference (any layout).")
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh,
+                domain_blocks: bool = False,
+                num_domains: int | None = None) -> dict[str, jax.Array]:
   """A host batch (in a multi-host job: this process's part) as one global
   array sharded over the mesh's data axis, every domain spread over the
   devices. The examples are permuted, which no algorithm depends on: they
-  find each domain through batch["domain"]."""
+  find each domain through batch["domain"]. `domain_blocks`: the algorithm
+  relies on the loaders' layout (`Algorithm.needs_domain_blocks`), checked
+  here for `num_domains` domains."""
   local_shards = len(mesh.local_devices)
   order = spread_domains(batch["domain"], local_shards)
+  if domain_blocks:
+    if num_domains is None:
+      raise ValueError("shard_batch(domain_blocks=True) needs num_domains.")
+    check_domain_blocks(np.asarray(batch["domain"])[order], num_domains,
+                        local_shards)
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding,
                                                     np.asarray(v)[order])

@@ -15,7 +15,7 @@ official code, as stated in SPEC.md:
         | sum_e sum_j  (v_e,j - mean_e v_e,j)^2           ("sum", IRM script)
 """
 
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import chex
 import jax
@@ -101,27 +101,29 @@ def domain_grad_variance(grads: PyTree, domain_ids: jax.Array,
 
 
 def domain_grad_covariance(grads: PyTree, domain_ids: jax.Array,
-                           num_domains: int, centered: bool = False) -> PyTree:
+                           num_domains: int, centered: bool = True) -> PyTree:
   """Per-domain full covariance of each parameter tensor (off-diagonal Fishr).
 
   Leaves (N, ...) become (E, k, k) with k the tensor's size, normalised as the
-  official ablation does: einsum('na,nb->ab', g, g) / (n_e * k). SPEC.md
-  states the official numbers are not centered, hence the default.
+  official ablation: g_e^T g_e / (n_e * k), with g centered on its domain's
+  mean (the official `fishr_offdiagonal` centers; only `fishr_notcentered`
+  skips it). Per domain it is one (k, n_e) @ (n_e, k) product; the (N, k, k)
+  per-example outer products are never formed.
   """
   def leaf_covariance(g):
     g = g.reshape(g.shape[0], -1)
     if centered:
       g = g - domain_mean(g, domain_ids, num_domains)[domain_ids]
-    outer = jnp.einsum("na,nb->nab", g, g, precision=_EXACT)
-    return domain_mean(outer, domain_ids, num_domains) / g.shape[1]
+    one_hot, counts = _domain_one_hot(domain_ids, num_domains, g.dtype)
+    sums = jnp.einsum("ne,na,nb->eab", one_hot, g, g, precision=_EXACT)
+    return sums / (counts[:, None, None] * g.shape[1])
 
   return jax.tree.map(leaf_covariance, grads)
 
 
 def dense_grad_variance(inputs: jax.Array, signals: jax.Array,
                         domain_ids: jax.Array, num_domains: int,
-                        centered: bool = True,
-                        domain_blocks: bool = False) -> dict[str, jax.Array]:
+                        centered: bool = True) -> dict[str, jax.Array]:
   """Exact per-domain gradient variance of a Dense layer, in closed form.
 
   For y = inputs @ kernel + bias and delta_i = d loss_i / d y_i (the signal
@@ -132,6 +134,7 @@ def dense_grad_variance(inputs: jax.Array, signals: jax.Array,
     Var[g^bias]   = mean(delta^2) - mean(delta)^2,
 
   at O(N * D * E * K) cost and without the (N, D, K) per-example gradients.
+  Any batch layout. (fast_paths.py has faster forms, proven equal to this.)
 
   Args:
     inputs: (N, D) the layer's inputs a.
@@ -139,15 +142,6 @@ def dense_grad_variance(inputs: jax.Array, signals: jax.Array,
     domain_ids: (N,) integer domain of each example.
     num_domains: static number of domains E.
     centered: as in `domain_grad_variance`.
-    domain_blocks: True promises the loaders' layout, domain_ids = [0] * B +
-      [1] * B + ... (E equal blocks in order; sharded over a mesh by
-      parallel.shard_batch, the same on every device's slice), so each
-      domain's sums skip the other domains' rows; a batch that breaks the
-      promise gets NaN variances (and so a NaN penalty and gradients), never
-      wrong ones. False accepts any layout: a run-time test still takes the
-      blocks when they hold, but the compiled step then keeps both paths'
-      buffers (2.3x the memory of the blocks alone for Fishr over every layer
-      of the Colored MNIST MLP at its full batch).
 
   Returns:
     {"kernel": (E, D, K), "bias": (E, K)}: flax Dense's layout, domain first.
@@ -155,103 +149,27 @@ def dense_grad_variance(inputs: jax.Array, signals: jax.Array,
   chex.assert_rank([inputs, signals], 2)
   chex.assert_equal_shape_prefix([inputs, signals, domain_ids], 1)
   # E[x^2] - E[x]^2 cancels: never in bfloat16, whatever the compute dtype.
-  inputs = losses.at_least_float32(inputs)
-  signals = losses.at_least_float32(signals)
-  num_examples, num_columns = signals.shape
-  counts = _domain_one_hot(domain_ids, num_domains, inputs.dtype)[1]
-  moments = lambda f: f(inputs, signals, domain_ids, num_domains)
-  shards = _data_shards()
-  if (num_domains * num_columns <= _ELEMENTWISE_MAX_COLUMNS
-      or num_examples % (num_domains * shards)):
-    sums, sq_sums, bias_sums, bias_sq_sums = moments(_routed_moment_sums)
-  else:
-    # The batch layout every loader here gives (domain by domain, equal
-    # sizes) lets each domain's sums skip the other domains' rows; any other
-    # layout takes the routed path, which is exact for all. Sharded over
-    # devices (parallel.shard_batch), each device's slice is laid out domain
-    # by domain: the sums reduce on every device, then all-reduce.
-    block = jnp.tile(jnp.repeat(jnp.arange(num_domains),
-                                num_examples // (num_domains * shards)),
-                     shards)
-    if domain_blocks:
-      # A row out of place makes its domain's sums NaN, and with them the
-      # penalty and (added, not selected) the gradients. Checked row by
-      # row inside a sum the step takes anyway: a test of the whole batch
-      # would make the devices wait on each other mid-step.
-      misplaced = jnp.where(domain_ids == block, 0.0, jnp.nan)
-      sums, sq_sums, bias_sums, bias_sq_sums = _block_moment_sums(
-          inputs, signals, domain_ids, num_domains,
-          misplaced.astype(signals.dtype))
-    else:
-      sums, sq_sums, bias_sums, bias_sq_sums = jax.lax.cond(
-          jnp.all(domain_ids == block), lambda: moments(_block_moment_sums),
-          lambda: moments(_routed_moment_sums))
-
+  a = losses.at_least_float32(inputs)
+  d = losses.at_least_float32(signals)
+  one_hot, counts = _domain_one_hot(domain_ids, num_domains, a.dtype)
   per_domain = lambda sums: sums / counts.reshape(
       (num_domains,) + (1,) * (sums.ndim - 1))
-  kernel_sq = jnp.swapaxes(per_domain(sq_sums), 1, 2)  # flax layout (E, D, K)
-  bias_sq = per_domain(bias_sq_sums)
+  kernel_sq = per_domain(jnp.einsum("ne,nd,nk->edk", one_hot, a * a, d * d,
+                                    precision=_EXACT))
+  bias_sq = per_domain(jnp.einsum("ne,nk->ek", one_hot, d * d,
+                                  precision=_EXACT))
   if not centered:
     return {"kernel": kernel_sq, "bias": bias_sq}
-  kernel_mean = jnp.swapaxes(per_domain(sums), 1, 2)
-  bias_mean = per_domain(bias_sums)
-  return {
-      "kernel": kernel_sq - kernel_mean**2,
-      "bias": bias_sq - bias_mean**2,
-  }
-
-
-def _data_shards() -> int:
-  """The number of devices the batch is split over while a step is traced
-  under `jax.set_mesh` (as the trainers do for data parallelism,
-  fishr_jax/parallel.py); 1 outside a mesh."""
-  return max(jax.sharding.get_abstract_mesh().size, 1)
-
-
-def _routed_moment_sums(inputs, signals, domain_ids, num_domains):
-  """Per-domain sums of signals (outer) inputs, their squares' and the
-  signals': (E, K, D), (E, K, D), (E, K), (E, K). Any batch layout: each
-  example's signal is routed to its domain's column block (N, E * K)."""
-  one_hot = _domain_one_hot(domain_ids, num_domains, inputs.dtype)[0]
-  num_columns = signals.shape[1]
-  routed = (one_hot[:, :, None] * signals[:, None, :]).reshape(
-      -1, num_domains * num_columns)
-  routed_sq = routed * jnp.tile(signals, (1, num_domains))
-  sums, sq_sums = feature_moment_sums(inputs, routed, routed_sq)
-  by_domain = lambda x: x.reshape((num_domains, num_columns) + x.shape[1:])
-  return (by_domain(sums), by_domain(sq_sums), by_domain(routed.sum(axis=0)),
-          by_domain(routed_sq.sum(axis=0)))
-
-
-def _block_moment_sums(inputs, signals, domain_ids, num_domains,
-                       misplaced=None):
-  """As `_routed_moment_sums`, for domain_ids = [0]*B + [1]*B + ... on each
-  of the batch's device shards: one batched matmul per moment, no wasted
-  rows. `misplaced` (N,), if given, is 0 or NaN per row: a NaN row makes
-  its domain's sums NaN."""
-  del domain_ids
-  # Sharded: (devices, E, B, ...), each device's blocks summed there, then
-  # over the devices (an all-reduce).
-  shards = _data_shards()
-  lead = (num_domains,) if shards == 1 else (shards, num_domains)
-  blocks = lambda x: x.reshape(lead + (-1,) + x.shape[1:])
-  over_shards = lambda x: x if shards == 1 else x.sum(axis=0)
-  a, d = blocks(inputs), blocks(signals)
-  sums = jnp.einsum("...bk,...bd->...kd", d, a, precision=_EXACT)
-  sq_sums = jnp.einsum("...bk,...bd->...kd", d * d, a * a, precision=_EXACT)
-  bias = d if misplaced is None else d + blocks(misplaced)[..., None]
-  sums, sq_sums, bias_sums, bias_sq_sums = (over_shards(x) for x in (
-      sums, sq_sums, bias.sum(axis=-2), (d * d).sum(axis=-2)))
-  if misplaced is not None:
-    poison = 0.0 * bias_sums[..., None]  # NaN in a broken domain, else 0
-    sums, sq_sums = sums + poison, sq_sums + poison
-  return sums, sq_sums, bias_sums, bias_sq_sums
+  kernel_mean = per_domain(jnp.einsum("ne,nd,nk->edk", one_hot, a, d,
+                                      precision=_EXACT))
+  bias_mean = per_domain(jnp.einsum("ne,nk->ek", one_hot, d, precision=_EXACT))
+  return {"kernel": kernel_sq - kernel_mean**2,
+          "bias": bias_sq - bias_mean**2}
 
 
 def linear_head_grad_variance(features: jax.Array, logits: jax.Array,
                               labels: jax.Array, domain_ids: jax.Array,
-                              num_domains: int, centered: bool = True,
-                              domain_blocks: bool = False
+                              num_domains: int, centered: bool = True
                               ) -> dict[str, jax.Array]:
   """Exact per-domain gradient variance of a linear head, in closed form.
 
@@ -264,8 +182,7 @@ def linear_head_grad_variance(features: jax.Array, logits: jax.Array,
     features: (N, D) inputs of the head.
     logits: (N, C) outputs of the head; C == 1 means a binary head.
     labels: (N,) integer labels (C > 1) or {0, 1} labels (C == 1).
-    domain_ids, num_domains, centered, domain_blocks: as in
-      `dense_grad_variance`.
+    domain_ids, num_domains, centered: as in `dense_grad_variance`.
 
   Returns:
     {"kernel": (E, D, C), "bias": (E, C)}: flax Dense's layout, domain first.
@@ -273,77 +190,51 @@ def linear_head_grad_variance(features: jax.Array, logits: jax.Array,
   chex.assert_rank([features, logits], 2)
   chex.assert_equal_shape_prefix([features, logits, labels, domain_ids], 1)
   return dense_grad_variance(features, losses.loss_residual(logits, labels),
-                             domain_ids, num_domains, centered, domain_blocks)
+                             domain_ids, num_domains, centered)
 
 
-# Why `feature_moment_sums` is hand-written: on XLA:CPU every (N, D) temporary
-# (features**2, each dot's (N, D) cotangent) is a fresh allocation the step
-# pays for; with N = 50,000 and D = 390 the plain einsums made the Colored
-# MNIST Fishr step 17 % slower than ERM (and with the dot fusion and
-# models.relu, 67-76 ms slower against this form's 26-34 ms, on 2 Xeon
-# cores). Squares are taken chunk by chunk
-# (cache-sized temporaries: 8192 x 390 floats are 12 MiB, reused from the heap
-# rather than freshly mapped at every step), and for a few weight columns the
-# features' cotangent is one elementwise expression that XLA fuses into its
-# consumer; with many columns a matmul is cheaper.
-_ROW_CHUNK = 8192
-_ELEMENTWISE_MAX_COLUMNS = 8
+def conv_patches(inputs: jax.Array, kernel_size: tuple[int, int],
+                 strides: tuple[int, int],
+                 padding: str | Sequence[tuple[int, int]],
+                 out_size: tuple[int, int]) -> jax.Array:
+  """(N, H', W', kh, kw, C): the input window behind each output position of
+  a 2-D convolution over NHWC `inputs`, by strided slices."""
+  (kh, kw), (sh, sw) = kernel_size, strides
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(inputs.shape[1:3], (kh, kw), (sh, sw),
+                                      padding)
+  padded = jnp.pad(inputs, ((0, 0), *padding, (0, 0)))
+  rows, cols = out_size
+  windows = [[padded[:, i:i + sh * (rows - 1) + 1:sh,
+                     j:j + sw * (cols - 1) + 1:sw]
+              for j in range(kw)] for i in range(kh)]
+  return jnp.stack([jnp.stack(row, axis=3) for row in windows], axis=3)
 
 
-def _row_chunks(num_rows: int):
-  return [(start, min(start + _ROW_CHUNK, num_rows))
-          for start in range(0, num_rows, _ROW_CHUNK)]
+def conv_grad_variance(patches: jax.Array, signals: jax.Array,
+                       domain_ids: jax.Array, num_domains: int,
+                       centered: bool = True) -> dict[str, jax.Array]:
+  """Per-domain gradient variance of a 2-D convolution's kernel and bias.
 
+  Example i's kernel gradient is the sum over output positions of its input
+  patch times its signal there, which does not factor as a Dense layer's
+  does: it is built for this layer alone (N x the layer's parameters), never
+  by a per-example backward pass.
 
-def _chunked_square_sums(features, weights):
-  """weights^T @ features**2 without materialising features**2."""
-  return sum(jnp.einsum("nk,nd->kd", weights[a:b], features[a:b]**2,
-                        precision=_EXACT)
-             for a, b in _row_chunks(features.shape[0]))
+  Args:
+    patches: (N, H', W', kh, kw, C_in) from `conv_patches`.
+    signals: (N, H', W', C_out) d loss_i / d output_i.
+    domain_ids, num_domains, centered: as in `dense_grad_variance`.
 
-
-@jax.custom_vjp
-def feature_moment_sums(features: jax.Array, weights: jax.Array,
-                        sq_weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(weights^T @ features, sq_weights^T @ features**2), each (K, D).
-
-  features (N, D); weights and sq_weights (N, K). The closed form's only
-  heavy operation.
+  Returns:
+    {"kernel": (E, kh, kw, C_in, C_out), "bias": (E, C_out)}.
   """
-  return (jnp.einsum("nk,nd->kd", weights, features, precision=_EXACT),
-          _chunked_square_sums(features, sq_weights))
-
-
-def _feature_moment_sums_fwd(features, weights, sq_weights):
-  return (feature_moment_sums(features, weights, sq_weights),
-          (features, weights, sq_weights))
-
-
-def _feature_moment_sums_bwd(residuals, cotangents):
-  features, weights, sq_weights = residuals
-  g, g_sq = cotangents
-  num_columns = weights.shape[1]
-  if num_columns <= _ELEMENTWISE_MAX_COLUMNS:
-    d_features = sum(weights[:, k, None] * g[k]
-                     + 2.0 * features * sq_weights[:, k, None] * g_sq[k]
-                     for k in range(num_columns))
-  else:
-    d_features = (jnp.einsum("nk,kd->nd", weights, g, precision=_EXACT)
-                  + 2.0 * features * jnp.einsum("nk,kd->nd", sq_weights, g_sq,
-                                                precision=_EXACT))
-  d_weights = jnp.einsum("kd,nd->nk", g, features, precision=_EXACT)
-  d_sq_weights = _chunked_row_dots(features, g_sq)
-  return d_features, d_weights, d_sq_weights
-
-
-def _chunked_row_dots(features, g_sq):
-  """features**2 @ g_sq^T, (N, K), without materialising features**2."""
-  return jnp.concatenate([
-      jnp.einsum("kd,nd->nk", g_sq, features[a:b]**2, precision=_EXACT)
-      for a, b in _row_chunks(features.shape[0])])
-
-
-feature_moment_sums.defvjp(_feature_moment_sums_fwd, _feature_moment_sums_bwd)
+  patches = losses.at_least_float32(patches)
+  signals = losses.at_least_float32(signals)
+  grads = {"kernel": jnp.einsum("nhwijc,nhwo->nijco", patches, signals,
+                                precision=_EXACT),
+           "bias": signals.sum(axis=(1, 2))}
+  return domain_grad_variance(grads, domain_ids, num_domains, centered)
 
 
 def ema_update(ema_state: PyTree, variance: PyTree,

@@ -19,7 +19,9 @@ import optax
 import tqdm
 
 from fishr_jax import algorithms
+from fishr_jax.algorithms import settings
 from fishr_jax import evaluation
+from fishr_jax import fast_paths
 from fishr_jax import models
 from fishr_jax import parallel
 from fishr_jax.data import colored_mnist
@@ -33,14 +35,15 @@ TrainStep = Callable[["TrainState", Batch], tuple["TrainState", Metrics]]
 # ----------------------------------------------------------------- optimizer
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(lr: float, weight_decay: float = 0.0
+                   ) -> optax.GradientTransformation:
   """torch.optim.Adam(lr, weight_decay): the decay is COUPLED (added to the
   gradient before Adam's moments), hence add_decayed_weights before
   scale_by_adam and not adamw."""
   return optax.chain(
-      optax.add_decayed_weights(config.weight_decay),
+      optax.add_decayed_weights(weight_decay),
       optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
-      optax.scale(-config.lr),
+      optax.scale(-lr),
   )
 
 
@@ -76,23 +79,22 @@ def create_train_state(rng: jax.Array, params: PyTree,
 
 def make_train_step(algorithm: algorithms.Algorithm,
                     tx: optax.GradientTransformation,
-                    config: ml_collections.ConfigDict) -> TrainStep:
+                    schedule: algorithms.Schedule) -> TrainStep:
   """The pure train step (jit it): gradient of the algorithm's loss, the
-  optimizer reset when the penalty switches on (if configured), the update.
+  optimizer reset when the penalty switches on (if scheduled), the update.
   """
-  anneal = config.penalty_anneal_iters
-  reset_at_anneal = config.reset_optimizer_at_anneal and anneal > 0
+  reset_step = schedule.optimizer_reset_step
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     step_rng = jax.random.fold_in(state.rng, state.step)
     grads, (alg_state, metrics) = jax.grad(algorithm.loss_fn, has_aux=True)(
         state.params, state.alg_state, batch, state.step, step_rng)
     opt_state = state.opt_state
-    if reset_at_anneal:
+    if reset_step is not None:
       # DomainBed builds a fresh Adam when the full penalty weight switches on.
       fresh = tx.init(state.params)
       opt_state = jax.tree.map(
-          lambda new, old: jnp.where(state.step == anneal, new, old), fresh,
+          lambda new, old: jnp.where(state.step == reset_step, new, old), fresh,
           opt_state)
     updates, opt_state = tx.update(grads, opt_state, state.params)
     new_state = state.replace(step=state.step + 1,
@@ -103,27 +105,17 @@ def make_train_step(algorithm: algorithms.Algorithm,
   return train_step
 
 
-# XLA:CPU's YNNPACK fusion of each dot with its elementwise neighbours (bias,
-# ReLU, masks) is experimental and off by default; on a 2-core Xeon it took
-# the Colored MNIST full-batch ERM step from 570 to 472 ms (Fishr: 622 to 520)
-# and DomainBed's MNIST_CNN ERM step from 1150 to 877 ms (README, Speed), with
-# results equal to float32 rounding (tests/test_train.py).
-# `config.xla_cpu_dot_fusion` turns it off.
-_CPU_DOT_FUSION = {
-    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
-
-
 def jit_train_step(train_step: TrainStep, mesh: jax.sharding.Mesh,
-                   config: ml_collections.ConfigDict,
+                   xla_cpu_dot_fusion: bool = True,
                    donate: bool = True) -> TrainStep:
   """`train_step` jitted for `mesh` (state replicated on it), with the
-  compiler options of its backend; `donate` reuses the old state's buffers."""
-  on_cpu = mesh.devices.flat[0].platform == "cpu"
-  options = (_CPU_DOT_FUSION
-             if on_cpu and config.get("xla_cpu_dot_fusion", True) else None)
+  compiler options of its backend (fast_paths.cpu_compiler_options);
+  `donate` reuses the old state's buffers."""
+  platform = mesh.devices.flat[0].platform
   return jax.jit(train_step, donate_argnums=0 if donate else (),
                  out_shardings=parallel.replicated(mesh),
-                 compiler_options=options)
+                 compiler_options=fast_paths.cpu_compiler_options(
+                     platform, xla_cpu_dot_fusion))
 
 
 # ------------------------------------------------------------- training loop
@@ -157,24 +149,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   pools = mnist.load_digit_pools(config.data.source, config.data.data_dir)
   model = make_colored_mnist_model(config)
   num_domains = len(config.data.train_color_flip_probs)
-  algorithm = algorithms.make_algorithm(config.algorithm, model, num_domains,
-                                        config)
-  tx = make_optimizer(config)
   mesh = parallel.make_mesh(config.num_devices)
-  train_step = jit_train_step(make_train_step(algorithm, tx, config), mesh,
-                              config)
+  alg_config, schedule = settings.from_config_dict(config)
+  algorithm = algorithms.make_algorithm(config.algorithm, model, num_domains,
+                                        alg_config, schedule, mesh)
+  tx = make_optimizer(config.lr, config.weight_decay)
+  train_step = jit_train_step(make_train_step(algorithm, tx, schedule), mesh,
+                              config.xla_cpu_dot_fusion)
   eval_accuracy = evaluation.make_accuracy_fn(model)
 
   final = {"train_acc": [], "test_acc": [], "gray_acc": []}
   total_steps = config.restarts * config.steps
   start = time.time()
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as log, \
-       tqdm.tqdm(total=total_steps, disable=None, unit="step") as bar, \
-       jax.set_mesh(mesh):
+       tqdm.tqdm(total=total_steps, disable=None, unit="step") as bar:
     for restart in range(config.restarts):
       envs = colored_mnist.make_environments(
           pools, config.data, np.random.default_rng([config.seed, restart]))
-      batch = parallel.shard_batch(parallel.process_part(envs.train), mesh)
+      batch = parallel.shard_batch(parallel.process_part(envs.train), mesh,
+                                   algorithm.needs_domain_blocks, num_domains)
       evals = parallel.replicate(envs.evals, mesh)
       init_rng, rng = jax.random.split(
           jax.random.fold_in(jax.random.key(config.seed), restart))
@@ -186,6 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         if logged:  # the parameters this step's forward pass sees
           eval_accs = {f"{name}_acc": eval_accuracy(state.params, env)
                        for name, env in evals.items()}
+          eval_accs["train_acc"] = eval_accuracy(state.params, batch)
         state, metrics = train_step(state, batch)
         bar.update()
         if logged:

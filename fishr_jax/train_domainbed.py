@@ -31,6 +31,7 @@ from fishr_jax import models
 from fishr_jax import parallel
 from fishr_jax import train
 from fishr_jax.algorithms import registry
+from fishr_jax.algorithms import settings
 from fishr_jax.data import domainbed
 
 RECORDS = "results.jsonl"
@@ -52,25 +53,6 @@ def resolve_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
                        f"on {config.dataset}; known: {sorted(values)}.")
     values[name] = type(values[name])(value)
   return values
-
-
-def algorithm_config(hparams: dict[str, Any], algorithm: str,
-                     options: ml_collections.ConfigDict | None = None
-                     ) -> ml_collections.ConfigDict:
-  """The trainer's config fields for DomainBed hparams: the DomainBed
-  schedule (no warm-up weight unless the algorithm says otherwise, no loss
-  rescaling), Adam with coupled weight decay, plus the algorithm's own.
-  `options` (e.g. config.fishr: params, grad_path) override the algorithm's
-  non-hparam fields."""
-  config = ml_collections.ConfigDict({
-      "lr": hparams["lr"], "weight_decay": hparams["weight_decay"],
-      "l2_regularizer_weight": 0.0, "penalty_anneal_iters": 0,
-      "penalty_warmup_weight": 0.0, "rescale_loss": False,
-      "reset_optimizer_at_anneal": False})
-  config.update(registry.domainbed_spec(algorithm).to_config(hparams))
-  if options:
-    config[algorithm].update(options.to_dict())
-  return config
 
 
 def record_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -180,8 +162,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   config = config.copy_and_resolve_references()
   hparams = resolve_hparams(config)
-  alg_config = algorithm_config(hparams, config.algorithm,
-                                config.get(config.algorithm))
+  alg_config, schedule = settings.from_domainbed(
+      config.algorithm, hparams, config.get(config.algorithm))
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2) + "\n")
 
@@ -206,13 +188,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                         config.seed))
   network, params = make_network(dataset, hparams, config, init_rng,
                                  sample["x"][:1])
-  algorithm = algorithms.make_algorithm(config.algorithm, network,
-                                        len(train_envs), alg_config)
-  tx = train.make_optimizer(alg_config)
   mesh = parallel.make_mesh(config.num_devices)
+  algorithm = algorithms.make_algorithm(config.algorithm, network,
+                                        len(train_envs), alg_config, schedule,
+                                        mesh)
+  tx = train.make_optimizer(hparams["lr"], hparams["weight_decay"])
   train_step = train.jit_train_step(
-      train.make_train_step(algorithm, tx, alg_config), mesh, config,
-      donate=False)
+      train.make_train_step(algorithm, tx, schedule), mesh,
+      config.xla_cpu_dot_fusion, donate=False)
   accuracy = make_accuracy_fn(network)
   state = train.create_train_state(state_rng, params, algorithm, tx,
                                    jax.device_put(sample))
@@ -241,9 +224,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   pending: dict[str, list[float]] = {}
   for step in range(start_step, config.steps):
     start = time.time()
-    with jax.set_mesh(mesh):
-      state, metrics = train_step(state,
-                                  parallel.shard_batch(next(batches), mesh))
+    state, metrics = train_step(state, parallel.shard_batch(
+        next(batches), mesh, algorithm.needs_domain_blocks, len(train_envs)))
     metrics = jax.device_get(metrics)
     pending.setdefault("step_time", []).append(time.time() - start)
     for key, value in metrics.items():

@@ -5,7 +5,6 @@ Run in its own process: the device count is fixed when JAX starts.
   python tests/multi_device_run.py OUT.npz
 """
 
-import contextlib
 import sys
 
 import chex
@@ -14,40 +13,45 @@ chex.set_n_cpu_devices(8)
 
 import jax  # noqa: E402  (after the device count is set)
 import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fishr_jax import algorithms  # noqa: E402
+from fishr_jax.algorithms import fishr  # noqa: E402
 from fishr_jax import models  # noqa: E402
 from fishr_jax import parallel  # noqa: E402
 from fishr_jax import train  # noqa: E402
 
 STEPS = 4
 DEVICE_COUNTS = (None, 1, 2, 4, 8)  # None: no mesh
-VARIANTS = {  # name: (algorithm, fishr overrides)
-    "fishr_closed_form": ("fishr", {}),
-    "fishr_vmap": ("fishr", {"grad_path": "vmap"}),
-    "fishr_all_layers": ("fishr", {"params": "all"}),
-    # The trainers' setting: each device's slice is laid out domain by domain.
-    "fishr_all_layers_domain_blocks": ("fishr", {"params": "all",
-                                                 "domain_blocks": True}),
-    "erm": ("erm", {}),
-    "mixup": ("mixup", {}),
+# name: (algorithm, fishr options, the variant whose one-device run it equals)
+VARIANTS = {
+    "fishr_closed_form": ("fishr", {}, None),
+    "fishr_closed_form_fast": ("fishr", {"moment_sums": "auto"},
+                               "fishr_closed_form"),
+    "fishr_chunked": ("fishr", {"moment_sums": "chunked"}, "fishr_closed_form"),
+    "fishr_vmap": ("fishr", {"grad_path": "vmap"}, "fishr_closed_form"),
+    "fishr_all_layers": ("fishr", {"params": "all"}, None),
+    "fishr_all_layers_fast": ("fishr", {"params": "all", "moment_sums": "auto"},
+                              "fishr_all_layers"),
+    "fishr_not_centered": ("fishr", {"centered": False}, None),
+    "fishr_not_centered_fast": ("fishr", {"centered": False,
+                                          "moment_sums": "auto"},
+                                "fishr_not_centered"),
+    "fishr_covariance": ("fishr", {"grad_path": "vmap", "covariance": "full"},
+                         None),
+    "erm": ("erm", {}, None),
+    "mixup": ("mixup", {}, None),
 }
 
 
-def make_config(algorithm: str, fishr: dict) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
-      "algorithm": algorithm, "lr": 1e-2, "weight_decay": 1e-4,
-      "l2_regularizer_weight": 0.0, "penalty_anneal_iters": 2,
-      "penalty_warmup_weight": 0.0, "rescale_loss": False,
-      "reset_optimizer_at_anneal": True,
-      "fishr": {"lambda_": 100.0, "ema": 0.9, "reduction": "mean",
-                "centered": True, "covariance": "diagonal",
-                "grad_path": "closed_form", "params": "head",
-                "vmap_chunk_size": None, **fishr},
-      "mixup": {"alpha": 0.2},
-  })
+def make_config(algorithm: str, fishr_options: dict):
+  if algorithm == "fishr":
+    return fishr.Config(lambda_=100.0, ema=0.9, **fishr_options)
+  return None  # the algorithm's defaults
+
+
+SCHEDULE = algorithms.Schedule(penalty_anneal_iters=2,
+                               reset_optimizer_at_anneal=True)
 
 
 def make_batch(num_domains: int = 3, per_domain: int = 16) -> dict:
@@ -59,23 +63,26 @@ def make_batch(num_domains: int = 3, per_domain: int = 16) -> dict:
                               per_domain)}
 
 
-def run(algorithm_name: str, fishr: dict, num_devices: int | None) -> dict:
+def run(algorithm_name: str, fishr_options: dict,
+        num_devices: int | None) -> dict:
   """num_devices None: plain jit on the default device, no mesh, the batch in
   its original domain-by-domain order."""
-  config = make_config(algorithm_name, fishr)
+  config = make_config(algorithm_name, fishr_options)
   module = models.MLP(hidden_dims=(16,), num_outputs=4)
   network = algorithms.Network.from_module(module)
-  algorithm = algorithms.make_algorithm(algorithm_name, network, 3, config)
-  tx = train.make_optimizer(config)
+  mesh = None if num_devices is None else parallel.make_mesh(num_devices)
+  algorithm = algorithms.make_algorithm(algorithm_name, network, 3, config,
+                                        SCHEDULE, mesh)
+  tx = train.make_optimizer(1e-2, 1e-4)
   host_batch = make_batch()
   params = module.init(jax.random.key(1), host_batch["x"][:1])["params"]
-  step = train.make_train_step(algorithm, tx, config)
+  step = train.make_train_step(algorithm, tx, SCHEDULE)
   if num_devices is None:
     batch = jax.device_put(host_batch)
     step = jax.jit(step)
   else:
-    mesh = parallel.make_mesh(num_devices)
-    batch = parallel.shard_batch(host_batch, mesh)
+    batch = parallel.shard_batch(host_batch, mesh, algorithm.needs_domain_blocks,
+                                 3)
     assert batch["x"].sharding.spec[0] == parallel.DATA_AXIS, batch["x"].sharding
     # Every device holds a slice of every domain.
     for shard in batch["domain"].addressable_shards:
@@ -85,23 +92,15 @@ def run(algorithm_name: str, fishr: dict, num_devices: int | None) -> dict:
                                    batch)
   if num_devices is not None:
     state = parallel.replicate(state, mesh)
-    with jax.set_mesh(mesh):
-      out_hlo = step.lower(state, batch).compile().as_text()
-      step_jaxpr = str(jax.make_jaxpr(step)(state, batch))
+    out_hlo = step.lower(state, batch).compile().as_text()
   losses = []
-  with jax.set_mesh(mesh) if num_devices else contextlib.nullcontext():
-    for _ in range(STEPS):
-      state, metrics = step(state, batch)
-      losses.append(metrics["loss"])
+  for _ in range(STEPS):
+    state, metrics = step(state, batch)
+    losses.append(metrics["loss"])
   out = {"loss": np.stack(losses),
          "collectives": np.array([
              "all-reduce" in out_hlo, "all-gather" in out_hlo])
          if num_devices else np.zeros(2, bool),
-         # Block sums per device: with domain_blocks False the closed form
-         # picks them or the routed sums at run time (a cond); without
-         # blocks on offer there would be no cond.
-         "has_cond": np.array(num_devices is not None
-                              and "cond[" in step_jaxpr),
          "params": np.concatenate([np.ravel(p) for p in
                                    jax.tree.leaves(state.params)])}
   if algorithm_name == "fishr":
@@ -109,11 +108,9 @@ def run(algorithm_name: str, fishr: dict, num_devices: int | None) -> dict:
     out["ema"] = np.concatenate([np.ravel(v) for v in
                                  jax.tree.leaves(state.alg_state)])
     # The gradient of the loss at the final state, through the penalty.
-    # Traced under the mesh, as the trainers trace the step.
-    with jax.set_mesh(mesh) if num_devices else contextlib.nullcontext():
-      grads = jax.jit(jax.grad(lambda p: algorithm.loss_fn(
-          p, state.alg_state, batch, jnp.asarray(3), jax.random.key(0))[0]))(
-              state.params)
+    grads = jax.jit(jax.grad(lambda p: algorithm.loss_fn(
+        p, state.alg_state, batch, jnp.asarray(3), jax.random.key(0))[0]))(
+            state.params)
     out["grads"] = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
   return out
 
@@ -121,9 +118,9 @@ def run(algorithm_name: str, fishr: dict, num_devices: int | None) -> dict:
 def main(path: str) -> None:
   assert len(jax.devices()) == 8, jax.devices()
   results = {}
-  for name, (algorithm_name, fishr) in VARIANTS.items():
+  for name, (algorithm_name, fishr_options, _) in VARIANTS.items():
     for n in DEVICE_COUNTS:
-      for key, value in run(algorithm_name, fishr, n).items():
+      for key, value in run(algorithm_name, fishr_options, n).items():
         results[f"{name}/{n}/{key}"] = value
   np.savez(path, **results)
 

@@ -5,7 +5,6 @@ import itertools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -71,9 +70,7 @@ def test_irm_split_halves_is_domainbed_estimate():
 
 
 def _setup(name, **block):
-  config = ml_collections.ConfigDict({
-      "l2_regularizer_weight": 0.0, "penalty_anneal_iters": 0,
-      "penalty_warmup_weight": 0.0, "rescale_loss": False, name: block})
+  config = algorithms.get(name).config_class(**block)
   model = models.MLP(hidden_dims=(8,), num_outputs=3)
   rng = np.random.default_rng(0)
   batch = {"x": jnp.asarray(rng.normal(size=(12, 5)), jnp.float32),

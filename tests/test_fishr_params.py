@@ -4,13 +4,14 @@ loop of jax.grad over single examples give the same variances, penalty and
 gradients."""
 
 import flax.linen as nn
+import chex
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from fishr_jax import algorithms
+from fishr_jax.algorithms import fishr
 from fishr_jax import layer_signals
 from fishr_jax import losses
 from fishr_jax import models
@@ -93,14 +94,9 @@ def test_dense_layer_closed_form_equals_loop_of_grad(num_outputs, sizes,
                                  rtol=1e-9, atol=1e-14)
 
 
-def _config(params, grad_path, chunk=None, ema=0.0):
-  return ml_collections.ConfigDict({
-      "l2_regularizer_weight": 0.0, "penalty_anneal_iters": 0,
-      "penalty_warmup_weight": 0.0, "rescale_loss": False,
-      "fishr": {"lambda_": 10.0, "ema": ema, "reduction": "mean",
-                "centered": True, "covariance": "diagonal",
-                "grad_path": grad_path, "params": params,
-                "vmap_chunk_size": chunk}})
+def _config(params, grad_path, chunk=None, ema=0.0, moment_sums="reference"):
+  return fishr.Config(lambda_=10.0, ema=ema, params=params, grad_path=grad_path,
+                      vmap_chunk_size=chunk, moment_sums=moment_sums)
 
 
 def _penalty_and_grads(module, params, batch, config):
@@ -218,64 +214,26 @@ def test_bad_patterns_are_explained():
     layer_signals.select_params(params, "(")
 
 
-@pytest.mark.parametrize("shuffle", [False, True])
-def test_domain_blocks_promise_gives_the_blocks_or_nan(shuffle):
-  """domain_blocks=True: exact on the loaders' layout; on any other layout the
-  block-summed layers (E * K > 8 columns) give NaN, never a wrong number."""
-  module, params = _mlp(1)
-  batch = _batch(1, n=(6, 6, 6))
-  if shuffle:
-    order = np.random.default_rng(1).permutation(18)
-    batch = {k: v[order] for k, v in batch.items()}
-  names = layer_signals.select_params(params, "all")
-  network = algorithms.Network.from_module(module)
-  _, _, captured = layer_signals.forward_with_signals(
-      network.forward, params, batch["x"], None, batch["y"],
-      list(layer_signals.group_by_layer(names)))
-  expected = _loop_variances(module, params, batch, names)
-  for layer, signals in captured.items():
-    got = jax.jit(penalties.dense_grad_variance, static_argnums=(3, 4, 5))(
-        signals.inputs, signals.signals, batch["domain"], NUM_DOMAINS, True,
-        True)
-    blocked = NUM_DOMAINS * signals.signals.shape[1] > 8
-    for leaf in ("kernel", "bias"):
-      if shuffle and blocked:
-        assert np.isnan(got[leaf]).all()
-      else:
-        np.testing.assert_allclose(got[leaf], expected[f"{layer}/{leaf}"],
-                                   rtol=1e-9, atol=1e-14)
-  assert {n: NUM_DOMAINS * s.signals.shape[1] > 8
-          for n, s in captured.items()} == {"hidden_0": True, "hidden_1": True,
-                                            "classifier": False}
-
-
-def _all_layers_loss(domain_blocks, shuffle=False):
-  """Fishr over every layer of a 3-class MLP: (loss of the params, params)."""
+@pytest.mark.parametrize("moment_sums", ["domain_blocks", "chunked", "auto"])
+def test_fast_moments_give_the_reference_penalty_and_gradient(moment_sums):
+  """Fishr over every layer of an MLP on the loaders' layout: the fast
+  moment sums give the reference's penalty, gradient and moving average."""
   module, params = _mlp(3)
   batch = _batch(3, n=(6, 6, 6))
-  if shuffle:
-    order = np.random.default_rng(1).permutation(18)
-    batch = {k: v[order] for k, v in batch.items()}
-  config = _config("all", "closed_form")
-  config.fishr.domain_blocks = domain_blocks
-  algorithm = algorithms.make_algorithm(
-      "fishr", algorithms.Network.from_module(module), NUM_DOMAINS, config)
-  state = algorithm.init_state(params, batch)
-  return (lambda p: algorithm.loss_fn(p, state, batch, jnp.asarray(0),
-                                      None)[0]), params
+  want = _penalty_and_grads(module, params, batch,
+                            _config("all", "closed_form", ema=0.9))
+  got = _penalty_and_grads(module, params, batch,
+                           _config("all", "closed_form", ema=0.9,
+                                   moment_sums=moment_sums))
+  chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("domain_blocks", [False, True])
-def test_domain_blocks_drops_the_layout_test(domain_blocks):
-  """Without the promise the step holds a run-time layout test (lax.cond over
-  both paths); with it, only the block sums are traced."""
-  loss, params = _all_layers_loss(domain_blocks)
-  jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
-  assert ("cond[" in jaxpr) != domain_blocks
-
-
-def test_broken_domain_blocks_promise_makes_the_gradient_nan_too():
-  """NaN variances must not leave a finite, penalty-free gradient behind."""
-  loss, params = _all_layers_loss(domain_blocks=True, shuffle=True)
-  grads = jax.grad(loss)(params)
-  assert all(np.isnan(g).all() for g in jax.tree.leaves(grads))
+def test_block_sums_declare_the_layout_they_need():
+  module, _ = _mlp(3)
+  network = algorithms.Network.from_module(module)
+  needs = {m: algorithms.make_algorithm(
+      "fishr", network, NUM_DOMAINS, _config("all", "closed_form",
+                                             moment_sums=m)).needs_domain_blocks
+           for m in ("reference", "chunked", "domain_blocks", "auto")}
+  assert needs == {"reference": False, "chunked": False,
+                   "domain_blocks": True, "auto": True}

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fishr_jax import parallel
+from tests import multi_device_run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -23,51 +24,55 @@ def multi_device_results(tmp_path_factory):
   return dict(np.load(path))
 
 
-@pytest.mark.parametrize("variant", ["fishr_closed_form", "fishr_vmap",
-                                     "fishr_all_layers",
-                                     "fishr_all_layers_domain_blocks", "erm",
-                                     "mixup"])
-@pytest.mark.parametrize("num_devices", [1, 2, 4, 8])
-def test_sharded_steps_equal_single_device(multi_device_results, variant,
-                                           num_devices):
+def _assert_close(got, want, what):
+  assert np.all(np.isfinite(want)), what
+  scale = np.abs(want).max()
+  assert scale > 0, what
+  # Float32 sums in another order: agreement to a few ulps of the largest.
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * scale,
+                             err_msg=what)
+
+
+def _keys(variant):
   keys = ["loss", "params"]
   if variant.startswith("fishr"):
     keys += ["penalty", "ema", "grads"]
-  for key in keys:
-    single = multi_device_results[f"{variant}/None/{key}"]
-    sharded = multi_device_results[f"{variant}/{num_devices}/{key}"]
-    assert np.all(np.isfinite(single)), key
-    scale = np.abs(single).max()
-    assert scale > 0, key
-    # Float32 sums in another order: agreement to a few ulps of the largest.
-    np.testing.assert_allclose(sharded, single, rtol=0, atol=2e-6 * scale,
-                               err_msg=f"{variant} on {num_devices}: {key}")
+  return keys
+
+
+@pytest.mark.parametrize("variant", sorted(multi_device_run.VARIANTS))
+@pytest.mark.parametrize("num_devices", [1, 2, 4, 8])
+def test_sharded_steps_equal_single_device(multi_device_results, variant,
+                                           num_devices):
+  for key in _keys(variant):
+    _assert_close(multi_device_results[f"{variant}/{num_devices}/{key}"],
+                  multi_device_results[f"{variant}/None/{key}"],
+                  f"{variant} on {num_devices}: {key}")
   if variant.startswith("fishr"):
-    assert multi_device_results[f"{variant}/None/penalty"] > 1e-4
+    assert multi_device_results[f"{variant}/None/penalty"] > 1e-6
 
 
-@pytest.mark.parametrize("variant", ["fishr_closed_form", "fishr_vmap",
-                                     "fishr_all_layers",
-                                     "fishr_all_layers_domain_blocks", "erm"])
+@pytest.mark.parametrize("variant", sorted(
+    v for v, (_, _, ref) in multi_device_run.VARIANTS.items() if ref))
+@pytest.mark.parametrize("num_devices", [None, 1, 2, 4, 8])
+def test_fast_paths_equal_the_reference_on_every_mesh(multi_device_results,
+                                                      variant, num_devices):
+  reference = multi_device_run.VARIANTS[variant][2]
+  for key in _keys(variant):
+    _assert_close(multi_device_results[f"{variant}/{num_devices}/{key}"],
+                  multi_device_results[f"{reference}/None/{key}"],
+                  f"{variant} on {num_devices} vs {reference}: {key}")
+
+
+@pytest.mark.parametrize("variant", ["fishr_closed_form",
+                                     "fishr_closed_form_fast", "fishr_vmap",
+                                     "fishr_all_layers_fast", "erm"])
 def test_sharded_step_reduces_and_never_gathers_the_batch(multi_device_results,
                                                           variant):
   for n in (2, 4, 8):
     has_all_reduce, has_all_gather = multi_device_results[
         f"{variant}/{n}/collectives"]
     assert has_all_reduce and not has_all_gather, (variant, n)
-
-
-@pytest.mark.parametrize("num_devices", [1, 2, 4, 8])
-def test_sharded_closed_form_offers_the_per_device_block_sums(
-    multi_device_results, num_devices):
-  # The head (4 classes x 3 domains) and the hidden layer (16 x 3) are past
-  # the few-column path, so each sharded step holds the block-or-routed cond;
-  # with domain_blocks the blocks alone.
-  for variant, has_cond in (("fishr_closed_form", True),
-                            ("fishr_all_layers", True),
-                            ("fishr_all_layers_domain_blocks", False)):
-    assert multi_device_results[
-        f"{variant}/{num_devices}/has_cond"] == has_cond, variant
 
 
 def test_spread_domains_lays_out_each_shard_domain_by_domain():

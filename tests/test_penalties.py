@@ -128,16 +128,61 @@ def test_closed_form_penalty_gradient_equals_vmap_path():
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
 
 
-def test_domain_grad_covariance_matches_numpy():
+@pytest.mark.parametrize("centered", [True, False])
+def test_domain_grad_covariance_matches_the_official_formula(centered):
+  """einsum('na,nb->ab', g, g) / (n_e * k) per domain, g centered on its
+  domain's mean unless not centered (the official fishr_offdiagonal centers)."""
   features, head, labels, domain = _head_problem(num_classes=2)
   grads = penalties.per_example_grads(_head_loss, head, features, labels)
-  cov = penalties.domain_grad_covariance(grads, domain, NUM_DOMAINS)
+  cov = jax.jit(penalties.domain_grad_covariance, static_argnums=(2, 3))(
+      grads, domain, NUM_DOMAINS, centered)
   g = np.asarray(grads["kernel"]).reshape(len(domain), -1)
   k = g.shape[1]
   for e in range(NUM_DOMAINS):
     ge = g[np.asarray(domain) == e]
+    if centered:
+      ge = ge - ge.mean(axis=0)
     np.testing.assert_allclose(cov["kernel"][e], ge.T @ ge / (len(ge) * k),
                                rtol=1e-4, atol=1e-6)
+
+
+def _loop_penalty(features, head, labels, domain, centered, covariance):
+  """The penalty from a Python loop of jax.grad over single examples."""
+  grads = [jax.grad(_head_loss)(head, features[i], labels[i])
+           for i in range(len(labels))]
+  grads = jax.tree.map(lambda *g: jnp.stack(g), *grads)
+  reduce = (penalties.domain_grad_covariance if covariance
+            else penalties.domain_grad_variance)
+  return penalties.fishr_penalty(reduce(grads, domain, NUM_DOMAINS, centered))
+
+
+@pytest.mark.parametrize("path", ["closed_form", "vmap", "vmap_covariance"])
+@pytest.mark.parametrize("centered", [True, False])
+def test_every_variant_jitted_equals_a_loop_of_grad(path, centered):
+  """The penalty and its gradient w.r.t. the features, jitted, against a
+  Python loop of jax.grad on single examples."""
+  features, head, labels, domain = _head_problem(num_classes=3, seed=5)
+
+  def penalty(features):
+    if path == "closed_form":
+      logits = features @ head["kernel"] + head["bias"]
+      v = penalties.linear_head_grad_variance(features, logits, labels, domain,
+                                              NUM_DOMAINS, centered)
+    else:
+      g = penalties.per_example_grads(_head_loss, head, features, labels)
+      reduce = (penalties.domain_grad_covariance if path == "vmap_covariance"
+                else penalties.domain_grad_variance)
+      v = reduce(g, domain, NUM_DOMAINS, centered)
+    return penalties.fishr_penalty(v)
+
+  loop = lambda f: _loop_penalty(f, head, labels, domain, centered,
+                                 path == "vmap_covariance")
+  value, grad = jax.jit(jax.value_and_grad(penalty))(features)
+  want_value, want_grad = jax.value_and_grad(loop)(features)
+  assert float(want_value) > 0 and float(jnp.abs(want_grad).max()) > 0
+  np.testing.assert_allclose(value, want_value, rtol=1e-4)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-3,
+                             atol=1e-6 * float(jnp.abs(want_grad).max()))
 
 
 def test_penalty_is_zero_for_equal_variances():

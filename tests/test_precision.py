@@ -3,11 +3,11 @@ losses, Fishr's moments, its moving average and its penalty stay float32."""
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from fishr_jax import algorithms
+from fishr_jax.algorithms import fishr
 from fishr_jax import models
 from fishr_jax import penalties
 from fishr_jax import train
@@ -28,14 +28,7 @@ def test_dense_grad_variance_takes_bfloat16_moments_in_float32():
 
 
 def _config(params):
-  return ml_collections.ConfigDict({
-      "lr": 1e-3, "weight_decay": 0.0, "l2_regularizer_weight": 0.0,
-      "penalty_anneal_iters": 0, "penalty_warmup_weight": 0.0,
-      "rescale_loss": False, "reset_optimizer_at_anneal": False,
-      "fishr": {"lambda_": 100.0, "ema": 0.9, "reduction": "mean",
-                "centered": True, "covariance": "diagonal",
-                "grad_path": "closed_form", "params": params,
-                "vmap_chunk_size": None}})
+  return fishr.Config(lambda_=100.0, ema=0.9, params=params)
 
 
 @pytest.mark.parametrize("params", ["head", "all"])
@@ -51,11 +44,12 @@ def test_bfloat16_train_step_keeps_state_and_penalty_float32(params):
                         dtype=models.compute_dtype(name))
     network = algorithms.Network.from_module(module)
     algorithm = algorithms.make_algorithm("fishr", network, 3, config)
-    tx = train.make_optimizer(config)
+    tx = train.make_optimizer(1e-3)
     params0 = module.init(jax.random.key(0), batch["x"][:1])["params"]
     state = train.create_train_state(jax.random.key(1), params0, algorithm,
                                      tx, batch)
-    step = jax.jit(train.make_train_step(algorithm, tx, config))
+    step = jax.jit(train.make_train_step(algorithm, tx,
+                                          algorithms.Schedule()))
     state, metrics = step(state, batch)
     dtypes = {x.dtype for x in jax.tree.leaves((state.params, state.opt_state,
                                                 state.alg_state))

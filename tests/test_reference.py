@@ -8,11 +8,11 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from fishr_jax import algorithms
+from fishr_jax.algorithms import settings
 from fishr_jax import losses
 from fishr_jax import models
 from fishr_jax import penalties
@@ -128,14 +128,11 @@ def test_fishr_algorithm_reproduces_domainbed_penalties(x64):
                          "bias": p["featurizer.0.bias"]},
             models.HEAD: {"kernel": p["classifier.weight"].T,
                           "bias": p["classifier.bias"]}}
-  config = ml_collections.ConfigDict({
-      "l2_regularizer_weight": 0.0, "penalty_anneal_iters": 0,
-      "penalty_warmup_weight": 0.0, "rescale_loss": False,
-      "fishr": {"lambda_": float(ref["hparams.lambda"]),
-                "ema": float(ref["hparams.ema"]), "reduction": "mean",
-                "centered": True, "covariance": "diagonal",
-                "grad_path": "closed_form"}})
-  algorithm = algorithms.make_algorithm("fishr", model, num_domains, config)
+  config, schedule = settings.from_domainbed(
+      "fishr", {"lambda": float(ref["hparams.lambda"]),
+                "ema": float(ref["hparams.ema"]), "penalty_anneal_iters": 0})
+  algorithm = algorithms.make_algorithm("fishr", model, num_domains, config,
+                                        schedule)
   domain = jnp.asarray(np.repeat(np.arange(num_domains), ref["len_minibatches"]))
   batches = [{"x": jnp.asarray(ref[f"call{c}.x"]), "y": jnp.asarray(ref[f"call{c}.y"]),
               "domain": domain} for c in range(3)]

@@ -15,6 +15,7 @@ from fishr_jax import models
 from fishr_jax import parallel
 from fishr_jax import train
 from fishr_jax.algorithms import base
+from fishr_jax.algorithms import settings
 
 ANNEAL = 3
 
@@ -39,12 +40,15 @@ def _batch(seed=0, n_per_domain=(6, 10), dim=5):
 
 
 def _setup(config, batch):
+  """(algorithm, optimizer, state, train step) as the trainer builds them."""
   model = models.MLP(hidden_dims=(8, 8), num_outputs=1)
-  algorithm = algorithms.make_algorithm(config.algorithm, model, 2, config)
-  tx = train.make_optimizer(config)
+  alg_config, schedule = settings.from_config_dict(config)
+  algorithm = algorithms.make_algorithm(config.algorithm, model, 2, alg_config,
+                                        schedule)
+  tx = train.make_optimizer(config.lr, config.weight_decay)
   params = model.init(jax.random.key(1), batch["x"][:1])["params"]
   state = train.create_train_state(jax.random.key(0), params, algorithm, tx, batch)
-  return algorithm, tx, state
+  return algorithm, tx, state, train.make_train_step(algorithm, tx, schedule)
 
 
 def _adam_state(opt_state) -> optax.ScaleByAdamState:
@@ -52,20 +56,20 @@ def _adam_state(opt_state) -> optax.ScaleByAdamState:
 
 
 def test_penalty_weight_switches_exactly_at_anneal():
-  config = _config()
-  weights = [float(base.penalty_weight(jnp.asarray(s), 50.0, config))
+  _, schedule = settings.from_config_dict(_config())
+  weights = [float(base.penalty_weight(jnp.asarray(s), 50.0, schedule))
              for s in range(ANNEAL + 2)]
   assert weights == [1.0] * ANNEAL + [50.0, 50.0]
-  config.penalty_warmup_weight = 0.0  # DomainBed
-  assert float(base.penalty_weight(jnp.asarray(ANNEAL - 1), 50.0, config)) == 0.0
+  domainbed = base.Schedule(penalty_anneal_iters=ANNEAL)  # warm-up weight 0
+  assert float(base.penalty_weight(jnp.asarray(ANNEAL - 1), 50.0, domainbed)) == 0.0
 
 
 @pytest.mark.parametrize("reset", [True, False])
 def test_optimizer_reset_exactly_at_anneal(reset):
   config = _config(reset_optimizer_at_anneal=reset)
   batch = _batch()
-  algorithm, tx, state = _setup(config, batch)
-  step_fn = jax.jit(train.make_train_step(algorithm, tx, config))
+  algorithm, tx, state, step = _setup(config, batch)
+  step_fn = jax.jit(step)
   counts = []
   for _ in range(ANNEAL + 2):
     state, _ = step_fn(state, batch)
@@ -80,8 +84,8 @@ def test_first_moment_is_fresh_after_reset():
   """Right after the reset, Adam's first moment is (1 - b1) * that gradient."""
   config = _config(reset_optimizer_at_anneal=True)
   batch = _batch()
-  algorithm, tx, state = _setup(config, batch)
-  step_fn = jax.jit(train.make_train_step(algorithm, tx, config))
+  algorithm, tx, state, step = _setup(config, batch)
+  step_fn = jax.jit(step)
   for _ in range(ANNEAL):
     state, _ = step_fn(state, batch)
   grads, _ = jax.grad(algorithm.loss_fn, has_aux=True)(
@@ -96,7 +100,7 @@ def test_first_moment_is_fresh_after_reset():
 def test_loss_is_rescaled_by_the_weight_after_anneal():
   config = _config()
   batch = _batch()
-  algorithm, _, state = _setup(config, batch)
+  algorithm, _, state, _ = _setup(config, batch)
   for step, weight in ((ANNEAL - 1, 1.0), (ANNEAL, 50.0)):
     loss, (_, m) = algorithm.loss_fn(state.params, state.alg_state, batch,
                                      jnp.asarray(step), None)
@@ -109,7 +113,7 @@ def test_loss_is_rescaled_by_the_weight_after_anneal():
 def test_erm_has_no_penalty_and_no_rescaling():
   config = _config("erm")
   batch = _batch()
-  algorithm, _, state = _setup(config, batch)
+  algorithm, _, state, _ = _setup(config, batch)
   loss, (_, m) = algorithm.loss_fn(state.params, (), batch, jnp.asarray(ANNEAL + 5),
                                    None)
   assert "penalty" not in m
@@ -124,8 +128,8 @@ def test_train_step_traces_once_and_learns(name):
   config = _config(name, reset_optimizer_at_anneal=True)
   config.fishr.ema = 0.9
   batch = _batch()
-  algorithm, tx, state = _setup(config, batch)
-  step_fn = jax.jit(chex.assert_max_traces(train.make_train_step(algorithm, tx, config), n=1))
+  algorithm, tx, state, step = _setup(config, batch)
+  step_fn = jax.jit(chex.assert_max_traces(step, n=1))
   first = None
   for _ in range(2 * ANNEAL):  # crosses the anneal step: still one trace
     state, metrics = step_fn(state, batch)
@@ -139,11 +143,10 @@ def test_fishr_ema_state_is_carried_by_the_train_state():
   config = _config()
   config.fishr.ema = 0.9
   batch = _batch()
-  algorithm, tx, state = _setup(config, batch)
+  algorithm, tx, state, step = _setup(config, batch)
   assert jax.tree.map(jnp.shape, state.alg_state) == {"kernel": (2, 8, 1), "bias": (2, 1)}
   assert float(jnp.abs(state.alg_state["kernel"]).max()) == 0.0
-  step_fn = jax.jit(train.make_train_step(algorithm, tx, config))
-  state, _ = step_fn(state, batch)
+  state, _ = jax.jit(step)(state, batch)
   assert float(jnp.abs(state.alg_state["kernel"]).max()) > 0.0
 
 
@@ -154,8 +157,8 @@ def test_fishr_grad_paths_give_the_same_step():
     config = _config()
     config.fishr.grad_path = path.replace("_chunked", "")
     config.fishr.vmap_chunk_size = chunk
-    algorithm, tx, state = _setup(config, batch)
-    step_fn = jax.jit(train.make_train_step(algorithm, tx, config))
+    algorithm, tx, state, step = _setup(config, batch)
+    step_fn = jax.jit(step)
     for _ in range(ANNEAL + 2):
       state, metrics = step_fn(state, batch)
     states[path] = (state.params, metrics["penalty"])
@@ -166,11 +169,18 @@ def test_fishr_grad_paths_give_the_same_step():
 def test_bad_algorithm_settings_raise_clear_errors():
   model = models.MLP(hidden_dims=(4,), num_outputs=1)
   with pytest.raises(ValueError, match="Unknown algorithm"):
-    algorithms.make_algorithm("nope", model, 2, _config())
+    algorithms.make_algorithm("nope", model, 2)
   config = _config()
   config.fishr.covariance = "full"
   with pytest.raises(ValueError, match="grad_path='vmap'"):
-    algorithms.make_algorithm("fishr", model, 2, config)
+    settings.from_config_dict(config)
+  config = _config()
+  config.fishr.moment_sums = "fastest"
+  with pytest.raises(ValueError, match="moment_sums must be one of"):
+    settings.from_config_dict(config)
+  with pytest.raises(TypeError, match="takes a fishr_jax.algorithms.irm.Config"):
+    algorithms.make_algorithm("irm", model, 2, settings.from_config_dict(
+        _config())[0])
   assert set(algorithms.names()) >= {"erm", "irm", "vrex", "fishr"}
 
 
@@ -186,11 +196,15 @@ def _colored_mnist_mlp_step(config, algorithm_name="fishr"):
   start state and a 2 x 256 batch."""
   batch = _batch(n_per_domain=(256, 256), dim=392)
   model = models.MLP(hidden_dims=(390, 390), num_outputs=1)
-  algorithm = algorithms.make_algorithm(algorithm_name, model, 2, config)
-  tx = train.make_optimizer(config)
+  config.algorithm = algorithm_name
+  alg_config, schedule = settings.from_config_dict(config)
+  algorithm = algorithms.make_algorithm(algorithm_name, model, 2, alg_config,
+                                        schedule)
+  tx = train.make_optimizer(config.lr, config.weight_decay)
   params = model.init(jax.random.key(1), batch["x"][:1])["params"]
-  step = train.jit_train_step(train.make_train_step(algorithm, tx, config),
-                              parallel.make_mesh(1), config, donate=False)
+  step = train.jit_train_step(train.make_train_step(algorithm, tx, schedule),
+                              parallel.make_mesh(1), config.xla_cpu_dot_fusion,
+                              donate=False)
   state = train.create_train_state(jax.random.key(0), params, algorithm, tx,
                                    batch)
   return step, state, batch

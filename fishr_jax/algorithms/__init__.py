@@ -1,19 +1,30 @@
 """Domain-generalization algorithms, one module each, selected by name."""
 
-import flax.linen as nn
-import ml_collections
+from typing import Any
 
-from fishr_jax.algorithms.base import Algorithm, Network
+import flax.linen as nn
+
+from fishr_jax.algorithms.base import Algorithm, Network, Schedule
 from fishr_jax.algorithms.registry import get, names, register
 
 
 def make_algorithm(name: str, network: Network | nn.Module, num_domains: int,
-                   config: ml_collections.ConfigDict) -> Algorithm:
+                   config: Any = None, schedule: Schedule | None = None,
+                   mesh: Any = None) -> Algorithm:
   """The algorithm `name` for `network` over `num_domains` training domains.
 
-  A plain flax module (no frozen collections, no dropout) may stand for its
+  config: an instance of the algorithm's `Config` (None: its defaults);
+  schedule: a `Schedule` (None: DomainBed's, no annealing); mesh: the
+  data-parallel mesh the step runs on (None: one device). A plain flax
+  module (no frozen collections, no dropout) may stand for its
   `Network.from_module(module)`.
   """
+  entry = get(name)
   if isinstance(network, nn.Module):
     network = Network.from_module(network)
-  return get(name)(network, num_domains, config)
+  if config is None:
+    config = entry.config_class()
+  if not isinstance(config, entry.config_class):
+    raise TypeError(f"{name} takes a {entry.config_class.__module__}.Config, "
+                    f"got {type(config).__name__}.")
+  return entry.make(network, num_domains, config, schedule or Schedule(), mesh)

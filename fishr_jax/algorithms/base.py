@@ -12,8 +12,12 @@ differentiates `loss_fn` w.r.t. `params` and nothing else, so an algorithm
 never sees the optimizer. Algorithms call the model through a `Network`,
 which hides frozen collections (batch statistics) and dropout plumbing.
 
-Most invariance methods are "mean risk + weight(step) * penalty"; `penalized`
-builds that from a penalty function so each of them is a few lines.
+Each algorithm module owns a frozen `Config` dataclass with its own fields;
+every algorithm shares one `Schedule` (penalty annealing, loss rescaling,
+optimizer reset, L2). algorithms/settings.py builds both from each
+experiment's config. Most invariance methods are "mean risk +
+weight(step) * penalty"; `penalized` builds that from a penalty function so
+each of them is a few lines.
 """
 
 import dataclasses
@@ -22,7 +26,6 @@ from typing import Any, Callable, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from fishr_jax import losses
 from fishr_jax import penalties
@@ -71,10 +74,46 @@ class Network:
 
 
 @dataclasses.dataclass(frozen=True)
+class Schedule:
+  """How the penalty enters the loss over training, shared by every
+  algorithm (DomainBed's defaults; the IRM-setup script differs).
+
+  penalty_anneal_iters: the step from which the full penalty weight applies.
+  penalty_warmup_weight: the weight before it (DomainBed 0, IRM script 1.0).
+  rescale_loss: divide the whole loss by the weight while it exceeds 1 (the
+    IRM script keeps gradients in range this way).
+  reset_optimizer_at_anneal: a fresh optimizer state at the anneal step
+    (DomainBed, for algorithms with an anneal step).
+  l2_regularizer_weight: weight of sum ||p||^2 over every parameter in the
+    loss (the IRM script's explicit L2; DomainBed uses weight decay).
+  """
+  penalty_anneal_iters: int = 0
+  penalty_warmup_weight: float = 0.0
+  rescale_loss: bool = False
+  reset_optimizer_at_anneal: bool = False
+  l2_regularizer_weight: float = 0.0
+
+  def __post_init__(self):
+    if self.penalty_anneal_iters < 0:
+      raise ValueError("penalty_anneal_iters must be >= 0, got "
+                       f"{self.penalty_anneal_iters}.")
+
+  @property
+  def optimizer_reset_step(self) -> int | None:
+    """The step whose update starts from a fresh optimizer, if any."""
+    if self.reset_optimizer_at_anneal and self.penalty_anneal_iters > 0:
+      return self.penalty_anneal_iters
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
 class Algorithm:
   name: str
   init_state: Callable[[PyTree, Batch], PyTree]
   loss_fn: LossFn
+  # True: the batch must come as the loaders give it (on each device, E
+  # equal blocks of examples in domain order); parallel.shard_batch checks.
+  needs_domain_blocks: bool = False
 
 
 class Forward(NamedTuple):
@@ -98,13 +137,10 @@ PenaltyFn = Callable[[PyTree, PyTree, Batch, Forward, jax.Array | None],
 
 
 def penalty_weight(step: jax.Array, lambda_: float,
-                   config: ml_collections.ConfigDict) -> jax.Array:
-  """`penalty_warmup_weight` before `penalty_anneal_iters`, `lambda_` from it.
-
-  DomainBed warms up with 0, the IRM-setup script with 1.0.
-  """
-  return jnp.where(step >= config.penalty_anneal_iters, lambda_,
-                   config.penalty_warmup_weight).astype(jnp.float32)
+                   schedule: Schedule) -> jax.Array:
+  """`penalty_warmup_weight` before `penalty_anneal_iters`, `lambda_` from it."""
+  return jnp.where(step >= schedule.penalty_anneal_iters, lambda_,
+                   schedule.penalty_warmup_weight).astype(jnp.float32)
 
 
 def squared_l2_norm(params: PyTree) -> jax.Array:
@@ -134,35 +170,37 @@ def domain_losses(network: Network, params: PyTree, batch: Batch,
   domain_nll = penalties.domain_mean(per_example, batch["domain"], num_domains)
   domain_acc = penalties.domain_mean(
       losses.correct(logits, batch["y"]), batch["domain"], num_domains)
-  metrics = {"nll": domain_nll.mean(), "train_acc": domain_acc.mean()}
+  metrics = {"nll": domain_nll.mean(), "batch_acc": domain_acc.mean()}
   return Forward(features, logits, domain_nll, extras), metrics
 
 
 def penalized(name: str, network: Network, num_domains: int,
-              config: ml_collections.ConfigDict, lambda_: float,
+              schedule: Schedule, lambda_: float,
               penalty_fn: PenaltyFn | None,
               init_state: Callable[[PyTree, Batch], PyTree] = no_state,
-              forward_fn: ForwardFn | None = None) -> Algorithm:
+              forward_fn: ForwardFn | None = None,
+              needs_domain_blocks: bool = False) -> Algorithm:
   """mean_e risk_e + l2 * ||params||^2 + weight(step) * penalty.
 
-  With `config.rescale_loss` the whole loss is divided by the weight while it
-  exceeds 1 (the IRM-setup script keeps gradients in range this way).
-  `penalty_fn=None` is ERM: no penalty term and no rescaling. `forward_fn`
-  replaces the network's forward pass (see `domain_losses`).
+  With `schedule.rescale_loss` the whole loss is divided by the weight while
+  it exceeds 1. `penalty_fn=None` is ERM: no penalty term and no rescaling.
+  `forward_fn` replaces the network's forward pass (see `domain_losses`).
   """
 
   def loss_fn(params, state, batch, step, rng):
     forward, metrics = domain_losses(network, params, batch, num_domains, rng,
                                      forward_fn)
-    loss = metrics["nll"] + config.l2_regularizer_weight * squared_l2_norm(params)
+    loss = metrics["nll"] + schedule.l2_regularizer_weight * squared_l2_norm(
+        params)
     if penalty_fn is not None:
       penalty, state = penalty_fn(params, state, batch, forward, rng)
-      weight = penalty_weight(step, lambda_, config)
+      weight = penalty_weight(step, lambda_, schedule)
       loss = loss + weight * penalty
-      if config.rescale_loss:
+      if schedule.rescale_loss:
         loss = jnp.where(weight > 1.0, loss / weight, loss)
       metrics.update(penalty=penalty, penalty_weight=weight)
     metrics["loss"] = loss
     return loss, (state, metrics)
 
-  return Algorithm(name=name, init_state=init_state, loss_fn=loss_fn)
+  return Algorithm(name=name, init_state=init_state, loss_fn=loss_fn,
+                   needs_domain_blocks=needs_domain_blocks)

@@ -1,14 +1,19 @@
 """ERM: the mean risk over training domains, no penalty."""
 
+import dataclasses
+
 from fishr_jax.algorithms import base
 from fishr_jax.algorithms import registry
 
 
-DOMAINBED = registry.DomainBedSpec(name="ERM", hparams={},
-                                   to_config=lambda h: {})
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """ERM has no options of its own."""
 
 
-@registry.register("erm", DOMAINBED)
-def make(network, num_domains, config) -> base.Algorithm:
-  return base.penalized("erm", network, num_domains, config, lambda_=0.0,
+@registry.register("erm", Config, registry.DomainBedSpec(name="ERM", hparams={}))
+def make(network: base.Network, num_domains: int, config: Config,
+         schedule: base.Schedule, mesh=None) -> base.Algorithm:
+  del config, mesh
+  return base.penalized("erm", network, num_domains, schedule, lambda_=0.0,
                         penalty_fn=None)

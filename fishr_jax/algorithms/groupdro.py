@@ -2,6 +2,8 @@
 weights q grow exponentially with each domain's loss. State: q (E,), ones at
 first, as DomainBed. DomainBed hparam: groupdro_eta."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -9,15 +11,22 @@ from fishr_jax.algorithms import base
 from fishr_jax.algorithms import registry
 
 
+@dataclasses.dataclass(frozen=True)
+class Config:
+  eta: float = 1e-2
+
+
 DOMAINBED = registry.DomainBedSpec(
     name="GroupDRO",
     hparams={"groupdro_eta": (1e-2, lambda r: 10**r.uniform(-3, -1))},
-    to_config=lambda h: {"groupdro": {"eta": h["groupdro_eta"]}})
+    to_config=lambda h: {"eta": h["groupdro_eta"]})
 
 
-@registry.register("groupdro", DOMAINBED)
-def make(network, num_domains, config) -> base.Algorithm:
-  eta = config.groupdro.eta
+@registry.register("groupdro", Config, DOMAINBED)
+def make(network: base.Network, num_domains: int, config: Config,
+         schedule: base.Schedule, mesh=None) -> base.Algorithm:
+  del schedule, mesh  # GroupDRO has no penalty to schedule
+  eta = config.eta
 
   def init_state(params, batch):
     del params, batch

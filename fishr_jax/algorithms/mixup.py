@@ -7,6 +7,8 @@ Needs equal-sized domains (what every DomainBed sampler gives); their order
 in the batch does not matter (a sharded batch interleaves them).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -15,15 +17,22 @@ from fishr_jax.algorithms import base
 from fishr_jax.algorithms import registry
 
 
+@dataclasses.dataclass(frozen=True)
+class Config:
+  alpha: float = 0.2
+
+
 DOMAINBED = registry.DomainBedSpec(
     name="Mixup",
     hparams={"mixup_alpha": (0.2, lambda r: 10**r.uniform(-1, 1))},
-    to_config=lambda h: {"mixup": {"alpha": h["mixup_alpha"]}})
+    to_config=lambda h: {"alpha": h["mixup_alpha"]})
 
 
-@registry.register("mixup", DOMAINBED)
-def make(network, num_domains, config) -> base.Algorithm:
-  alpha = config.mixup.alpha
+@registry.register("mixup", Config, DOMAINBED)
+def make(network: base.Network, num_domains: int, config: Config,
+         schedule: base.Schedule, mesh=None) -> base.Algorithm:
+  del schedule, mesh  # Mixup has no penalty to schedule
+  alpha = config.alpha
 
   def loss_fn(params, state, batch, step, rng):
     del step

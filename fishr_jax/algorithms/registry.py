@@ -1,11 +1,14 @@
-"""Name -> algorithm factory. A new algorithm is one module in this package
-that decorates its factory with `@register("name", domainbed=...)`; nothing
-else to edit.
+"""Name -> algorithm. A new algorithm is one module in this package that
+decorates its factory with `@register("name", Config, DomainBedSpec(...))`;
+nothing else to edit: both experiments' configs, the DomainBed hparams and
+the test suite find it here.
 
-A factory is `make(network, num_domains, config) -> base.Algorithm`. Its
-`DomainBedSpec` gives DomainBed's name for it, its own hparams (default and
-random-search sampler, DomainBed's names) and how those hparams set the
-algorithm's config fields.
+A factory is `make(network, num_domains, config, schedule, mesh) ->
+base.Algorithm`, with `config` an instance of the module's frozen `Config`
+dataclass, `schedule` a `base.Schedule` and `mesh` the data-parallel mesh
+the step will run on (None: one device). Its `DomainBedSpec` gives
+DomainBed's name for it, its own hparams (default and random-search sampler,
+DomainBed's names) and how those hparams set its config and schedule fields.
 """
 
 import dataclasses
@@ -13,37 +16,50 @@ import importlib
 import pkgutil
 from typing import Any, Callable
 
+HParams = dict[str, Any]
+
+
+def _no_fields(hparams: HParams) -> dict[str, Any]:
+  del hparams
+  return {}
+
 
 @dataclasses.dataclass(frozen=True)
 class DomainBedSpec:
   name: str  # DomainBed's class name, e.g. "Fishr"
   hparams: dict[str, tuple[Any, Callable]]  # name -> (default, sampler)
-  # DomainBed hparams -> config fields, e.g. {"fishr": {...},
-  # "penalty_anneal_iters": ..., "reset_optimizer_at_anneal": True}.
-  to_config: Callable[[dict[str, Any]], dict[str, Any]]
+  # DomainBed hparams -> fields of the algorithm's Config, e.g.
+  # {"lambda_": h["lambda"], "ema": h["ema"]}.
+  to_config: Callable[[HParams], dict[str, Any]] = _no_fields
+  # DomainBed hparams -> fields of base.Schedule, e.g.
+  # {"penalty_anneal_iters": h["penalty_anneal_iters"]}.
+  to_schedule: Callable[[HParams], dict[str, Any]] = _no_fields
 
 
-_FACTORIES: dict[str, Callable] = {}
-_DOMAINBED: dict[str, DomainBedSpec] = {}
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  name: str
+  make: Callable
+  config_class: type
+  domainbed: DomainBedSpec
 
 
-def register(name: str, domainbed: DomainBedSpec | None = None
+_ENTRIES: dict[str, Entry] = {}
+
+
+def register(name: str, config_class: type, domainbed: DomainBedSpec
              ) -> Callable[[Callable], Callable]:
+  if not (dataclasses.is_dataclass(config_class)
+          and config_class.__dataclass_params__.frozen):
+    raise TypeError(f"Algorithm {name!r}: its config must be a frozen "
+                    f"dataclass, got {config_class!r}.")
+
   def decorator(factory: Callable) -> Callable:
-    if name in _FACTORIES:
+    if name in _ENTRIES:
       raise ValueError(f"Algorithm {name!r} is registered twice.")
-    _FACTORIES[name] = factory
-    if domainbed is not None:
-      _DOMAINBED[name] = domainbed
+    _ENTRIES[name] = Entry(name, factory, config_class, domainbed)
     return factory
   return decorator
-
-
-def domainbed_spec(name: str) -> DomainBedSpec:
-  get(name)
-  if name not in _DOMAINBED:
-    raise ValueError(f"Algorithm {name!r} has no DomainBed hparams.")
-  return _DOMAINBED[name]
 
 
 def _import_all() -> None:
@@ -54,11 +70,15 @@ def _import_all() -> None:
 
 def names() -> list[str]:
   _import_all()
-  return sorted(_FACTORIES)
+  return sorted(_ENTRIES)
 
 
-def get(name: str) -> Callable:
+def get(name: str) -> Entry:
   _import_all()
-  if name not in _FACTORIES:
-    raise ValueError(f"Unknown algorithm {name!r}; known: {sorted(_FACTORIES)}.")
-  return _FACTORIES[name]
+  if name not in _ENTRIES:
+    raise ValueError(f"Unknown algorithm {name!r}; known: {sorted(_ENTRIES)}.")
+  return _ENTRIES[name]
+
+
+def domainbed_spec(name: str) -> DomainBedSpec:
+  return get(name).domainbed

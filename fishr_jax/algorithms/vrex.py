@@ -1,8 +1,25 @@
 """V-REx (Krueger et al., 2021): penalise the spread of the domain risks."""
 
+import dataclasses
+
 from fishr_jax import penalties
 from fishr_jax.algorithms import base
 from fishr_jax.algorithms import registry
+
+REDUCTIONS = ("variance", "pairwise")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  lambda_: float = 1e1
+  # "variance" (DomainBed) or "pairwise" (the IRM-setup script's
+  # (nll_0 - nll_1)^2 for two domains).
+  reduction: str = "variance"
+
+  def __post_init__(self):
+    if self.reduction not in REDUCTIONS:
+      raise ValueError(f"vrex.reduction must be one of {REDUCTIONS}, got "
+                       f"{self.reduction!r}.")
 
 
 DOMAINBED = registry.DomainBedSpec(
@@ -11,21 +28,20 @@ DOMAINBED = registry.DomainBedSpec(
         "vrex_lambda": (1e1, lambda r: 10**r.uniform(-1, 5)),
         "vrex_penalty_anneal_iters": (500, lambda r: int(10**r.uniform(0, 4))),
     },
-    to_config=lambda h: {
-        "vrex": {"lambda_": h["vrex_lambda"], "reduction": "variance"},
+    to_config=lambda h: {"lambda_": h["vrex_lambda"]},
+    to_schedule=lambda h: {
         "penalty_anneal_iters": h["vrex_penalty_anneal_iters"],
-        "penalty_warmup_weight": 1.0,
-        "reset_optimizer_at_anneal": True,
-    })
+        "penalty_warmup_weight": 1.0, "reset_optimizer_at_anneal": True})
 
 
-@registry.register("vrex", DOMAINBED)
-def make(network, num_domains, config) -> base.Algorithm:
+@registry.register("vrex", Config, DOMAINBED)
+def make(network: base.Network, num_domains: int, config: Config,
+         schedule: base.Schedule, mesh=None) -> base.Algorithm:
+  del mesh
 
   def penalty_fn(params, state, batch, forward, rng):
-    del params, batch
-    return penalties.vrex_penalty(forward.domain_nll,
-                                  config.vrex.reduction), state
+    del params, batch, rng
+    return penalties.vrex_penalty(forward.domain_nll, config.reduction), state
 
-  return base.penalized("vrex", network, num_domains, config,
-                        lambda_=config.vrex.lambda_, penalty_fn=penalty_fn)
+  return base.penalized("vrex", network, num_domains, schedule,
+                        lambda_=config.lambda_, penalty_fn=penalty_fn)
