@@ -41,7 +41,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.restarts = 5
   config.steps = 301
   config.hidden_dim = 128
-  config.log_every = 50
+  config.log_every = 50  # steps between records (and printed lines)
+  config.checkpoint_every = 100  # a multiple of log_every
   common.add_device_fields(config)
 
   # Optimizer: Adam, explicit L2 in the loss (biases included, not halved),

@@ -12,7 +12,10 @@ selection methods, and writes into --output_dir (default: --input_dir):
   <dataset>_<method>.png   per dataset and selection method, mean test
                 accuracy per algorithm, grouped by test env, with standard
                 error bars; methods that select nothing get no chart.
-Only finished runs (with a `done` file) are read unless --include_unfinished.
+  colored_mnist.md   for Colored MNIST (IRM setup) runs: per algorithm, the
+                last step's train / test / gray accuracy, mean ± std over runs.
+Every run folder at or below --input_dir is read; only finished runs (with
+a `done` file) unless --include_unfinished.
 """
 
 import os
@@ -74,12 +77,23 @@ def _file_name(text: str) -> str:
 def collect(input_dir: str, output_dir: str = "", latex: bool = False,
             include_unfinished: bool = False) -> tuple[str, list[str]]:
   """Reads the records, writes the files; returns (what to print, files written)."""
-  records = model_selection.load_records(input_dir, include_unfinished)
+  everything = model_selection.load_records(input_dir, include_unfinished)
   output_dir = output_dir or input_dir
   os.makedirs(output_dir, exist_ok=True)
+  written = []
+  colored = model_selection.colored_mnist_table(everything)
+  if colored:
+    path = os.path.join(output_dir, "colored_mnist.md")
+    colored = ("Colored MNIST (IRM setup): last step of each run, mean ± std "
+               "over runs\n\n" + colored)
+    with open(path, "w") as f:
+      f.write(colored)
+    written.append(path)
+  records = [r for r in everything if not model_selection.is_colored_mnist(r)]
+  if not records:
+    return colored, written
   text = model_selection.format_report(records, latex=False)
   tex = model_selection.format_report(records, latex=True)
-  written = []
   for name, content in (("results.txt", text), ("results.tex", tex),
                         ("results.md", model_selection.markdown_report(records))):
     path = os.path.join(output_dir, name)
@@ -93,7 +107,8 @@ def collect(input_dir: str, output_dir: str = "", latex: bool = False,
       path = os.path.join(output_dir, _file_name(f"{table.dataset}_{method.key}.png"))
       if plot_table(table, method.name, path):
         written.append(path)
-  return (tex if latex else text), written
+  out = tex if latex else text
+  return (colored + "\n" + out if colored else out), written
 
 
 def main(argv: Sequence[str]) -> None:

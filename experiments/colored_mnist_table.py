@@ -8,7 +8,6 @@ steps per algorithm, mean ± std over restarts) and one workdir per algorithm.
 --preset=paper --data=tfds gives the paper's setting on full MNIST.
 """
 
-import json
 import os
 from typing import Any, Sequence
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from configs import colored_mnist as cmnist_config
 from fishr_jax import train
+from fishr_jax import train_colored_mnist
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/colored_mnist_table",
                                   "Where the table, plot and runs go.")
@@ -48,16 +48,14 @@ def markdown_table(results: dict[str, dict[str, Any]], caption: str) -> str:
   return "\n".join(lines) + "\n"
 
 
-def read_curves(workdir: str) -> dict[str, np.ndarray]:
-  """steps (S,) and per-restart train/test accuracies (R, S)."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    records = [json.loads(line) for line in f]
-  steps = sorted({r["step"] for r in records})
-  restarts = sorted({r["restart"] for r in records})
-  curves = {"steps": np.array(steps)}
+def read_curves(workdir: str, restarts: int) -> dict[str, np.ndarray]:
+  """steps (S,) and per-restart train/test accuracies (R, S), from each
+  restart's records."""
+  runs = [train.read_records(os.path.join(workdir, f"restart_{r}"))
+          for r in range(restarts)]
+  curves = {"steps": np.array([r["step"] for r in runs[0]])}
   for key in ("train_acc", "test_acc"):
-    table = {(r["restart"], r["step"]): r[key] for r in records}
-    curves[key] = np.array([[table[(i, s)] for s in steps] for i in restarts])
+    curves[key] = np.array([[r[key] for r in records] for records in runs])
   return curves
 
 
@@ -89,11 +87,12 @@ def main(argv: Sequence[str]) -> None:
     config.algorithm = name
     config.restarts = _RESTARTS.value
     config.log_every = _LOG_EVERY.value
+    config.checkpoint_every = config.steps - 1  # resume is not needed here
     config.data.source = _DATA.value
     config.data.data_dir = _DATA_DIR.value
     workdir = os.path.join(_OUTPUT_DIR.value, name)
-    results[name] = train.train_and_evaluate(config, workdir)
-    curves[name] = read_curves(workdir)
+    results[name] = train_colored_mnist.train_and_evaluate(config, workdir)
+    curves[name] = read_curves(workdir, config.restarts)
 
   caption = (f"Colored MNIST (IRM setup), data={_DATA.value}, "
              f"preset={_PRESET.value or 'default'} (hidden {config.hidden_dim}, "

@@ -27,13 +27,6 @@ def summarize(values: Sequence[float]) -> dict[str, Any]:
           "values": values}
 
 
-def format_record(record: dict[str, Any]) -> str:
-  parts = [f"restart {record['restart']}", f"step {record['step']:>4d}"]
-  parts += [f"{k} {v:.5g}" for k, v in record.items()
-            if k not in ("restart", "step")]
-  return "  ".join(parts)
-
-
 def format_results(results: dict[str, Any]) -> str:
   accs = "  ".join(
       f"{k} {results[k]['mean']:.3f} ± {results[k]['std']:.3f}"

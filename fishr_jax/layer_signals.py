@@ -218,3 +218,65 @@ def forward_with_signals(
   return features, logits, {
       name: LayerSignals(inputs[name], signals[name], geometry[name])
       for name in layers}
+
+
+# ------------------------------------------- the chosen layers, for Fishr
+
+
+def chosen_layers(params: PyTree, which: str) -> dict[str, tuple[str, ...]]:
+  """{layer: its chosen leaves} for fishr.params = `which`."""
+  return group_by_layer(select_params(params, which))
+
+
+def forward_with_chosen_signals(forward: ForwardFn, which: str, params: PyTree,
+                                x: jax.Array, rng: jax.Array | None,
+                                labels: jax.Array):
+  """`forward_with_signals` for the layers `which` chooses."""
+  return forward_with_signals(forward, params, x, rng, labels,
+                              list(chosen_layers(params, which)))
+
+
+def chosen_layer_variances(
+    signals: dict[str, LayerSignals], params: PyTree, which: str,
+    domain_ids: jax.Array, num_domains: int, centered: bool,
+    dense_variance: Callable[..., dict[str, jax.Array]]) -> PyTree:
+  """{layer: {leaf: (E, ...) variance}} of the chosen layers, in closed form
+  from the signals `forward_with_chosen_signals` recorded."""
+  out = {}
+  for layer, leaves in chosen_layers(params, which).items():
+    variance = layer_grad_variance(signals[layer], domain_ids, num_domains,
+                                   centered, dense_variance)
+    out[layer] = {leaf: variance[leaf] for leaf in leaves}
+  return out
+
+
+def chosen_per_example_grads(forward: ForwardFn, params: PyTree, which: str,
+                             x: jax.Array, labels: jax.Array,
+                             rng: jax.Array | None,
+                             chunk_size: int | None = None) -> PyTree:
+  """vmap(grad) of each example's loss w.r.t. the chosen parameters, one
+  forward pass per example (each with its own dropout key)."""
+  def example_loss(chosen, x, y, key=None):
+    _, logits = forward(with_subtree(params, chosen), x[None], key)
+    return losses.per_example_loss(logits, y[None])[0]
+
+  examples = (x, labels)
+  if rng is not None:
+    examples += (jax.random.split(rng, x.shape[0]),)
+  return penalties.per_example_grads(
+      example_loss, subtree(params, select_params(params, which)), *examples,
+      chunk_size=chunk_size)
+
+
+def head_per_example_grads(classify: Callable[[PyTree, jax.Array], jax.Array],
+                           params: PyTree, features: jax.Array,
+                           labels: jax.Array,
+                           chunk_size: int | None = None) -> PyTree:
+  """vmap(grad) of each example's loss w.r.t. the head alone, from the
+  features the forward pass already computed."""
+  def example_loss(head, z, y):
+    logits = classify({**params, models.HEAD: head}, z[None])
+    return losses.per_example_loss(logits, y[None])[0]
+
+  return penalties.per_example_grads(example_loss, params[models.HEAD],
+                                     features, labels, chunk_size=chunk_size)

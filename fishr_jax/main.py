@@ -6,10 +6,11 @@ from absl import logging
 from ml_collections import config_flags
 
 from fishr_jax import parallel
-from fishr_jax import train
+from fishr_jax import train_colored_mnist
 from fishr_jax import train_domainbed
 
-TRAINERS = {"colored_mnist": train.train_and_evaluate,
+# Both experiments build train.Run objects and train through train.train_loop.
+TRAINERS = {"colored_mnist": train_colored_mnist.train_and_evaluate,
             "domainbed": train_domainbed.train_and_evaluate}
 
 _CONFIG = config_flags.DEFINE_config_file(

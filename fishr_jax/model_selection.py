@@ -75,12 +75,29 @@ class RecordsError(ValueError):
 # ------------------------------------------------------------------- loading
 
 
+COLORED_MNIST_ACCURACIES = ("train_acc", "test_acc", "gray_acc")
+
+
+def is_colored_mnist(record: Record) -> bool:
+  """A Colored MNIST (IRM setup) record: no DomainBed test envs; reported
+  by `colored_mnist_table`, not by model selection."""
+  return record.get("args", {}).get("experiment") == "colored_mnist"
+
+
 def _check_record(record: Any, where: str) -> None:
   if not isinstance(record, dict):
     raise RecordsError(f"{where}: expected a JSON object, got {type(record).__name__}.")
   args = record.get("args")
   if not isinstance(args, dict):
     raise RecordsError(f"{where}: record has no 'args' object.")
+  if is_colored_mnist(record):
+    missing = [k for k in ("algorithm", "restart", "seed") if k not in args]
+    missing += [k for k in ("step",) + COLORED_MNIST_ACCURACIES
+                if k not in record]
+    if missing:
+      raise RecordsError(f"{where}: Colored MNIST record lacks "
+                         f"{', '.join(missing)}.")
+    return
   missing = [k for k in _REQUIRED_ARGS if k not in args]
   if missing:
     raise RecordsError(f"{where}: 'args' lacks {', '.join(missing)}.")
@@ -111,8 +128,20 @@ def read_results(path: str) -> list[Record]:
   return records
 
 
+def run_folders(input_dir: str) -> list[str]:
+  """Every folder at or below `input_dir` that holds a results.jsonl, in
+  sorted order (a sweep's run folders, a Colored MNIST workdir's restarts,
+  or one run folder itself)."""
+  found = []
+  for root, dirs, files in os.walk(input_dir):
+    dirs.sort()
+    if "results.jsonl" in files:
+      found.append(root)
+  return sorted(found)
+
+
 def load_records(input_dir: str, include_unfinished: bool = False) -> list[Record]:
-  """All records of the run folders directly under `input_dir`.
+  """All records of the run folders at or below `input_dir`.
 
   Runs without a `done` file are skipped unless `include_unfinished` (which
   is what DomainBed's reporting.load_records does: it reads every
@@ -123,12 +152,10 @@ def load_records(input_dir: str, include_unfinished: bool = False) -> list[Recor
     raise RecordsError(f"Input dir {input_dir!r} does not exist or is not a folder.")
   records, n_runs, n_unfinished = [], 0, 0
   # Sorted so that record order, hence DomainBed's tie-breaking, is reproducible.
-  for name in sorted(os.listdir(input_dir)):
-    results_path = os.path.join(input_dir, name, "results.jsonl")
-    if not os.path.isfile(results_path):
-      continue
+  for folder in run_folders(input_dir):
+    results_path = os.path.join(folder, "results.jsonl")
     n_runs += 1
-    if not os.path.exists(os.path.join(input_dir, name, "done")):
+    if not os.path.exists(os.path.join(folder, "done")):
       n_unfinished += 1
       if not include_unfinished:
         continue
@@ -501,3 +528,30 @@ def markdown_report(records: Sequence[Record],
       title = table.dataset if table.dataset is not None else "Averages"
       parts.append(f"\n### {title}\n\n{format_markdown_table(table)}")
   return "".join(parts)
+
+
+# ------------------------------------------------------ Colored MNIST table
+
+
+def colored_mnist_table(records: Sequence[Record]) -> str:
+  """Markdown: per algorithm, the last record of each run (restart, seed),
+  its train / test / gray accuracy as mean ± std over runs (np.std, as the
+  official script)."""
+  last: dict[tuple, Record] = {}
+  for r in records:
+    if is_colored_mnist(r):
+      a = r["args"]
+      key = (a["algorithm"], a["seed"], a["restart"])
+      if key not in last or r["step"] >= last[key]["step"]:
+        last[key] = r
+  if not last:
+    return ""
+  lines = ["| algorithm | runs | train acc | test acc | gray acc |",
+           "|---|---|---|---|---|"]
+  for algorithm, group in _group(sorted(last.items()), lambda kv: kv[0][0]):
+    finals = [r for _, r in group]
+    cells = [f"{np.mean([r[k] for r in finals]):.3f} ± "
+             f"{np.std([r[k] for r in finals]):.3f}"
+             for k in COLORED_MNIST_ACCURACIES]
+    lines.append(f"| {algorithm} | {len(finals)} | {' | '.join(cells)} |")
+  return "\n".join(lines) + "\n"

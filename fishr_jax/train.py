@@ -1,36 +1,55 @@
-"""Train state, the jitted train step, and the Colored MNIST trainer.
+"""The one trainer: train state, the pure train step, checkpoints, records,
+and the loop every experiment trains through.
 
-Sections, in order: optimizer; train state; update step; evaluation; the
-training loop (`train_and_evaluate`), which `main.py` and the experiment
-scripts call, so everything here is usable from a notebook too.
+Sections, in order: optimizer; train state; train step; checkpoints and
+records; the loop (`train_loop`). An experiment (train_colored_mnist.py,
+train_domainbed.py) builds a `Run` (the state at step 0, the jitted step,
+its batches, its evaluation) and hands it to `train_loop`, which writes,
+under the run's workdir:
+
+  config.json    the experiment's config
+  results.jsonl  one record per `record_every` steps (and the last step):
+                 the step, the epoch, every train metric averaged over the
+                 steps since the last record, `step_time`, the evaluation
+                 ("<split>_acc"), and the run's `hparams` and `args`
+                 (DomainBed's record format)
+  checkpoints/   orbax checkpoints of the train state (the last two)
+  done           written at the end; a finished run is not run again.
+
+A run killed at any point and started again resumes from its last checkpoint
+and ends with the same parameters and records (timings aside): batches of
+step k depend only on (seed, k), and records past the restored step are
+dropped and recomputed.
 """
 
+import dataclasses
 import json
 import os
+import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import tqdm
 
 from fishr_jax import algorithms
-from fishr_jax.algorithms import settings
-from fishr_jax import evaluation
 from fishr_jax import fast_paths
-from fishr_jax import models
 from fishr_jax import parallel
-from fishr_jax.data import colored_mnist
-from fishr_jax.data import mnist
 
 PyTree = Any
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+Record = dict[str, Any]
 TrainStep = Callable[["TrainState", Batch], tuple["TrainState", Metrics]]
+
+RECORDS = "results.jsonl"
+DONE = "done"
+CHECKPOINTS = "checkpoints"
 
 # ----------------------------------------------------------------- optimizer
 
@@ -74,7 +93,7 @@ def create_train_state(rng: jax.Array, params: PyTree,
                     alg_state=algorithm.init_state(params, batch), rng=rng)
 
 
-# --------------------------------------------------------------- update step
+# ---------------------------------------------------------------- train step
 
 
 def make_train_step(algorithm: algorithms.Algorithm,
@@ -118,82 +137,193 @@ def jit_train_step(train_step: TrainStep, mesh: jax.sharding.Mesh,
                      platform, xla_cpu_dot_fusion))
 
 
-# ------------------------------------------------------------- training loop
+# -------------------------------------------------- checkpoints and records
 
 
-def make_colored_mnist_model(config: ml_collections.ConfigDict) -> models.MLP:
-  return models.MLP(hidden_dims=(config.hidden_dim,) * 2, num_outputs=1,
-                    dtype=models.compute_dtype(config.compute_dtype))
+def _to_saveable(state: TrainState) -> TrainState:
+  return state.replace(rng=jax.random.key_data(state.rng))
 
 
-def _write_json(path: str, obj: Any) -> None:
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2)
-    f.write("\n")
+def restore_checkpoint(manager: ocp.CheckpointManager,
+                       template: TrainState) -> TrainState | None:
+  """The newest checkpoint in `manager`, shaped like `template`; None if
+  there is none."""
+  step = manager.latest_step()
+  if step is None:
+    return None
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(template))
+  restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+  return restored.replace(rng=jax.random.wrap_key_data(restored.rng))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, Any]:
-  """Colored MNIST (IRM setup): `config.restarts` full-batch runs.
+def read_records(workdir: str, up_to_step: int | None = None) -> list[Record]:
+  """The run's records (those of steps <= up_to_step, if given)."""
+  path = os.path.join(workdir, RECORDS)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return [r for r in records
+          if up_to_step is None or r["step"] <= up_to_step]
 
-  Writes workdir/config.json, workdir/metrics.jsonl (one JSON line per logged
-  step of each restart) and workdir/results.json, and returns the results:
-  {"algorithm", "restarts", "train_acc", "test_acc", "gray_acc"}, each
-  accuracy {"mean", "std", "values"} over restarts, taken from the forward
-  pass of the last step (before its update), as the official script does.
+
+def finished_records(workdir: str) -> list[Record] | None:
+  """A finished run's records (it has a `done` file; says so), else None."""
+  if not os.path.exists(os.path.join(workdir, DONE)):
+    return None
+  print(f"{workdir} is done; delete its '{DONE}' file to run it again.",
+        flush=True)
+  return read_records(workdir)
+
+
+def _write_records(workdir: str, records: list[Record]) -> None:
+  with open(os.path.join(workdir, RECORDS), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def format_record(record: Record, steps: int, eta_s: float | None) -> str:
+  """One printed line: step, loss terms and accuracies, ETA."""
+  skip = ("step", "epoch", "hparams", "args", "step_time")
+  parts = [f"step {record['step']:>{len(str(steps))}d}/{steps}"]
+  parts += [f"{k} {v:.4g}" for k, v in record.items()
+            if k not in skip and isinstance(v, (int, float))]
+  parts.append(f"{1.0 / max(record['step_time'], 1e-9):.1f} steps/s")
+  if eta_s is not None:
+    parts.append(f"eta {_duration(eta_s)}")
+  return "  ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+  minutes, secs = divmod(int(round(seconds)), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+# ----------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass
+class Run:
+  """One training run, as `train_loop` takes it.
+
+  state: the train state at step 0 (replicated on the mesh), also the
+    template a checkpoint is restored into.
+  train_step: the jitted step.
+  batches: start_step -> iterator of the step's (sharded) batches.
+  evaluate: params -> {"<split>_acc": float, ...}.
+  evaluate_before_update: True (Colored MNIST, as the IRM script): a record
+    evaluates the parameters the step's forward pass sees; False
+    (DomainBed): the parameters after the step's update.
+  epoch: step -> epochs seen after the step.
+  fields: what every record carries besides its numbers (hparams, args).
+  checkpoint_every: steps between checkpoints, a multiple of record_every
+    (None: at every record); the last step always saves one.
+  announce_compile: print that the first step compiles (False for runs
+    that share an already compiled step).
   """
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2) + "\n")
+  workdir: str
+  config_json: str
+  steps: int
+  record_every: int
+  state: TrainState
+  train_step: TrainStep
+  batches: Callable[[int], Iterator[Batch]]
+  evaluate: Callable[[PyTree], dict[str, float]]
+  evaluate_before_update: bool = False
+  epoch: Callable[[int], float] = float
+  fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+  checkpoint_every: int | None = None
+  announce_compile: bool = True
+  name: str = ""  # shown on the progress bar
 
-  pools = mnist.load_digit_pools(config.data.source, config.data.data_dir)
-  model = make_colored_mnist_model(config)
-  num_domains = len(config.data.train_color_flip_probs)
-  mesh = parallel.make_mesh(config.num_devices)
-  alg_config, schedule = settings.from_config_dict(config)
-  algorithm = algorithms.make_algorithm(config.algorithm, model, num_domains,
-                                        alg_config, schedule, mesh)
-  tx = make_optimizer(config.lr, config.weight_decay)
-  train_step = jit_train_step(make_train_step(algorithm, tx, schedule), mesh,
-                              config.xla_cpu_dot_fusion)
-  eval_accuracy = evaluation.make_accuracy_fn(model)
+  def __post_init__(self):
+    every = self.checkpoint_every or self.record_every
+    if self.record_every < 1 or every % self.record_every:
+      raise ValueError(
+          f"record_every={self.record_every} must be >= 1 and divide "
+          f"checkpoint_every={self.checkpoint_every}.")
 
-  final = {"train_acc": [], "test_acc": [], "gray_acc": []}
-  total_steps = config.restarts * config.steps
-  start = time.time()
-  with open(os.path.join(workdir, "metrics.jsonl"), "w") as log, \
-       tqdm.tqdm(total=total_steps, disable=None, unit="step") as bar:
-    for restart in range(config.restarts):
-      envs = colored_mnist.make_environments(
-          pools, config.data, np.random.default_rng([config.seed, restart]))
-      batch = parallel.shard_batch(parallel.process_part(envs.train), mesh,
-                                   algorithm.needs_domain_blocks, num_domains)
-      evals = parallel.replicate(envs.evals, mesh)
-      init_rng, rng = jax.random.split(
-          jax.random.fold_in(jax.random.key(config.seed), restart))
-      params = model.init(init_rng, batch["x"][:1])["params"]
-      state = parallel.replicate(
-          create_train_state(rng, params, algorithm, tx, batch), mesh)
-      for step in range(config.steps):
-        logged = step % config.log_every == 0 or step == config.steps - 1
-        if logged:  # the parameters this step's forward pass sees
-          eval_accs = {f"{name}_acc": eval_accuracy(state.params, env)
-                       for name, env in evals.items()}
-          eval_accs["train_acc"] = eval_accuracy(state.params, batch)
-        state, metrics = train_step(state, batch)
-        bar.update()
-        if logged:
-          record = {"restart": restart, "step": step,
-                    **jax.tree.map(float, {**metrics, **eval_accs})}
-          log.write(json.dumps(record) + "\n")
-          log.flush()
-          bar.write(evaluation.format_record(record))
-      for key in final:
-        final[key].append(record[key])
 
-  results = {"algorithm": config.algorithm, "restarts": config.restarts,
-             **{k: evaluation.summarize(v) for k, v in final.items()},
-             "wall_time_s": time.time() - start}
-  _write_json(os.path.join(workdir, "results.json"), results)
-  print(evaluation.format_results(results), flush=True)
-  return results
+def _mean_metrics(pending: list[Metrics]) -> dict[str, float]:
+  """Each metric's mean over the steps since the last record (one transfer
+  from the device, at record time)."""
+  values = jax.device_get(pending)
+  return {k: float(np.mean([m[k] for m in values])) for k in values[0]}
+
+
+def train_loop(run: Run, progress_every_s: float = 30.0) -> list[Record]:
+  """Trains (or resumes, or skips when done) one run; returns its records.
+
+  Metrics stay on the device between records (dispatch stays asynchronous).
+  On a terminal a tqdm bar shows the rate and ETA; elsewhere a line with the
+  ETA is printed at every record and at least every `progress_every_s`.
+  """
+  finished = finished_records(run.workdir)
+  if finished is not None:
+    return finished
+  os.makedirs(run.workdir, exist_ok=True)
+  with open(os.path.join(run.workdir, "config.json"), "w") as f:
+    f.write(run.config_json + "\n")
+
+  manager = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(run.workdir, CHECKPOINTS)),
+      options=ocp.CheckpointManagerOptions(max_to_keep=2))
+  state, start_step, records = run.state, 0, []
+  restored = restore_checkpoint(manager, run.state)
+  if restored is not None:
+    mesh_sharding = jax.tree.map(lambda x: x.sharding, run.state)
+    state = jax.device_put(restored, mesh_sharding)
+    start_step = int(restored.step)
+    records = read_records(run.workdir, start_step - 1)
+    print(f"Resuming {run.workdir} from step {start_step}.", flush=True)
+  _write_records(run.workdir, records)  # drop records past the checkpoint
+
+  batches = run.batches(start_step)
+  interactive = sys.stderr.isatty()
+  bar = tqdm.tqdm(total=run.steps, initial=start_step, unit="step",
+                  desc=run.name or None, disable=not interactive,
+                  dynamic_ncols=True)
+  prefix = f"{run.name}: " if run.name else ""
+  if run.announce_compile and start_step < run.steps:
+    print(f"{prefix}compiling the train step...", flush=True)
+  checkpoint_every = run.checkpoint_every or run.record_every
+  pending: list[Metrics] = []
+  started = window_start = last_print = time.time()
+  for step in range(start_step, run.steps):
+    batch = next(batches)
+    record_now = step % run.record_every == 0 or step == run.steps - 1
+    if record_now and run.evaluate_before_update:
+      accs = run.evaluate(state.params)
+    state, metrics = run.train_step(state, batch)
+    pending.append(metrics)
+    bar.update()
+    now = time.time()
+    done_steps = step + 1 - start_step
+    eta = (now - started) / done_steps * (run.steps - step - 1)
+    if not record_now:
+      if not interactive and now - last_print >= progress_every_s:
+        print(f"{prefix}step {step + 1}/{run.steps}  eta {_duration(eta)}",
+              flush=True)
+        last_print = now
+      continue
+    if not run.evaluate_before_update:
+      accs = run.evaluate(state.params)
+    means = _mean_metrics(pending)  # waits for the step: times are real
+    record = {"step": step, "epoch": run.epoch(step + 1), **means,
+              "step_time": (time.time() - window_start) / len(pending),
+              **accs, **run.fields}
+    pending, window_start = [], time.time()
+    records.append(record)
+    with open(os.path.join(run.workdir, RECORDS), "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if step % checkpoint_every == 0 or step == run.steps - 1:
+      manager.save(step + 1, args=ocp.args.StandardSave(_to_saveable(state)))
+      manager.wait_until_finished()
+    line = format_record(record, run.steps, eta if step + 1 < run.steps else None)
+    bar.write(prefix + line)
+    last_print = time.time()
+  bar.close()
+  manager.close()
+  with open(os.path.join(run.workdir, DONE), "w") as f:
+    f.write("done\n")
+  return records

@@ -1,28 +1,20 @@
 """One DomainBed run: train on the training envs, evaluate every env's in/out
-splits every `checkpoint_freq` steps, resume from the last checkpoint.
+splits every `checkpoint_freq` steps (after that step's update), through
+train.train_loop (records, checkpoints, resume, `done`).
 
-Sections: hparams and config; input; model and optimizer; checkpoints;
-evaluation; the loop (`train_and_evaluate`). Writes, under workdir:
-  results.jsonl  one DomainBed record per checkpoint (step, epoch, every
-                 env's in/out accuracy, loss terms, step_time, hparams, args)
-  checkpoints/   orbax checkpoints of the train state (the last two)
-  done           written at the end; a finished run is not run again.
-A run killed at any point and started again with the same command resumes
-from its last checkpoint and ends with the same parameters and records
-(timings aside): the batches of step k depend only on (seed, k), and the
-records past the restored step are dropped and recomputed.
+Sections: hparams and config; the model; evaluation; the run
+(`make_run`, `train_and_evaluate`). Each record is DomainBed's: step, epoch,
+every env's in/out accuracy (env{i}_in_acc, env{i}_out_acc), the loss terms,
+step_time, hparams, args.
 """
 
-import json
 import os
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from fishr_jax import algorithms
 from fishr_jax import hparams as hparams_lib
@@ -34,8 +26,6 @@ from fishr_jax.algorithms import registry
 from fishr_jax.algorithms import settings
 from fishr_jax.data import domainbed
 
-RECORDS = "results.jsonl"
-DONE = "done"
 
 # -------------------------------------------------------- hparams and config
 
@@ -96,31 +86,6 @@ def make_network(dataset: domainbed.Dataset, hparams: dict[str, Any],
   return network, variables["params"]
 
 
-# -------------------------------------------------------------- checkpoints
-
-
-def _to_saveable(state: train.TrainState) -> train.TrainState:
-  return state.replace(rng=jax.random.key_data(state.rng))
-
-
-def _restore(manager: ocp.CheckpointManager,
-             template: train.TrainState) -> train.TrainState | None:
-  step = manager.latest_step()
-  if step is None:
-    return None
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(template))
-  restored = manager.restore(step, args=ocp.args.StandardRestore(target))
-  return restored.replace(rng=jax.random.wrap_key_data(restored.rng))
-
-
-def _read_records(path: str, up_to_step: int) -> list[dict[str, Any]]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
-  return [r for r in records if r["step"] <= up_to_step]
-
-
 # --------------------------------------------------------------- evaluation
 
 
@@ -148,24 +113,15 @@ def make_accuracy_fn(network: algorithms.Network):
   return accuracy
 
 
-# ----------------------------------------------------------------- the loop
+# ------------------------------------------------------------------ the run
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> list[dict[str, Any]]:
-  """Runs (or resumes) one DomainBed run; returns its records."""
-  os.makedirs(workdir, exist_ok=True)
-  records_path = os.path.join(workdir, RECORDS)
-  if os.path.exists(os.path.join(workdir, DONE)):
-    print(f"{workdir} is done; delete its 'done' file to run it again.")
-    return _read_records(records_path, config.steps)
-
+def make_run(config: ml_collections.ConfigDict, workdir: str) -> train.Run:
+  """The train.Run of one DomainBed run."""
   config = config.copy_and_resolve_references()
   hparams = resolve_hparams(config)
   alg_config, schedule = settings.from_domainbed(
       config.algorithm, hparams, config.get(config.algorithm))
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2) + "\n")
 
   # Input.
   dataset = domainbed.get_dataset(config.dataset, config.data_dir,
@@ -195,58 +151,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   tx = train.make_optimizer(hparams["lr"], hparams["weight_decay"])
   train_step = train.jit_train_step(
       train.make_train_step(algorithm, tx, schedule), mesh,
-      config.xla_cpu_dot_fusion, donate=False)
+      config.xla_cpu_dot_fusion)
   accuracy = make_accuracy_fn(network)
-  state = train.create_train_state(state_rng, params, algorithm, tx,
-                                   jax.device_put(sample))
+  state = parallel.replicate(train.create_train_state(
+      state_rng, params, algorithm, tx, jax.device_put(sample)), mesh)
 
-  # Checkpoints: resume if any.
-  manager = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(max_to_keep=2))
-  restored = _restore(manager, state)
-  start_step = 0
-  records = []
-  if restored is not None:
-    state, start_step = restored, int(restored.step)
-    records = _read_records(records_path, start_step - 1)
-    print(f"Resuming {workdir} from step {start_step}.", flush=True)
-  state = parallel.replicate(state, mesh)
-  with open(records_path, "w") as f:  # drop records past the checkpoint
-    f.writelines(json.dumps(r) + "\n" for r in records)
+  def batches(start_step):
+    host_batches = domainbed.train_batches(
+        dataset, splits, train_envs, batch_size, config.seed,
+        start_step=start_step, augment=hparams["data_augmentation"],
+        worker_count=config.worker_count,
+        process_shard=(jax.process_index(), jax.process_count()))
+    for batch in host_batches:
+      yield parallel.shard_batch(batch, mesh, algorithm.needs_domain_blocks,
+                                 len(train_envs))
 
-  args = record_args(config)
-  batches = domainbed.train_batches(
-      dataset, splits, train_envs, batch_size, config.seed,
-      start_step=start_step, augment=hparams["data_augmentation"],
-      worker_count=config.worker_count,
-      process_shard=(jax.process_index(), jax.process_count()))
-  pending: dict[str, list[float]] = {}
-  for step in range(start_step, config.steps):
-    start = time.time()
-    state, metrics = train_step(state, parallel.shard_batch(
-        next(batches), mesh, algorithm.needs_domain_blocks, len(train_envs)))
-    metrics = jax.device_get(metrics)
-    pending.setdefault("step_time", []).append(time.time() - start)
-    for key, value in metrics.items():
-      pending.setdefault(key, []).append(float(value))
-    if step % config.checkpoint_freq and step != config.steps - 1:
-      continue
-    record = {"step": step, "epoch": step / steps_per_epoch,
-              **{k: float(np.mean(v)) for k, v in pending.items()}}
-    for name, make_pass in eval_passes.items():
-      record[f"{name}_acc"] = accuracy(state.params, make_pass())
-    record.update(hparams=hparams, args=args)
-    pending = {}
-    with open(records_path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-    manager.save(int(state.step), args=ocp.args.StandardSave(_to_saveable(state)))
-    manager.wait_until_finished()
-    records.append(record)
-    accs = "  ".join(f"{k} {v:.3f}" for k, v in record.items() if k.endswith("_acc"))
-    print(f"step {step}  loss {record['loss']:.4f}  {accs}", flush=True)
+  def evaluate(params):
+    return {f"{name}_acc": accuracy(params, make_pass())
+            for name, make_pass in eval_passes.items()}
 
-  manager.close()
-  with open(os.path.join(workdir, DONE), "w") as f:
-    f.write("done\n")
-  return records
+  return train.Run(
+      workdir=workdir, config_json=config.to_json_best_effort(indent=2),
+      steps=config.steps, record_every=config.checkpoint_freq, state=state,
+      train_step=train_step, batches=batches, evaluate=evaluate,
+      evaluate_before_update=False, epoch=lambda s: s / steps_per_epoch,
+      fields={"hparams": hparams, "args": record_args(config)},
+      name=f"{config.dataset} {config.algorithm}")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> list[dict[str, Any]]:
+  """Runs (or resumes) one DomainBed run; returns its records."""
+  finished = train.finished_records(workdir)  # before loading any data
+  if finished is not None:
+    return finished
+  return train.train_loop(make_run(config, workdir))

@@ -9,6 +9,7 @@ import pytest
 
 from configs import colored_mnist as cmnist_config
 from fishr_jax import train
+from fishr_jax import train_colored_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,16 +27,21 @@ def test_cli_one_step_smoke(tmp_path):
   assert "irm (2 restarts)" in out.stdout
   config = json.loads((workdir / "config.json").read_text())
   assert config["algorithm"] == "irm" and config["hidden_dim"] == 16
-  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-  # steps 0 and 2 (the last) of each restart
-  assert [(r["restart"], r["step"]) for r in records] == [(0, 0), (0, 2), (1, 0), (1, 2)]
-  assert {"loss", "nll", "penalty", "train_acc", "test_acc", "gray_acc"} <= set(records[0])
+  # Each restart is a run of the train loop: its records, checkpoints, done.
+  runs = [workdir / f"restart_{r}" for r in range(2)]
+  records = [train.read_records(str(run)) for run in runs]
+  assert [[r["step"] for r in run] for run in records] == [[0, 2], [0, 2]]
+  assert all((run / "done").exists() and (run / "checkpoints").is_dir()
+             for run in runs)
+  assert {"loss", "nll", "penalty", "train_acc", "test_acc", "gray_acc",
+          "step_time", "hparams", "args"} <= set(records[0][0])
+  assert records[1][0]["args"]["restart"] == 1
   results = json.loads((workdir / "results.json").read_text())
   assert results["algorithm"] == "irm" and results["restarts"] == 2
   for key in ("train_acc", "test_acc", "gray_acc"):
     assert len(results[key]["values"]) == 2
     assert 0.0 <= results[key]["mean"] <= 1.0
-  assert results["test_acc"]["values"] == [r["test_acc"] for r in records if r["step"] == 2]
+  assert results["test_acc"]["values"] == [run[-1]["test_acc"] for run in records]
 
 
 def test_bad_preset_is_an_error():
@@ -53,7 +59,8 @@ def test_fishr_beats_erm_out_of_distribution(tmp_path):
     config.algorithm = algorithm
     config.restarts = 3
     config.log_every = 100
-    results[algorithm] = train.train_and_evaluate(config, str(tmp_path / algorithm))
+    results[algorithm] = train_colored_mnist.train_and_evaluate(
+        config, str(tmp_path / algorithm))
   fishr, erm = results["fishr"]["test_acc"]["mean"], results["erm"]["test_acc"]["mean"]
   assert fishr >= 0.45, results
   assert fishr >= erm + 0.20, results

@@ -148,6 +148,20 @@ def squared_l2_norm(params: PyTree) -> jax.Array:
   return sum(jnp.sum(p**2) for p in jax.tree.leaves(params))
 
 
+def check_choices(block: str, **fields: tuple[Any, tuple[Any, ...]]) -> None:
+  """Raises, naming `block.field`, unless each value is among its allowed."""
+  for field, (value, allowed) in fields.items():
+    if value not in allowed:
+      raise ValueError(f"{block}.{field} must be one of {allowed}, got "
+                       f"{value!r}.")
+
+
+def zeros_like_output(fn: Callable[[PyTree], PyTree], params: PyTree) -> PyTree:
+  """Zeros shaped like fn(params)'s output, without computing it."""
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                      jax.eval_shape(fn, params))
+
+
 def no_state(params: PyTree, batch: Batch) -> PyTree:
   del params, batch
   return ()

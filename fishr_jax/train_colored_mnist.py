@@ -1,0 +1,120 @@
+"""Colored MNIST (IRM setup): `config.restarts` full-batch runs, each trained
+by train.train_loop in its own folder, then summarized.
+
+Writes, under workdir:
+  restart_<r>/   one run each (config.json, results.jsonl, checkpoints/,
+                 done): the train loop's files; a record every `log_every`
+                 steps and at the last step, evaluating the parameters that
+                 step's forward pass sees, as the official script does
+  results.json   {"algorithm", "restarts", "train_acc", "test_acc",
+                 "gray_acc", "wall_time_s"}, each accuracy {"mean", "std",
+                 "values"} over restarts, from the last record of each run.
+"""
+
+import dataclasses
+import itertools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from fishr_jax import algorithms
+from fishr_jax import evaluation
+from fishr_jax import models
+from fishr_jax import parallel
+from fishr_jax import train
+from fishr_jax.algorithms import settings
+from fishr_jax.data import colored_mnist
+from fishr_jax.data import mnist
+
+DATASET = "ColoredMNIST_IRM"  # records' args["dataset"]
+ACCURACIES = ("train_acc", "test_acc", "gray_acc")
+
+
+def make_model(config: ml_collections.ConfigDict) -> models.MLP:
+  return models.MLP(hidden_dims=(config.hidden_dim,) * 2, num_outputs=1,
+                    dtype=models.compute_dtype(config.compute_dtype))
+
+
+def record_args(config: ml_collections.ConfigDict, restart: int) -> dict:
+  """The run's arguments in its records (model_selection reads them)."""
+  return {"experiment": "colored_mnist", "dataset": DATASET,
+          "algorithm": config.algorithm, "restart": restart,
+          "seed": config.seed, "steps": config.steps,
+          "hidden_dim": config.hidden_dim, "data_source": config.data.source}
+
+
+def make_runs(config: ml_collections.ConfigDict, workdir: str
+              ) -> list[train.Run]:
+  """One train.Run per restart; the jitted step is shared (one compile)."""
+  pools = mnist.load_digit_pools(config.data.source, config.data.data_dir)
+  model = make_model(config)
+  num_domains = len(config.data.train_color_flip_probs)
+  mesh = parallel.make_mesh(config.num_devices)
+  alg_config, schedule = settings.from_config_dict(config)
+  algorithm = algorithms.make_algorithm(config.algorithm, model, num_domains,
+                                        alg_config, schedule, mesh)
+  tx = train.make_optimizer(config.lr, config.weight_decay)
+  train_step = train.jit_train_step(
+      train.make_train_step(algorithm, tx, schedule), mesh,
+      config.xla_cpu_dot_fusion)
+  accuracy = evaluation.make_accuracy_fn(model)
+  hparams = {"lr": config.lr, "weight_decay": config.weight_decay,
+             **dataclasses.asdict(schedule),
+             **{f"{config.algorithm}.{k}": v
+                for k, v in dataclasses.asdict(alg_config).items()}}
+  runs = []
+  for restart in range(config.restarts):
+    envs = colored_mnist.make_environments(
+        pools, config.data, np.random.default_rng([config.seed, restart]))
+    batch = parallel.shard_batch(parallel.process_part(envs.train), mesh,
+                                 algorithm.needs_domain_blocks, num_domains)
+    evals = {"train": batch, **parallel.replicate(envs.evals, mesh)}
+    init_rng, rng = jax.random.split(
+        jax.random.fold_in(jax.random.key(config.seed), restart))
+    params = model.init(init_rng, batch["x"][:1])["params"]
+    state = parallel.replicate(
+        train.create_train_state(rng, params, algorithm, tx, batch), mesh)
+    runs.append(train.Run(
+        workdir=os.path.join(workdir, f"restart_{restart}"),
+        config_json=config.to_json_best_effort(indent=2),
+        steps=config.steps, record_every=config.log_every, state=state,
+        train_step=train_step,
+        batches=lambda start, batch=batch: itertools.repeat(batch),
+        evaluate=lambda params, evals=evals: {
+            f"{name}_acc": float(accuracy(params, env))
+            for name, env in evals.items()},
+        evaluate_before_update=True,
+        fields={"hparams": hparams, "args": record_args(config, restart)},
+        checkpoint_every=config.checkpoint_every,
+        announce_compile=restart == 0, name=f"restart {restart}"))
+  return runs
+
+
+def summarize(config: ml_collections.ConfigDict,
+              final_records: list[train.Record],
+              wall_time_s: float) -> dict[str, Any]:
+  return {"algorithm": config.algorithm, "restarts": len(final_records),
+          **{k: evaluation.summarize([r[k] for r in final_records])
+             for k in ACCURACIES},
+          "wall_time_s": wall_time_s}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) every restart; returns and writes the results."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2) + "\n")
+  start = time.time()
+  final = [train.train_loop(run)[-1] for run in make_runs(config, workdir)]
+  results = summarize(config, final, time.time() - start)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+    f.write("\n")
+  print(evaluation.format_results(results), flush=True)
+  return results

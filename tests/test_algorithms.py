@@ -1,0 +1,94 @@
+"""Every registered algorithm, under both experiments: built by each
+experiment's adapter (algorithms/settings.py), trained one step through the
+train loop on tiny real digits, with a finite loss, and its whole train state
+(parameters, optimizer, algorithm state, rng) round-trips through a
+checkpoint. A new algorithm module is picked up here from the registry."""
+
+import dataclasses
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import colored_mnist as cmnist_config
+from configs import domainbed as domainbed_config
+from fishr_jax import algorithms
+from fishr_jax import train
+from fishr_jax import train_colored_mnist
+from fishr_jax import train_domainbed
+from fishr_jax.algorithms import registry
+from fishr_jax.algorithms import settings
+
+EXPERIMENTS = ("colored_mnist", "domainbed")
+
+
+def _make_run(experiment, name, digits_dir, workdir):
+  if experiment == "colored_mnist":
+    config = cmnist_config.get_config()
+    config.update(algorithm=name, restarts=1, steps=1, hidden_dim=8,
+                  log_every=1, checkpoint_every=1)
+    config.data.update(source="idx", data_dir=digits_dir)
+    return train_colored_mnist.make_runs(config, workdir)[0]
+  config = domainbed_config.get_config()
+  config.update(algorithm=name, steps=1, checkpoint_freq=1,
+                digits_source="idx", data_dir=digits_dir, eval_batch_size=512)
+  config.hparams.batch_size = 8
+  return train_domainbed.make_run(config, workdir)
+
+
+def _host(state):
+  return jax.device_get(state.replace(rng=jax.random.key_data(state.rng)))
+
+
+@pytest.mark.parametrize("name", algorithms.names())
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_algorithm_trains_and_checkpoints(experiment, name,
+                                                tiny_mnist_dir, tmp_path):
+  run = _make_run(experiment, name, tiny_mnist_dir, str(tmp_path))
+  template = jax.tree.map(jnp.copy, run.state)  # the step donates its input
+  expected, _ = run.train_step(jax.tree.map(jnp.copy, run.state),
+                               next(run.batches(0)))
+  records = train.train_loop(run)
+  assert [r["step"] for r in records] == [0]
+  assert np.isfinite(records[0]["loss"]) and np.isfinite(records[0]["nll"])
+  assert os.path.exists(os.path.join(run.workdir, train.DONE))
+
+  manager = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(run.workdir, train.CHECKPOINTS)))
+  restored = train.restore_checkpoint(manager, template)
+  assert int(restored.step) == 1
+  chex.assert_trees_all_equal(_host(restored), _host(expected))
+
+
+@pytest.mark.parametrize("name", algorithms.names())
+def test_every_algorithm_has_a_frozen_config_and_domainbed_mapping(name):
+  entry = registry.get(name)
+  config = entry.config_class()
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    setattr(config, "x", 1)
+  hparams = {k: default for k, (default, _) in entry.domainbed.hparams.items()}
+  from_hparams, schedule = settings.from_domainbed(name, hparams)
+  assert isinstance(from_hparams, entry.config_class)
+  assert isinstance(schedule, algorithms.Schedule)
+  # Every option no hparam sets can be given on DomainBed's command line.
+  options = settings.domainbed_options(name)
+  assert set(options) | set(entry.domainbed.to_config(hparams)) == {
+      f.name for f in dataclasses.fields(entry.config_class)}
+  # ...and every field on Colored MNIST's, with the Config's defaults.
+  block = cmnist_config.get_config()[name]
+  assert set(block) == {f.name for f in dataclasses.fields(entry.config_class)}
+
+
+def test_an_unknown_option_is_named():
+  config = cmnist_config.get_config()
+  config.fishr.lamda = 3.0
+  with pytest.raises(ValueError, match=r"fishr has no option \['lamda'\]"):
+    settings.from_config_dict(config)
+  with pytest.raises(ValueError, match="set by DomainBed hparams"):
+    settings.from_domainbed("fishr", {"lambda": 1.0, "ema": 0.9,
+                                      "penalty_anneal_iters": 0},
+                            {"lambda_": 5.0})
