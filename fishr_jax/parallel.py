@@ -51,6 +51,17 @@ def make_mesh(num_devices: int = 0) -> Mesh:
                        devices=devices[:num_devices])
 
 
+def must_block_each_step(mesh: Mesh) -> bool:
+  """Whether a loop must wait for each step before dispatching the next.
+
+  XLA:CPU runs every device's part of a program on one shared thread pool.
+  With several CPU devices (fake ones: more devices than cores), a step
+  dispatched while the previous one runs can take the threads that the
+  previous step's all-reduce is waiting for, and both wait for ever (seen on
+  4 fake devices over 2 cores). Accelerators keep dispatch asynchronous."""
+  return mesh.devices.flat[0].platform == "cpu" and mesh.size > 1
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 

@@ -220,6 +220,8 @@ class Run:
     (None: at every record); the last step always saves one.
   announce_compile: print that the first step compiles (False for runs
     that share an already compiled step).
+  block_each_step: wait for each step before the next
+    (parallel.must_block_each_step).
   """
   workdir: str
   config_json: str
@@ -234,6 +236,7 @@ class Run:
   fields: dict[str, Any] = dataclasses.field(default_factory=dict)
   checkpoint_every: int | None = None
   announce_compile: bool = True
+  block_each_step: bool = False
   name: str = ""  # shown on the progress bar
 
   def __post_init__(self):
@@ -295,6 +298,8 @@ def train_loop(run: Run, progress_every_s: float = 30.0) -> list[Record]:
     if record_now and run.evaluate_before_update:
       accs = run.evaluate(state.params)
     state, metrics = run.train_step(state, batch)
+    if run.block_each_step:
+      jax.block_until_ready(state)
     pending.append(metrics)
     bar.update()
     now = time.time()

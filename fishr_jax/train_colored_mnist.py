@@ -91,7 +91,9 @@ def make_runs(config: ml_collections.ConfigDict, workdir: str
         evaluate_before_update=True,
         fields={"hparams": hparams, "args": record_args(config, restart)},
         checkpoint_every=config.checkpoint_every,
-        announce_compile=restart == 0, name=f"restart {restart}"))
+        announce_compile=restart == 0,
+        block_each_step=parallel.must_block_each_step(mesh),
+        name=f"restart {restart}"))
   return runs
 
 

@@ -176,6 +176,7 @@ def make_run(config: ml_collections.ConfigDict, workdir: str) -> train.Run:
       train_step=train_step, batches=batches, evaluate=evaluate,
       evaluate_before_update=False, epoch=lambda s: s / steps_per_epoch,
       fields={"hparams": hparams, "args": record_args(config)},
+      block_each_step=parallel.must_block_each_step(mesh),
       name=f"{config.dataset} {config.algorithm}")
 
 

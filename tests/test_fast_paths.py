@@ -37,8 +37,8 @@ def _penalty_fn(variance_fn, domain, centered):
   return penalty
 
 
-@pytest.mark.parametrize("num_shards", [1, 2, 4])
-@pytest.mark.parametrize("num_columns", [1, 3, 8])
+@pytest.mark.parametrize("num_shards", [1, 2])
+@pytest.mark.parametrize("num_columns", [1, 3])
 @pytest.mark.parametrize("centered", [True, False])
 @pytest.mark.parametrize("moment_sums", FAST)
 def test_fast_moments_equal_the_reference_under_jit(moment_sums, centered,
@@ -58,6 +58,7 @@ def test_fast_moments_equal_the_reference_under_jit(moment_sums, centered,
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
 
 
+@pytest.mark.perf
 def test_auto_takes_the_chunked_sums_for_few_columns_on_cpu_only():
   inputs, signals, domain = _dense_problem(1)
   jaxpr = lambda fn: str(jax.make_jaxpr(jax.grad(

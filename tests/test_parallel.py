@@ -64,6 +64,7 @@ def test_fast_paths_equal_the_reference_on_every_mesh(multi_device_results,
                   f"{variant} on {num_devices} vs {reference}: {key}")
 
 
+@pytest.mark.perf
 @pytest.mark.parametrize("variant", ["fishr_closed_form",
                                      "fishr_closed_form_fast", "fishr_vmap",
                                      "fishr_all_layers_fast", "erm"])

@@ -210,26 +210,36 @@ def _colored_mnist_mlp_step(config, algorithm_name="fishr"):
   return step, state, batch
 
 
-def test_cpu_dot_fusion_is_applied_and_keeps_the_result():
+def test_cpu_dot_fusion_keeps_the_result():
   config = _config(penalty_anneal_iters=0)
-  outputs, operands = {}, {}
+  outputs = {}
   for fused in (True, False):
     config.xla_cpu_dot_fusion = fused
     step, state, batch = _colored_mnist_mlp_step(config)
-    operands[fused] = _ynn_fusion_operands(
-        step.lower(state, batch).compile().as_text())
     losses = []
     for _ in range(3):
       state, metrics = step(state, batch)
       losses.append(metrics["loss"])
     outputs[fused] = (state.params, jnp.stack(losses))
-  # Fused, the hidden layers' dots take their bias (3 operands); unfused, a
-  # YNNPACK dot takes only its two matrices.
-  assert max(operands[True]) >= 3 and max(operands[False]) == 2
   chex.assert_trees_all_close(outputs[True], outputs[False], rtol=2e-5,
                               atol=1e-6)
 
 
+@pytest.mark.perf
+def test_cpu_dot_fusion_is_applied():
+  """Fused, the hidden layers' dots take their bias (3 operands); unfused, a
+  YNNPACK dot takes only its two matrices."""
+  config = _config(penalty_anneal_iters=0)
+  operands = {}
+  for fused in (True, False):
+    config.xla_cpu_dot_fusion = fused
+    step, state, batch = _colored_mnist_mlp_step(config)
+    operands[fused] = _ynn_fusion_operands(
+        step.lower(state, batch).compile().as_text())
+  assert max(operands[True]) >= 3 and max(operands[False]) == 2
+
+
+@pytest.mark.perf
 def test_relu_backward_is_fused_into_the_next_layers_matmul():
   """The reason `models.relu` exists: on CPU, the hidden layers' backward
   matmul and relu's mask are one YNNPACK fusion (with jax.nn.relu the mask
