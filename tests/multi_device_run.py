@@ -28,7 +28,6 @@ VARIANTS = {
     "fishr_closed_form": ("fishr", {}, None),
     "fishr_closed_form_fast": ("fishr", {"moment_sums": "auto"},
                                "fishr_closed_form"),
-    "fishr_chunked": ("fishr", {"moment_sums": "chunked"}, "fishr_closed_form"),
     "fishr_vmap": ("fishr", {"grad_path": "vmap"}, "fishr_closed_form"),
     "fishr_all_layers": ("fishr", {"params": "all"}, None),
     "fishr_all_layers_fast": ("fishr", {"params": "all", "moment_sums": "auto"},
@@ -97,6 +96,7 @@ def run(algorithm_name: str, fishr_options: dict,
   losses = []
   for _ in range(STEPS):
     state, metrics = step(state, batch)
+    jax.block_until_ready(state)  # as train_loop on CPU meshes
     losses.append(metrics["loss"])
   out = {"loss": np.stack(losses),
          "collectives": np.array([

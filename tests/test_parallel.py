@@ -40,6 +40,7 @@ def _keys(variant):
   return keys
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(multi_device_run.VARIANTS))
 @pytest.mark.parametrize("num_devices", [1, 2, 4, 8])
 def test_sharded_steps_equal_single_device(multi_device_results, variant,
@@ -52,6 +53,7 @@ def test_sharded_steps_equal_single_device(multi_device_results, variant,
     assert multi_device_results[f"{variant}/None/penalty"] > 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(
     v for v, (_, _, ref) in multi_device_run.VARIANTS.items() if ref))
 @pytest.mark.parametrize("num_devices", [None, 1, 2, 4, 8])

@@ -110,7 +110,7 @@ def _strip_timing(path):
 
 @pytest.mark.slow
 def test_killed_run_resumes_bitwise(tmp_path):
-  steps, freq = 60, 5
+  steps, freq = 30, 5
   reference, resumed = tmp_path / "reference", tmp_path / "resumed"
   subprocess.run(_command(reference, steps, freq), cwd=ROOT, check=True,
                  capture_output=True, timeout=600)
