@@ -108,13 +108,20 @@ def blocked_dense_grad_variance(inputs: jax.Array, signals: jax.Array,
   if num_examples % (num_domains * num_shards):
     raise ValueError(f"{num_examples} examples cannot form {num_domains} "
                      f"equal domain blocks on each of {num_shards} shards.")
-  blocks = lambda x: x.reshape((num_shards, num_domains, -1) + x.shape[1:])
+  # (E, B, ...) blocks; sharded, (shards, E, B, ...): each device sums its
+  # own blocks, then the shards are added (an all-reduce). The batch axes
+  # stay leading so no (N, D) operand is transposed.
+  lead = (num_domains,) if num_shards == 1 else (num_shards, num_domains)
+  blocks = lambda x: x.reshape(lead + (-1,) + x.shape[1:])
+  over_shards = lambda x: x if num_shards == 1 else x.sum(axis=0)
   a, d = blocks(a), blocks(d)
-  sums = jnp.einsum("sebk,sebd->ekd", d, a, precision=_EXACT)
-  sq_sums = jnp.einsum("sebk,sebd->ekd", d * d, a * a, precision=_EXACT)
+  sums = over_shards(jnp.einsum("...bk,...bd->...kd", d, a, precision=_EXACT))
+  sq_sums = over_shards(jnp.einsum("...bk,...bd->...kd", d * d, a * a,
+                                   precision=_EXACT))
+  bias_sums = over_shards(d.sum(axis=-2))
+  bias_sq_sums = over_shards((d * d).sum(axis=-2))
   counts = jnp.full((num_domains,), num_examples // num_domains, a.dtype)
-  return _variances(sums, sq_sums, d.sum(axis=(0, 2)), (d * d).sum(axis=(0, 2)),
-                    counts, centered)
+  return _variances(sums, sq_sums, bias_sums, bias_sq_sums, counts, centered)
 
 
 def chunked_dense_grad_variance(inputs: jax.Array, signals: jax.Array,

@@ -214,7 +214,8 @@ class Run:
   evaluate_before_update: True (Colored MNIST, as the IRM script): a record
     evaluates the parameters the step's forward pass sees; False
     (DomainBed): the parameters after the step's update.
-  epoch: step -> epochs seen after the step.
+  epoch: step -> its epoch, as DomainBed records it (step / steps per
+    epoch).
   fields: what every record carries besides its numbers (hparams, args).
   checkpoint_every: steps between checkpoints, a multiple of record_every
     (None: at every record); the last step always saves one.
@@ -251,7 +252,7 @@ def _mean_metrics(pending: list[Metrics]) -> dict[str, float]:
   """Each metric's mean over the steps since the last record (one transfer
   from the device, at record time)."""
   values = jax.device_get(pending)
-  return {k: float(np.mean([m[k] for m in values])) for k in values[0]}
+  return {k: float(np.mean([float(m[k]) for m in values])) for k in values[0]}
 
 
 def train_loop(run: Run, progress_every_s: float = 30.0) -> list[Record]:
@@ -314,7 +315,7 @@ def train_loop(run: Run, progress_every_s: float = 30.0) -> list[Record]:
     if not run.evaluate_before_update:
       accs = run.evaluate(state.params)
     means = _mean_metrics(pending)  # waits for the step: times are real
-    record = {"step": step, "epoch": run.epoch(step + 1), **means,
+    record = {"step": step, "epoch": run.epoch(step), **means,
               "step_time": (time.time() - window_start) / len(pending),
               **accs, **run.fields}
     pending, window_start = [], time.time()

@@ -17,7 +17,13 @@ from fishr_jax import losses
 from fishr_jax import models
 from fishr_jax import penalties
 
-jax.config.update("jax_enable_x64", True)  # noqa: the comparisons are exact
+
+
+@pytest.fixture(autouse=True)
+def _float64(x64):
+  """The comparisons are exact: float64 in this module's tests only."""
+  del x64
+  yield
 
 NUM_DOMAINS = 3
 
@@ -61,10 +67,10 @@ def _loop_variances(module, params, batch, names):
   return out
 
 
-# Unequal domains and shuffled equal ones take the routed sums; equal domains
-# one after another (every loader's layout) take the per-domain blocks.
-@pytest.mark.parametrize("sizes,shuffle", [((7, 5, 9), False), ((6, 6, 6), False),
-                                           ((6, 6, 6), True)])
+# Unequal domains, equal ones in the loaders' layout, and shuffled ones.
+@pytest.mark.parametrize("sizes,shuffle", [
+    ((7, 5, 9), False), pytest.param((6, 6, 6), False, marks=pytest.mark.slow),
+    pytest.param((6, 6, 6), True, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("num_outputs", [1, 3])
 def test_dense_layer_closed_form_equals_loop_of_grad(num_outputs, sizes,
                                                      shuffle):
@@ -114,7 +120,8 @@ def _penalty_and_grads(module, params, batch, config):
   return penalty, grads, new_state
 
 
-@pytest.mark.parametrize("sizes", [(7, 5, 9), (6, 6, 6)])
+@pytest.mark.parametrize("sizes", [
+    (7, 5, 9), pytest.param((6, 6, 6), marks=pytest.mark.slow)])
 @pytest.mark.parametrize("which", ["all", "hidden_1|classifier", "head",
                                    "hidden_0/kernel"])
 def test_closed_form_and_vmap_agree_on_penalty_and_its_gradient(which, sizes):
@@ -160,6 +167,7 @@ def test_full_network_penalty_differs_from_the_head_only_one():
                          full[1]["hidden_0"]["kernel"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grad_path", ["closed_form", "vmap"])
 def test_conv_layers_equal_loop_of_grad(grad_path):
   """MNIST_CNN's convolutions (3x3, stride 1 and 2, explicit padding)."""

@@ -210,6 +210,7 @@ def _colored_mnist_mlp_step(config, algorithm_name="fishr"):
   return step, state, batch
 
 
+@pytest.mark.slow
 def test_cpu_dot_fusion_keeps_the_result():
   config = _config(penalty_anneal_iters=0)
   outputs = {}

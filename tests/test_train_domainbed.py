@@ -65,6 +65,7 @@ def test_random_hparams_follow_domainbed_seeding():
           defaults["lr"], defaults["batch_size"]) == (1000.0, 1500, 0.95, 5e-5, 32)
 
 
+@pytest.mark.slow
 def test_run_writes_domainbed_records(tmp_path):
   records = train_domainbed.train_and_evaluate(_config(algorithm="fishr"),
                                                str(tmp_path))
