@@ -25,7 +25,7 @@ coral|mmd|groupdro|mixup (every registered algorithm has a block here),
 
 import ml_collections
 
-from configs import common
+from fishr_jax import config_fields as common
 
 # The IRM authors' tuned values; the official Fishr script uses them for every
 # algorithm (github facebookresearch/InvariantRiskMinimization).

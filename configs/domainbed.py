@@ -22,7 +22,7 @@ Any hparam can be forced: --config.hparams.lr=1e-4 --config.hparams.lambda_=100
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from configs import common
+from fishr_jax import config_fields as common
 from fishr_jax import hparams as hparams_lib
 from fishr_jax.algorithms import registry
 from fishr_jax.algorithms import settings

@@ -22,7 +22,10 @@ def test_cli_one_step_smoke(tmp_path):
          "--workdir", str(workdir), "--config.algorithm=irm",
          "--config.restarts=2", "--config.steps=3", "--config.hidden_dim=16",
          "--config.log_every=2"]
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  # Outside the repository, as the installed `fishr-jax` script runs: the
+  # config file must not need configs/ on sys.path.
+  out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
   assert out.returncode == 0, out.stderr
   assert "irm (2 restarts)" in out.stdout
   config = json.loads((workdir / "config.json").read_text())

@@ -1,4 +1,8 @@
-"""Config fields shared by every experiment config."""
+"""Config fields shared by every experiment config (configs/*.py).
+
+In the library, not in configs/, so that a config file loaded by path (the
+`fishr-jax` console script) imports it without configs/ on sys.path.
+"""
 
 from typing import Any
 
