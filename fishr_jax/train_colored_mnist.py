@@ -16,7 +16,7 @@ import itertools
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import ml_collections
@@ -49,8 +49,9 @@ def record_args(config: ml_collections.ConfigDict, restart: int) -> dict:
 
 
 def make_runs(config: ml_collections.ConfigDict, workdir: str
-              ) -> list[train.Run]:
-  """One train.Run per restart; the jitted step is shared (one compile)."""
+              ) -> Iterator[train.Run]:
+  """One train.Run per restart, made as it is asked for (each holds its
+  full batch on the devices); the jitted step is shared (one compile)."""
   pools = mnist.load_digit_pools(config.data.source, config.data.data_dir)
   model = make_model(config)
   num_domains = len(config.data.train_color_flip_probs)
@@ -67,7 +68,6 @@ def make_runs(config: ml_collections.ConfigDict, workdir: str
              **dataclasses.asdict(schedule),
              **{f"{config.algorithm}.{k}": v
                 for k, v in dataclasses.asdict(alg_config).items()}}
-  runs = []
   for restart in range(config.restarts):
     envs = colored_mnist.make_environments(
         pools, config.data, np.random.default_rng([config.seed, restart]))
@@ -79,7 +79,7 @@ def make_runs(config: ml_collections.ConfigDict, workdir: str
     params = model.init(init_rng, batch["x"][:1])["params"]
     state = parallel.replicate(
         train.create_train_state(rng, params, algorithm, tx, batch), mesh)
-    runs.append(train.Run(
+    yield train.Run(
         workdir=os.path.join(workdir, f"restart_{restart}"),
         config_json=config.to_json_best_effort(indent=2),
         steps=config.steps, record_every=config.log_every, state=state,
@@ -93,8 +93,7 @@ def make_runs(config: ml_collections.ConfigDict, workdir: str
         checkpoint_every=config.checkpoint_every,
         announce_compile=restart == 0,
         block_each_step=parallel.must_block_each_step(mesh),
-        name=f"restart {restart}"))
-  return runs
+        name=f"restart {restart}")
 
 
 def summarize(config: ml_collections.ConfigDict,

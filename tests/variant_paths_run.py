@@ -45,7 +45,7 @@ def run(variant: str, path: str, num_devices: int, workdir: str) -> dict:
                 num_devices=num_devices)
   config.fishr.update(PATHS[path])
   config.fishr.update(VARIANTS[variant])
-  (one,) = train_colored_mnist.make_runs(config, workdir)
+  (one,) = list(train_colored_mnist.make_runs(config, workdir))
   return train.train_loop(one)[-1]
 
 
