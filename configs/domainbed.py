@@ -15,8 +15,9 @@ Datasets: ColoredMNIST, RotatedMNIST (digits: data.digits_source
 embedded|tfds|idx), VLCS, PACS, OfficeHome, TerraIncognita, DomainNet (from
 DomainBed's folders under --config.data_dir; ImageNet weights for ResNet-50
 from --config.pretrained_checkpoint, a local torchvision file).
-Any hparam can be forced: --config.hparams.lr=1e-4 --config.hparams.lambda_=100
-(lambda_ stands for DomainBed's `lambda`, a Python keyword).
+Any hparam can be forced: --config.hparams.lr=1e-4 --config.hparams.lambda=100
+(in Python, config.hparams.lambda_: `lambda` is a Python keyword, and the
+command line maps any keyword in a flag path to its underscored field).
 """
 
 import ml_collections
@@ -37,8 +38,7 @@ def _hparam_overrides() -> ml_collections.ConfigDict:
     except ValueError:  # no DomainBed hparams
       continue
     for name, (default, _) in specs.items():
-      overrides[name] = placeholder(type(default))
-  overrides["lambda_"] = placeholder(float)  # alias of "lambda"
+      overrides[settings.config_name(name)] = placeholder(type(default))
   return overrides
 
 

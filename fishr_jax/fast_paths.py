@@ -33,6 +33,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from fishr_jax import errors
 from fishr_jax import losses
 from fishr_jax import penalties
 
@@ -59,8 +60,9 @@ def dense_grad_variance_fn(moment_sums: str, platform: str,
   """The Dense-layer variance function `moment_sums` names, for a step that
   runs on `platform` ("cpu", "gpu", "tpu") over `num_shards` data shards."""
   if moment_sums not in MOMENT_SUMS:
-    raise ValueError(f"fishr.moment_sums must be one of {MOMENT_SUMS}, got "
-                     f"{moment_sums!r}.")
+    raise errors.ConfigError(
+        f"fishr.moment_sums must be one of {MOMENT_SUMS}, got "
+        f"{moment_sums!r}.")
   if num_shards < 1:
     raise ValueError(f"num_shards must be >= 1, got {num_shards}.")
   if moment_sums == "reference":

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fishr_jax import errors
 from fishr_jax import losses
 from fishr_jax import models
 from fishr_jax import penalties
@@ -53,10 +54,12 @@ def select_params(params: PyTree, which: str) -> list[str]:
   try:
     chosen = [n for n in names if re.search(pattern, n)]
   except re.error as e:
-    raise ValueError(f"fishr.params={which!r} is not a valid pattern: {e}.")
+    raise errors.ConfigError(
+        f"fishr.params={which!r} is not a valid pattern: {e}.")
   if not chosen:
-    raise ValueError(f"fishr.params={which!r} matches no parameter; the "
-                     f"parameters are: {', '.join(names)}.")
+    raise errors.ConfigError(
+        f"fishr.params={which!r} matches no parameter; the "
+        f"parameters are: {', '.join(names)}.")
   return chosen
 
 

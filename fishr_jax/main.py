@@ -1,10 +1,14 @@
 """Entry point: python -m fishr_jax.main --config configs/X.py --workdir DIR."""
 
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from fishr_jax import cli
+from fishr_jax import config_checks
 from fishr_jax import parallel
 from fishr_jax import train_colored_mnist
 from fishr_jax import train_domainbed
@@ -18,6 +22,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Directory for config.json, metrics and results.")
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "Show the traceback of every error, not one line.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,17 +32,19 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # JAX's note that no TPU was found is noise on CPU and GPU machines.
   logging.set_verbosity(logging.WARNING)
-  config = _CONFIG.value
-  trainer = config.get("trainer", "colored_mnist")
-  if trainer not in TRAINERS:
-    raise app.UsageError(f"config.trainer must be one of {sorted(TRAINERS)}.")
-  parallel.initialize(config)
-  TRAINERS[trainer](config, _WORKDIR.value)
+  config, workdir = _CONFIG.value, _WORKDIR.value
+
+  def train():
+    config_checks.check(config)  # before any data is read
+    parallel.initialize(config)
+    TRAINERS[config.get("trainer", "colored_mnist")](config, workdir)
+
+  cli.run_reporting_errors(train, workdir, _VERBOSE.value)
 
 
 def run():
   """Console script `fishr-jax`."""
-  app.run(main)
+  app.run(main, argv=sys.argv, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

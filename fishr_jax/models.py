@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fishr_jax import errors
+
 HEAD = "classifier"
 COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
@@ -23,8 +25,9 @@ COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 def compute_dtype(name: str) -> Any:
   """config.compute_dtype -> the modules' `dtype` argument."""
   if name not in COMPUTE_DTYPES:
-    raise ValueError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, "
-                     f"got {name!r}.")
+    raise errors.ConfigError(
+        f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, "
+        f"got {name!r}.")
   return COMPUTE_DTYPES[name]
 
 

@@ -25,6 +25,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fishr_jax import errors
+
 DATA_AXIS = "data"
 PyTree = Any
 
@@ -40,8 +42,8 @@ def make_mesh(num_devices: int = 0) -> Mesh:
   them, across every process)."""
   devices = jax.devices()
   if num_devices < 0 or num_devices > len(devices):
-    raise ValueError(f"num_devices={num_devices}, but there are "
-                     f"{len(devices)} devices: {devices}.")
+    raise errors.ConfigError(f"num_devices={num_devices}, but there are "
+                             f"{len(devices)} devices: {devices}.")
   num_devices = num_devices or len(devices)
   # Auto axes: the step is global-batch code and XLA's sharding propagation
   # places the all-reduces (Explicit axes would ask every contraction over

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fishr_jax import errors
 from fishr_jax import losses
 
 PyTree = Any
@@ -250,7 +251,7 @@ def ema_update(ema_state: PyTree, variance: PyTree,
   shaped like `variance`: the first `smoothed` is then the raw variance.
   """
   if isinstance(decay, (int, float)) and not 0.0 <= decay < 1.0:
-    raise ValueError(f"EMA decay must be in [0, 1), got {decay}.")
+    raise errors.ConfigError(f"EMA decay must be in [0, 1), got {decay}.")
   chex.assert_trees_all_equal_shapes(ema_state, variance)
   history = jax.lax.stop_gradient(ema_state)
   smoothed = jax.tree.map(lambda v, m: v + decay / (1.0 - decay) * m, variance,
@@ -284,7 +285,8 @@ def fishr_penalty(variances: PyTree, reduction: Reduction = "mean") -> jax.Array
     return squared.mean()
   if reduction == "sum":
     return squared.sum()
-  raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
+  raise errors.ConfigError(
+      f"reduction must be 'mean' or 'sum', got {reduction!r}.")
 
 
 def irm_penalty(logits: jax.Array, labels: jax.Array, domain_ids: jax.Array,

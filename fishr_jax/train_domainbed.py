@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from fishr_jax import algorithms
+from fishr_jax import config_checks
 from fishr_jax import hparams as hparams_lib
 from fishr_jax import losses
 from fishr_jax import models
@@ -32,16 +33,13 @@ from fishr_jax.data import domainbed
 
 def resolve_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """DomainBed's sampled hparams, with every explicitly set override."""
+  config_checks.check_hparam_overrides(config)
   values = hparams_lib.sample_hparams(config.algorithm, config.dataset,
                                       config.hparams_seed, config.trial_seed)
-  for name, value in config.hparams.items():
-    name = "lambda" if name == "lambda_" else name
-    if value is None:
-      continue
-    if name not in values:
-      raise ValueError(f"hparams.{name} is not an hparam of {config.algorithm} "
-                       f"on {config.dataset}; known: {sorted(values)}.")
-    values[name] = type(values[name])(value)
+  for field, value in config.hparams.items():
+    if value is not None:
+      name = settings.hparam_name(field)
+      values[name] = type(values[name])(value)
   return values
 
 

@@ -42,12 +42,12 @@ def test_hparams_sample_zero_is_default_and_overrides_win():
   config.hparams.batch_size = None
   resolved = train_domainbed.resolve_hparams(config)
   assert resolved == hparams_lib.default_hparams("fishr", "ColoredMNIST")
-  config.hparams["lambda"] = 10.0
+  config.hparams.lambda_ = 10.0
   config.hparams.ema = 0.5
   resolved = train_domainbed.resolve_hparams(config)
   assert resolved["lambda"] == 10.0 and resolved["ema"] == 0.5
   config.hparams_seed = 3
-  config.hparams["lambda"] = None
+  config.hparams.lambda_ = None
   sampled = train_domainbed.resolve_hparams(config)
   assert sampled == {**hparams_lib.random_hparams(
       "fishr", "ColoredMNIST", hparams_lib.seed_hash(3, 0)), "ema": 0.5}

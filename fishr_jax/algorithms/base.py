@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fishr_jax import errors
 from fishr_jax import losses
 from fishr_jax import penalties
 
@@ -95,8 +96,8 @@ class Schedule:
 
   def __post_init__(self):
     if self.penalty_anneal_iters < 0:
-      raise ValueError("penalty_anneal_iters must be >= 0, got "
-                       f"{self.penalty_anneal_iters}.")
+      raise errors.ConfigError("penalty_anneal_iters must be >= 0, got "
+                               f"{self.penalty_anneal_iters}.")
 
   @property
   def optimizer_reset_step(self) -> int | None:
@@ -152,8 +153,8 @@ def check_choices(block: str, **fields: tuple[Any, tuple[Any, ...]]) -> None:
   """Raises, naming `block.field`, unless each value is among its allowed."""
   for field, (value, allowed) in fields.items():
     if value not in allowed:
-      raise ValueError(f"{block}.{field} must be one of {allowed}, got "
-                       f"{value!r}.")
+      raise errors.ConfigError(f"{block}.{field} must be one of {allowed}, got "
+                               f"{value!r}.")
 
 
 def zeros_like_output(fn: Callable[[PyTree], PyTree], params: PyTree) -> PyTree:

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import jax
 
+from fishr_jax import errors
 from fishr_jax import fast_paths
 from fishr_jax import layer_signals
 from fishr_jax import losses
@@ -43,10 +44,10 @@ class Config:
                        reduction=(self.reduction, REDUCTIONS),
                        moment_sums=(self.moment_sums, fast_paths.MOMENT_SUMS))
     if self.covariance == "full" and self.grad_path != "vmap":
-      raise ValueError("fishr.covariance='full' needs the per-example "
-                       "gradients: set fishr.grad_path='vmap'.")
+      raise errors.ConfigError("fishr.covariance='full' needs the per-example "
+                               "gradients: set fishr.grad_path='vmap'.")
     if not 0.0 <= self.ema < 1.0:
-      raise ValueError(f"fishr.ema must be in [0, 1), got {self.ema}.")
+      raise errors.ConfigError(f"fishr.ema must be in [0, 1), got {self.ema}.")
 
 
 DOMAINBED = registry.DomainBedSpec(

@@ -16,6 +16,8 @@ import importlib
 import pkgutil
 from typing import Any, Callable
 
+from fishr_jax import errors
+
 HParams = dict[str, Any]
 
 
@@ -76,7 +78,8 @@ def names() -> list[str]:
 def get(name: str) -> Entry:
   _import_all()
   if name not in _ENTRIES:
-    raise ValueError(f"Unknown algorithm {name!r}; known: {sorted(_ENTRIES)}.")
+    raise errors.ConfigError(
+        f"Unknown algorithm {name!r}; known: {sorted(_ENTRIES)}.")
   return _ENTRIES[name]
 
 

@@ -11,12 +11,14 @@
 """
 
 import dataclasses
+import keyword
 import typing
 from typing import Any
 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from fishr_jax import errors
 from fishr_jax.algorithms import base
 from fishr_jax.algorithms import registry
 
@@ -59,8 +61,8 @@ def _make_config(name: str, fields: dict[str, Any]) -> Any:
   known = {f.name for f in dataclasses.fields(config_class)}
   unknown = sorted(set(fields) - known)
   if unknown:
-    raise ValueError(f"{name} has no option {unknown}; its options: "
-                     f"{sorted(known)}.")
+    raise errors.ConfigError(f"{name} has no option {unknown}; its options: "
+                             f"{sorted(known)}.")
   return config_class(**fields)
 
 
@@ -74,6 +76,19 @@ def from_config_dict(config: ml_collections.ConfigDict
   fields = {} if block is None else block.to_dict()
   schedule = base.Schedule(**{k: config[k] for k in SCHEDULE_FIELDS})
   return _make_config(name, fields), schedule
+
+
+def config_name(hparam: str) -> str:
+  """The config.hparams field of DomainBed's hparam `hparam`: a Python
+  keyword gets a trailing underscore ("lambda" -> "lambda_"), since a flag
+  path is parsed as Python."""
+  return hparam + "_" if keyword.iskeyword(hparam) else hparam
+
+
+def hparam_name(field: str) -> str:
+  """DomainBed's name of the config.hparams field `field`."""
+  stem = field[:-1] if field.endswith("_") else field
+  return stem if keyword.iskeyword(stem) else field
 
 
 def domainbed_options(name: str) -> tuple[str, ...]:
@@ -97,7 +112,8 @@ def from_domainbed(name: str, hparams: dict[str, Any],
   by_hparams = spec.to_config(hparams)
   clash = sorted(set(options) & set(by_hparams))
   if clash:
-    raise ValueError(f"{name}: {clash} are set by DomainBed hparams; use "
-                     "--config.hparams.NAME instead.")
+    raise errors.ConfigError(
+        f"{name}: {clash} are set by DomainBed hparams; use "
+        "--config.hparams.NAME instead.")
   schedule = base.Schedule(**spec.to_schedule(hparams))
   return _make_config(name, {**by_hparams, **options}), schedule

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+from fishr_jax import errors
 from fishr_jax import penalties
 from fishr_jax.algorithms import base
 from fishr_jax.algorithms import registry
@@ -18,8 +19,9 @@ class Config:
 
   def __post_init__(self):
     if self.reduction not in REDUCTIONS:
-      raise ValueError(f"vrex.reduction must be one of {REDUCTIONS}, got "
-                       f"{self.reduction!r}.")
+      raise errors.ConfigError(
+          f"vrex.reduction must be one of {REDUCTIONS}, got "
+          f"{self.reduction!r}.")
 
 
 DOMAINBED = registry.DomainBedSpec(

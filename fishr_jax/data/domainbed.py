@@ -21,6 +21,7 @@ from grain import python as grain
 import numpy as np
 from PIL import Image
 
+from fishr_jax import errors
 from fishr_jax.data import image_folder
 from fishr_jax.data import mnist
 
@@ -224,8 +225,8 @@ def _mnist_dataset(name: str, data_dir: str, digits_source: str,
 def _folder_dataset(name: str, data_dir: str, image_size: int) -> Dataset:
   layout = FOLDER_DATASETS[name]
   if not data_dir:
-    raise ValueError(f"{name} needs data_dir: the folder holding "
-                     f"{layout.folder}/ (DomainBed's --data_dir).")
+    raise errors.ConfigError(f"{name} needs data_dir: the folder holding "
+                             f"{layout.folder}/ (DomainBed's --data_dir).")
   root = os.path.join(data_dir, layout.folder)
   domain_dirs = [os.path.join(root, domain) for domain in layout.domains]
   missing = [d for d in domain_dirs if not os.path.isdir(d)]
@@ -265,7 +266,8 @@ def get_dataset(name: str, data_dir: str = "", digits_source: str = "embedded",
     return _mnist_dataset(name, data_dir, digits_source, seed)
   if name in FOLDER_DATASETS:
     return _folder_dataset(name, data_dir, image_size)
-  raise ValueError(f"Unknown dataset {name!r}; known: {', '.join(DATASETS)}.")
+  raise errors.ConfigError(
+      f"Unknown dataset {name!r}; known: {', '.join(DATASETS)}.")
 
 
 # ----------------------------------------------------------------- splits ---

@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fishr_jax import errors
+
 SOURCES = ("embedded", "tfds", "idx")
 EMBEDDED_TRAIN_SIZE = 4000
 IDX_FILES = {"images": "train-images-idx3-ubyte",
@@ -95,8 +97,9 @@ def _find_idx(data_dir: str, stem: str) -> str:
 
 def _load_idx(data_dir: str | None) -> DigitPools:
   if not data_dir:
-    raise ValueError("data.source='idx' needs data.data_dir: the folder with "
-                     "the MNIST IDX files.")
+    raise errors.ConfigError(
+        "data.source='idx' needs data.data_dir: the folder with "
+        "the MNIST IDX files.")
   images = read_idx(_find_idx(data_dir, IDX_FILES["images"]))
   digits = read_idx(_find_idx(data_dir, IDX_FILES["labels"]))
   if len(images) != len(digits):
@@ -113,4 +116,5 @@ def load_digit_pools(source: str = "embedded",
     return _load_tfds(data_dir or None)
   if source == "idx":
     return _load_idx(data_dir)
-  raise ValueError(f"Unknown data.source {source!r}; expected one of {SOURCES}.")
+  raise errors.ConfigError(
+      f"Unknown data.source {source!r}; expected one of {SOURCES}.")

@@ -1,0 +1,137 @@
+"""The command line's side of mistakes: flag paths that Python's syntax
+refuses, unknown or ill-typed --config.X flags, and one-line messages with
+exit codes in place of tracebacks.
+
+Exit codes: 0 done; 1 an unexpected error (a bug: its traceback is in the
+workdir's error.log, or printed with --verbose); 2 a bad config or flag;
+3 a data file missing or broken; 4 the run diverged; 5 the workdir
+disagrees with the run; 75 another process owns the workdir; 130
+interrupted (run the same command again to resume).
+"""
+
+import importlib.util
+import keyword
+import os
+import re
+import sys
+import traceback
+from typing import Any, Callable, Sequence
+
+from absl import flags
+import ml_collections
+
+from fishr_jax import config_checks
+from fishr_jax import errors
+
+ERROR_LOG = "error.log"
+INTERRUPTED = 130
+
+_OVERRIDE = re.compile(r"^--(config\.[^=\s]+)(=.*)?$", re.DOTALL)
+
+
+def keyword_safe_argv(argv: Sequence[str]) -> list[str]:
+  """--config.hparams.lambda=1 -> --config.hparams.lambda_=1: a Python
+  keyword in a flag path becomes its underscored field."""
+  out = []
+  for arg in argv:
+    match = _OVERRIDE.match(arg)
+    if match:
+      parts = [p + "_" if keyword.iskeyword(p) else p
+               for p in match.group(1).split(".")]
+      arg = "--" + ".".join(parts) + (match.group(2) or "")
+    out.append(arg)
+  return out
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """What --config=PATH[:PRESET] loads, without the flag machinery."""
+  path, _, preset = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_config_file", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(preset) if preset else module.get_config()
+
+
+def _paths(config: Any, prefix: str = "") -> list[str]:
+  if not isinstance(config, ml_collections.ConfigDict):
+    return [prefix[:-1]]
+  return [p for k, v in config.items() for p in _paths(v, f"{prefix}{k}.")]
+
+
+def unknown_override(argv: Sequence[str], config_spec: str) -> str | None:
+  """A message for the first --config.X flag that names no field, if any."""
+  try:
+    config = load_config_file(config_spec)
+  except Exception:  # pylint: disable=broad-except
+    return None  # the flag's own error says what is wrong with the file
+  fields = _paths(config)
+  for arg in argv:
+    match = _OVERRIDE.match(arg)
+    if not match:
+      continue
+    path = match.group(1)[len("config."):]
+    if path in fields or any(f.startswith(path + ".") for f in fields):
+      continue
+    parent, _, last = path.rpartition(".")
+    # Siblings first (fishr.lamda -> fishr.lambda_), then the same name in
+    # any block (lamda -> fishr.lambda_, irm.lambda_).
+    siblings = [f for f in fields if f.rpartition(".")[0] == parent]
+    near = [f for f in siblings
+            if config_checks.suggest(last, [f.rpartition(".")[2]])]
+    near = near or [f for f in fields
+                    if config_checks.suggest(last, [f.rpartition(".")[2]])]
+    hint = (f" Did you mean {' or '.join('config.' + f for f in near[:4])}?"
+            if near else "")
+    return (f"--config.{path}: {config_spec} has no field {path!r}.{hint} "
+            "(python -m fishr_jax.main --config CONFIG --helpfull lists them)")
+  return None
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's parser, with bad --config.X flags as one line and exit code 2."""
+  argv = keyword_safe_argv(argv)
+  sys.argv = argv  # ml_collections reads the --config.X flags from sys.argv
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
+                None)
+    if spec is None and "--config" in argv[:-1]:
+      spec = argv[argv.index("--config") + 1]
+    message = unknown_override(argv, spec) if spec else None
+    if message is None:
+      message = str(e).strip().splitlines()[-1] or type(e).__name__
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(errors.ConfigError.exit_code)
+
+
+def run_reporting_errors(fn: Callable[[], Any], workdir: str,
+                         verbose: bool) -> Any:
+  """fn(), with a mistake the user can fix as one line and its exit code,
+  and any other error's traceback in workdir/error.log (printed too with
+  `verbose`)."""
+  try:
+    return fn()
+  except errors.UserError as e:
+    if verbose:
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
+  except KeyboardInterrupt:
+    print(f"Interrupted; run the same command again to resume {workdir}.",
+          file=sys.stderr)
+    sys.exit(INTERRUPTED)
+  except Exception as e:  # pylint: disable=broad-except
+    if verbose:
+      raise
+    log = os.path.join(workdir, ERROR_LOG)
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      with open(log, "a") as f:
+        f.write(traceback.format_exc())
+      where = f"its traceback is in {log}"
+    except OSError:
+      where = "rerun with --verbose for its traceback"
+    print(f"error: {type(e).__name__}: {e}\n(an unexpected error: {where}; "
+          "--verbose prints it)", file=sys.stderr)
+    sys.exit(1)

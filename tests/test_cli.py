@@ -1,0 +1,63 @@
+"""The command line: keyword flag paths, unknown fields with close matches,
+one-line errors with exit codes (fishr_jax/cli.py)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fishr_jax import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLORED = os.path.join(ROOT, "configs", "colored_mnist.py")
+DOMAINBED = os.path.join(ROOT, "configs", "domainbed.py")
+
+
+def test_keyword_flag_paths_become_their_fields():
+  argv = ["prog", "--config.hparams.lambda=100", "--config.fishr.lambda=3",
+          "--config.steps=5", "--workdir=lambda"]
+  assert cli.keyword_safe_argv(argv) == [
+      "prog", "--config.hparams.lambda_=100", "--config.fishr.lambda_=3",
+      "--config.steps=5", "--workdir=lambda"]
+
+
+@pytest.mark.parametrize("flag,hint", [
+    ("--config.lamda=3", "Did you mean config.coral.lambda_ or "
+     "config.fishr.lambda_ or config.irm.lambda_"),
+    ("--config.fishr.lamda=3", "Did you mean config.fishr.lambda_?"),
+    ("--config.restart=3", "Did you mean config.restarts?"),
+    ("--config.zzz=3", "has no field 'zzz'. ("),
+])
+def test_unknown_field_names_the_close_matches(flag, hint):
+  message = cli.unknown_override(["prog", flag], COLORED)
+  assert hint in message
+  assert cli.unknown_override(["prog", "--config.fishr.lambda_=3"],
+                              COLORED) is None
+
+
+def _main(*args, cwd=ROOT):
+  return subprocess.run(
+      [sys.executable, "-m", "fishr_jax.main", *args], cwd=cwd,
+      capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config", COLORED, "--config.lamda=3"],
+     "error: --config.lamda: " + COLORED + " has no field 'lamda'"),
+    (["--config", COLORED, "--config.restarts=0"],
+     "error: config.restarts=0: must be an integer >= 1."),
+    (["--config", DOMAINBED, "--config.hparams.lambda=100",
+      "--config.test_envs=(0,1,2)"],
+     "error: config.test_envs=(0, 1, 2): leaves no environment to train on"),
+    (["--config", DOMAINBED, "--config.steps=abc"],
+     "error: flag --config.steps=abc: invalid literal for int()"),
+])
+def test_bad_flags_end_in_one_line_and_exit_code_2(tmp_path, args, message):
+  result = _main(*args, "--workdir", str(tmp_path / "run"))
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.strip() == message or (
+      result.stderr.strip().startswith(message)
+      and "\n" not in result.stderr.strip()), result.stderr
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "run").exists()  # nothing written
