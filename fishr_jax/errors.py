@@ -35,3 +35,7 @@ class WorkdirError(UserError):
 class WorkdirBusyError(UserError):
   """Another live process owns the workdir (its lock file)."""
   exit_code = 75  # EX_TEMPFAIL: try again later
+
+
+class RecordsError(WorkdirError, ValueError):
+  """A results.jsonl that is missing, malformed or lacks fields."""

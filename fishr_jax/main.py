@@ -12,6 +12,7 @@ from fishr_jax import config_checks
 from fishr_jax import parallel
 from fishr_jax import train_colored_mnist
 from fishr_jax import train_domainbed
+from fishr_jax import workdir as workdir_lib
 
 # Both experiments build train.Run objects and train through train.train_loop.
 TRAINERS = {"colored_mnist": train_colored_mnist.train_and_evaluate,
@@ -24,6 +25,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Directory for config.json, metrics and results.")
 _VERBOSE = flags.DEFINE_bool(
     "verbose", False, "Show the traceback of every error, not one line.")
+_FRESH = flags.DEFINE_bool(
+    "fresh", False, "Move an existing --workdir aside (to WORKDIR.old-TIME) "
+    "and start over, instead of resuming or skipping it.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -36,6 +40,8 @@ def main(argv):
 
   def train():
     config_checks.check(config)  # before any data is read
+    if _FRESH.value:
+      workdir_lib.move_aside(workdir)
     parallel.initialize(config)
     TRAINERS[config.get("trainer", "colored_mnist")](config, workdir)
 

@@ -23,12 +23,15 @@ among the best. Everything here is a pure function of the records, except
 
 import dataclasses
 import itertools
-import json
 import math
 import os
+import sys
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
+
+from fishr_jax import errors
+from fishr_jax import workdir
 
 Record = dict[str, Any]
 # (trial_seed, dataset, algorithm, test_env), DomainBed's grouping.
@@ -68,8 +71,7 @@ _REQUIRED_ARGS = ("dataset", "algorithm", "test_envs", "hparams_seed",
                   "trial_seed")
 
 
-class RecordsError(ValueError):
-  """Missing, unreadable or malformed run records."""
+RecordsError = errors.RecordsError
 
 
 # ------------------------------------------------------------------- loading
@@ -112,20 +114,20 @@ def _check_record(record: Any, where: str) -> None:
 
 
 def read_results(path: str) -> list[Record]:
-  """The records of one results.jsonl; blank lines are skipped."""
-  records = []
-  with open(path) as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path} line {lineno}"
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise RecordsError(f"{where}: malformed JSON ({e.msg}, column {e.colno}).") from e
-      _check_record(record, where)
-      records.append(record)
+  """The records of one results.jsonl (workdir.read_jsonl: blank lines are
+  skipped, a torn last line is dropped with a warning)."""
+  records = workdir.read_jsonl(path)
+  for lineno, record in enumerate(records, start=1):
+    _check_record(record, f"{path} record {lineno}")
   return records
+
+
+def non_finite(records: Sequence[Record]) -> list[str]:
+  """'step S: key=value' for each non-finite number in the records (a
+  diverged run: its accuracies are those of NaN parameters)."""
+  return [f"step {r.get('step')}: {k}={v}" for r in records
+          for k, v in r.items()
+          if isinstance(v, float) and not math.isfinite(v)]
 
 
 def run_folders(input_dir: str) -> list[str]:
@@ -150,7 +152,7 @@ def load_records(input_dir: str, include_unfinished: bool = False) -> list[Recor
   """
   if not os.path.isdir(input_dir):
     raise RecordsError(f"Input dir {input_dir!r} does not exist or is not a folder.")
-  records, n_runs, n_unfinished = [], 0, 0
+  records, n_runs, n_unfinished, diverged = [], 0, 0, []
   # Sorted so that record order, hence DomainBed's tie-breaking, is reproducible.
   for folder in run_folders(input_dir):
     results_path = os.path.join(folder, "results.jsonl")
@@ -159,7 +161,15 @@ def load_records(input_dir: str, include_unfinished: bool = False) -> list[Recor
       n_unfinished += 1
       if not include_unfinished:
         continue
-    records.extend(read_results(results_path))
+    run_records = read_results(results_path)
+    bad = non_finite(run_records)
+    if bad:
+      diverged.append(f"{folder} ({bad[0]})")
+      continue
+    records.extend(run_records)
+  if diverged:
+    print(f"Skipped {len(diverged)} runs with non-finite records (diverged): "
+          + "; ".join(diverged), file=sys.stderr, flush=True)
   if not records:
     detail = (f"{n_runs} run folders with results.jsonl, {n_unfinished} of them "
               "unfinished (no `done` file)")

@@ -24,6 +24,7 @@ dropped and recomputed.
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -38,8 +39,10 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from fishr_jax import algorithms
+from fishr_jax import errors
 from fishr_jax import fast_paths
 from fishr_jax import parallel
+from fishr_jax import workdir as workdir_lib
 
 PyTree = Any
 Batch = dict[str, jax.Array]
@@ -139,21 +142,50 @@ def jit_train_step(train_step: TrainStep, mesh: jax.sharding.Mesh,
 
 # -------------------------------------------------- checkpoints and records
 
+# Config fields a resume may change: where and how fast the step runs, not
+# what it computes.
+MAY_CHANGE_ON_RESUME = ("num_devices", "distributed", "worker_count",
+                        "eval_batch_size", "xla_cpu_dot_fusion")
+CORRUPT_CHECKPOINTS = "corrupt_checkpoints"
+
 
 def _to_saveable(state: TrainState) -> TrainState:
   return state.replace(rng=jax.random.key_data(state.rng))
 
 
-def restore_checkpoint(manager: ocp.CheckpointManager,
-                       template: TrainState) -> TrainState | None:
-  """The newest checkpoint in `manager`, shaped like `template`; None if
-  there is none."""
-  step = manager.latest_step()
-  if step is None:
+def restore_checkpoint(directory: str, template: TrainState
+                       ) -> TrainState | None:
+  """The newest readable checkpoint under `directory`, shaped like
+  `template`; None if there is none. A checkpoint that cannot be read is
+  moved to <workdir>/corrupt_checkpoints/ with a message, and the one
+  before it is tried; errors.WorkdirError if none can be read."""
+  directory = os.path.abspath(directory)
+  if not os.path.isdir(directory):
     return None
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(template))
-  restored = manager.restore(step, args=ocp.args.StandardRestore(target))
-  return restored.replace(rng=jax.random.wrap_key_data(restored.rng))
+  with ocp.CheckpointManager(directory) as manager:
+    steps = sorted(manager.all_steps(), reverse=True)
+    for step in steps:
+      try:
+        restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+      except Exception as e:  # pylint: disable=broad-except
+        aside = os.path.join(os.path.dirname(directory), CORRUPT_CHECKPOINTS,
+                             f"{step}-{int(time.time())}")
+        os.makedirs(os.path.dirname(aside), exist_ok=True)
+        os.rename(os.path.join(directory, str(step)), aside)
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        print(f"warning: the checkpoint of step {step} cannot be read "
+              f"({type(e).__name__}: {reason}); moved it to {aside} and "
+              "trying the one before.", file=sys.stderr, flush=True)
+        continue
+      return restored.replace(rng=jax.random.wrap_key_data(restored.rng))
+  if steps:
+    raise errors.WorkdirError(
+        f"None of the {len(steps)} checkpoints in {directory} can be read "
+        f"(moved to {os.path.join(os.path.dirname(directory), CORRUPT_CHECKPOINTS)}"
+        "); run again to start from step 0, or pass --fresh to move the "
+        "whole run aside first.")
+  return None
 
 
 def read_records(workdir: str, up_to_step: int | None = None) -> list[Record]:
@@ -161,9 +193,7 @@ def read_records(workdir: str, up_to_step: int | None = None) -> list[Record]:
   path = os.path.join(workdir, RECORDS)
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
-  return [r for r in records
+  return [r for r in workdir_lib.read_jsonl(path)
           if up_to_step is None or r["step"] <= up_to_step]
 
 
@@ -171,14 +201,37 @@ def finished_records(workdir: str) -> list[Record] | None:
   """A finished run's records (it has a `done` file; says so), else None."""
   if not os.path.exists(os.path.join(workdir, DONE)):
     return None
-  print(f"{workdir} is done; delete its '{DONE}' file to run it again.",
-        flush=True)
+  print(f"{workdir} is done; pass --fresh to train it again (the old run is "
+        "moved aside).", flush=True)
   return read_records(workdir)
 
 
 def _write_records(workdir: str, records: list[Record]) -> None:
-  with open(os.path.join(workdir, RECORDS), "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in records)
+  workdir_lib.write_text(os.path.join(workdir, RECORDS),
+                         "".join(json.dumps(r) + "\n" for r in records))
+
+
+def _check_same_config(workdir: str, config_json: str) -> None:
+  """A run resumes only with the config it was started with."""
+  path = os.path.join(workdir, workdir_lib.CONFIG)
+  started = (os.path.exists(os.path.join(workdir, RECORDS))
+             or os.path.isdir(os.path.join(workdir, CHECKPOINTS)))
+  if not (started and os.path.exists(path)):
+    return
+  with open(path) as f:
+    recorded = f.read()
+  changes = workdir_lib.config_changes(recorded, config_json,
+                                       MAY_CHANGE_ON_RESUME)
+  if changes:
+    raise errors.WorkdirError(
+        f"{workdir} holds a run made with another config, so it cannot be "
+        f"resumed: {'; '.join(changes)}. Use another --workdir, or pass "
+        "--fresh to move the old run aside and start over.")
+
+
+_all_finite = jax.jit(lambda tree: jnp.all(jnp.stack(
+    [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+     if jnp.issubdtype(x.dtype, jnp.inexact)] or [jnp.bool_(True)])))
 
 
 def format_record(record: Record, steps: int, eta_s: float | None) -> str:
@@ -255,25 +308,40 @@ def _mean_metrics(pending: list[Metrics]) -> dict[str, float]:
   return {k: float(np.mean([float(m[k]) for m in values])) for k in values[0]}
 
 
+def _divergence(means: dict[str, float], params: PyTree) -> str | None:
+  """What is non-finite at a record (a metric, the parameters), or None."""
+  bad = [f"{k}={v}" for k, v in means.items() if not math.isfinite(v)]
+  if not bool(_all_finite(params)):
+    bad.append("non-finite parameters")
+  return ", ".join(bad) or None
+
+
 def train_loop(run: Run, progress_every_s: float = 30.0) -> list[Record]:
   """Trains (or resumes, or skips when done) one run; returns its records.
 
+  The run's folder is locked for the whole call (workdir.lock). A run
+  resumes only with the config it was made with. A non-finite loss term or
+  parameter at a record stops the run (errors.DivergedError): that record is
+  kept, no checkpoint or `done` is written after it.
   Metrics stay on the device between records (dispatch stays asynchronous).
   On a terminal a tqdm bar shows the rate and ETA; elsewhere a line with the
   ETA is printed at every record and at least every `progress_every_s`.
   """
+  with workdir_lib.lock(run.workdir):
+    return _train_locked(run, progress_every_s)
+
+
+def _train_locked(run: Run, progress_every_s: float) -> list[Record]:
   finished = finished_records(run.workdir)
   if finished is not None:
     return finished
-  os.makedirs(run.workdir, exist_ok=True)
-  with open(os.path.join(run.workdir, "config.json"), "w") as f:
-    f.write(run.config_json + "\n")
+  _check_same_config(run.workdir, run.config_json)
+  workdir_lib.write_text(os.path.join(run.workdir, workdir_lib.CONFIG),
+                         run.config_json + "\n")
 
-  manager = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(run.workdir, CHECKPOINTS)),
-      options=ocp.CheckpointManagerOptions(max_to_keep=2))
+  checkpoints = os.path.abspath(os.path.join(run.workdir, CHECKPOINTS))
   state, start_step, records = run.state, 0, []
-  restored = restore_checkpoint(manager, run.state)
+  restored = restore_checkpoint(checkpoints, run.state)
   if restored is not None:
     mesh_sharding = jax.tree.map(lambda x: x.sharding, run.state)
     state = jax.device_put(restored, mesh_sharding)
@@ -281,14 +349,22 @@ def train_loop(run: Run, progress_every_s: float = 30.0) -> list[Record]:
     records = read_records(run.workdir, start_step - 1)
     print(f"Resuming {run.workdir} from step {start_step}.", flush=True)
   _write_records(run.workdir, records)  # drop records past the checkpoint
+  if start_step >= run.steps:
+    print(f"{run.workdir}: its checkpoint is at the last step ({run.steps}), "
+          "so nothing is left to train; marking it done. Pass --fresh to "
+          "train it again.", flush=True)
+    workdir_lib.write_text(os.path.join(run.workdir, DONE), "done\n")
+    return records
 
+  manager = ocp.CheckpointManager(
+      checkpoints, options=ocp.CheckpointManagerOptions(max_to_keep=2))
   batches = run.batches(start_step)
   interactive = sys.stderr.isatty()
   bar = tqdm.tqdm(total=run.steps, initial=start_step, unit="step",
                   desc=run.name or None, disable=not interactive,
                   dynamic_ncols=True)
   prefix = f"{run.name}: " if run.name else ""
-  if run.announce_compile and start_step < run.steps:
+  if run.announce_compile:
     print(f"{prefix}compiling the train step...", flush=True)
   checkpoint_every = run.checkpoint_every or run.record_every
   pending: list[Metrics] = []
@@ -320,8 +396,17 @@ def train_loop(run: Run, progress_every_s: float = 30.0) -> list[Record]:
               **accs, **run.fields}
     pending, window_start = [], time.time()
     records.append(record)
-    with open(os.path.join(run.workdir, RECORDS), "a") as f:
-      f.write(json.dumps(record) + "\n")
+    _write_records(run.workdir, records)
+    diverged = _divergence(means, state.params)
+    if diverged:
+      bar.close()
+      manager.close()
+      last = manager.latest_step()
+      raise errors.DivergedError(
+          f"{run.name or run.workdir} diverged by step {step}: {diverged}. "
+          "Not marked done; its last good checkpoint "
+          f"({last or 0} steps trained) is in {checkpoints}. Try a lower "
+          "learning rate or penalty weight.")
     if step % checkpoint_every == 0 or step == run.steps - 1:
       manager.save(step + 1, args=ocp.args.StandardSave(_to_saveable(state)))
       manager.wait_until_finished()
@@ -330,6 +415,5 @@ def train_loop(run: Run, progress_every_s: float = 30.0) -> list[Record]:
     last_print = time.time()
   bar.close()
   manager.close()
-  with open(os.path.join(run.workdir, DONE), "w") as f:
-    f.write("done\n")
+  workdir_lib.write_text(os.path.join(run.workdir, DONE), "done\n")
   return records

@@ -27,6 +27,7 @@ from fishr_jax import evaluation
 from fishr_jax import models
 from fishr_jax import parallel
 from fishr_jax import train
+from fishr_jax import workdir as workdir_lib
 from fishr_jax.algorithms import settings
 from fishr_jax.data import colored_mnist
 from fishr_jax.data import mnist
@@ -64,6 +65,11 @@ def make_runs(config: ml_collections.ConfigDict, workdir: str
       train.make_train_step(algorithm, tx, schedule), mesh,
       config.xla_cpu_dot_fusion)
   accuracy = evaluation.make_accuracy_fn(model)
+  # What one restart depends on: a resume may ask for more restarts.
+  run_config = config.to_dict()
+  del run_config["restarts"]
+  run_config_json = json.dumps(run_config, indent=2, sort_keys=True,
+                               default=str)
   hparams = {"lr": config.lr, "weight_decay": config.weight_decay,
              **dataclasses.asdict(schedule),
              **{f"{config.algorithm}.{k}": v
@@ -81,7 +87,7 @@ def make_runs(config: ml_collections.ConfigDict, workdir: str
         train.create_train_state(rng, params, algorithm, tx, batch), mesh)
     yield train.Run(
         workdir=os.path.join(workdir, f"restart_{restart}"),
-        config_json=config.to_json_best_effort(indent=2),
+        config_json=run_config_json,
         steps=config.steps, record_every=config.log_every, state=state,
         train_step=train_step,
         batches=lambda start, batch=batch: itertools.repeat(batch),
@@ -108,14 +114,12 @@ def summarize(config: ml_collections.ConfigDict,
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains (or resumes) every restart; returns and writes the results."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2) + "\n")
-  start = time.time()
-  final = [train.train_loop(run)[-1] for run in make_runs(config, workdir)]
-  results = summarize(config, final, time.time() - start)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
-    f.write("\n")
+  with workdir_lib.lock(workdir):
+    workdir_lib.write_text(os.path.join(workdir, workdir_lib.CONFIG),
+                           config.to_json_best_effort(indent=2) + "\n")
+    start = time.time()
+    final = [train.train_loop(run)[-1] for run in make_runs(config, workdir)]
+    results = summarize(config, final, time.time() - start)
+    workdir_lib.write_json(os.path.join(workdir, "results.json"), results)
   print(evaluation.format_results(results), flush=True)
   return results

@@ -23,6 +23,7 @@ from fishr_jax import losses
 from fishr_jax import models
 from fishr_jax import parallel
 from fishr_jax import train
+from fishr_jax import workdir as workdir_lib
 from fishr_jax.algorithms import registry
 from fishr_jax.algorithms import settings
 from fishr_jax.data import domainbed
@@ -181,7 +182,8 @@ def make_run(config: ml_collections.ConfigDict, workdir: str) -> train.Run:
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> list[dict[str, Any]]:
   """Runs (or resumes) one DomainBed run; returns its records."""
-  finished = train.finished_records(workdir)  # before loading any data
-  if finished is not None:
-    return finished
-  return train.train_loop(make_run(config, workdir))
+  with workdir_lib.lock(workdir):  # before loading any data
+    finished = train.finished_records(workdir)
+    if finished is not None:
+      return finished
+    return train.train_loop(make_run(config, workdir))

@@ -59,9 +59,8 @@ def test_every_algorithm_trains_and_checkpoints(experiment, name,
   assert np.isfinite(records[0]["loss"]) and np.isfinite(records[0]["nll"])
   assert os.path.exists(os.path.join(run.workdir, train.DONE))
 
-  manager = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(run.workdir, train.CHECKPOINTS)))
-  restored = train.restore_checkpoint(manager, template)
+  restored = train.restore_checkpoint(
+      os.path.join(run.workdir, train.CHECKPOINTS), template)
   assert int(restored.step) == 1
   chex.assert_trees_all_equal(_host(restored), _host(expected))
 

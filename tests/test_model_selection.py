@@ -349,7 +349,7 @@ def test_errors(tmp_path):
     ms.load_records(str(tmp_path))
   with open(bad / "results.jsonl", "w") as f:
     f.write(json.dumps({"args": {"dataset": DATASET}, "step": 0}) + "\n")
-  with pytest.raises(ms.RecordsError, match="line 1: 'args' lacks algorithm"):
+  with pytest.raises(ms.RecordsError, match="record 1: 'args' lacks algorithm"):
     ms.load_records(str(tmp_path))
 
 
@@ -370,3 +370,16 @@ def test_unknown_dataset_kept_with_generic_columns():
   assert table.col_labels == ["Algorithm", "env0", "env1", "env2", "Avg"]
   assert [ms.format_cell(m, e) for m, e in zip(table.means[0], table.errs[0])] == [
       "X", "50.0 +/- 0.0", "X", "X"]
+
+
+def test_a_diverged_run_is_skipped_and_listed_not_averaged(sweep, capsys):
+  clean = ms.load_records(sweep)
+  diverged = os.path.join(sweep, "diverged")
+  _write_run(diverged, RUNS[0])
+  with open(os.path.join(diverged, "results.jsonl"), "a") as f:
+    f.write(json.dumps({**_record(*RUNS[0][:4], RUNS[0][4][-1]),
+                        "loss": float("nan")}) + "\n")
+  assert ms.load_records(sweep) == clean
+  err = capsys.readouterr().err
+  assert f"Skipped 1 runs with non-finite records (diverged): {diverged} (" in err
+  assert "loss=nan" in err

@@ -1,8 +1,11 @@
 """The one train loop on a toy run: records, window means, one host transfer
 per record, progress lines, and resume after a crash."""
 
+import glob
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +13,12 @@ import numpy as np
 import pytest
 
 from fishr_jax import algorithms
+from fishr_jax import errors
+from fishr_jax import model_selection
 from fishr_jax import models
 from fishr_jax import parallel
 from fishr_jax import train
+from fishr_jax import workdir
 
 
 class Crash(RuntimeError):
@@ -26,7 +32,8 @@ def _batch(step):
           "domain": jnp.asarray(np.repeat([0, 1], 4), jnp.int32)}
 
 
-def _run(workdir, steps=7, record_every=2, crash_at=None):
+def _run(workdir, steps=7, record_every=2, crash_at=None, nan_at=None,
+         config_json="{}"):
   model = models.MLP(hidden_dims=(4,), num_outputs=1)
   algorithm = algorithms.make_algorithm("erm", model, 2)
   tx = train.make_optimizer(0.1)
@@ -39,12 +46,15 @@ def _run(workdir, steps=7, record_every=2, crash_at=None):
     for step in range(start, steps):
       if step == crash_at:
         raise Crash(f"killed at step {step}")
-      yield _batch(step)
+      batch = _batch(step)
+      if step == nan_at:
+        batch["x"] = batch["x"].at[0, 0].set(jnp.nan)
+      yield batch
 
   step = train.jit_train_step(
       train.make_train_step(algorithm, tx, algorithms.Schedule()), mesh)
   return train.Run(
-      workdir=str(workdir), config_json="{}", steps=steps,
+      workdir=str(workdir), config_json=config_json, steps=steps,
       record_every=record_every, state=state, train_step=step,
       batches=batches, evaluate=lambda p: {"test_acc": 0.5},
       fields={"args": {"name": "toy"}}, name="toy")
@@ -110,3 +120,127 @@ def test_progress_lines_with_eta_when_not_on_a_terminal(tmp_path, capsys):
                    progress_every_s=0.0)
   out = capsys.readouterr().out
   assert "toy: step 2/4  eta" in out
+
+
+# ------------------------------------------------- when something goes wrong
+
+
+def _strip(records):
+  return [{k: v for k, v in r.items() if k != "step_time"} for r in records]
+
+
+def _checkpoint_steps(run_dir):
+  return sorted(int(d) for d in os.listdir(run_dir / train.CHECKPOINTS)
+                if d.isdigit())
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+  with pytest.raises(errors.DivergedError,
+                     match=r"toy diverged by step 4: loss=nan.*non-finite "
+                     r"parameters. Not marked done; its last good checkpoint"):
+    train.train_loop(_run(tmp_path, nan_at=3))
+  assert not os.path.exists(tmp_path / train.DONE)
+  assert _checkpoint_steps(tmp_path) == [1, 3]  # none after the NaN
+  records = train.read_records(str(tmp_path))
+  assert [r["step"] for r in records] == [0, 2, 4]  # the evidence is kept
+  assert model_selection.non_finite(records) == ["step 4: loss=nan",
+                                                 "step 4: nll=nan"]
+
+
+def test_a_second_process_is_refused_and_a_dead_ones_lock_taken_over(
+    tmp_path, capsys):
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from fishr_jax import workdir\n"
+       f"with workdir.lock({str(tmp_path)!r}):\n"
+       "  print('held', flush=True); time.sleep(60)"],
+      stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    assert workdir.is_locked(str(tmp_path))
+    with pytest.raises(errors.WorkdirBusyError,
+                       match=rf"{tmp_path} is in use by pid {holder.pid} on "):
+      train.train_loop(_run(tmp_path))
+    assert not os.path.exists(tmp_path / train.RECORDS)  # nothing written
+  finally:
+    holder.kill()
+    holder.wait()
+  # The kernel dropped the dead holder's flock; its lock file remains.
+  (tmp_path / workdir.LOCK).write_text(json.dumps(
+      {"pid": holder.pid, "host": "vm", "since": "then"}))
+  assert not workdir.is_locked(str(tmp_path))
+  train.train_loop(_run(tmp_path))
+  assert f"taking over the lock of pid {holder.pid}" in capsys.readouterr().out
+  assert not os.path.exists(tmp_path / workdir.LOCK)  # released at the end
+
+
+def test_resume_refuses_another_config_but_not_another_device_count(tmp_path):
+  with pytest.raises(Crash):
+    train.train_loop(_run(tmp_path, crash_at=3, config_json='{"lr": 0.1}'))
+  with pytest.raises(errors.WorkdirError,
+                     match=r"another config, so it cannot be resumed: lr: "
+                     r"recorded 0.1, now 0.2. .*--fresh"):
+    train.train_loop(_run(tmp_path, config_json='{"lr": 0.2}'))
+  records = train.train_loop(
+      _run(tmp_path, config_json='{"lr": 0.1, "num_devices": 2}'))
+  assert [r["step"] for r in records] == [0, 2, 4, 6]
+
+
+def test_a_deleted_done_with_the_last_checkpoint_trains_nothing(
+    tmp_path, capsys):
+  first = train.train_loop(_run(tmp_path))
+  os.remove(tmp_path / train.DONE)
+  again = train.train_loop(_run(tmp_path, crash_at=0))  # would crash if run
+  assert "nothing is left to train; marking it done" in capsys.readouterr().out
+  assert _strip(again) == _strip(first)
+  assert os.path.exists(tmp_path / train.DONE)
+
+
+def test_a_torn_last_record_is_dropped_with_a_warning(tmp_path, capsys):
+  whole = train.train_loop(_run(tmp_path / "whole"))
+  with pytest.raises(Crash):
+    train.train_loop(_run(tmp_path / "cut", crash_at=5))
+  with open(tmp_path / "cut" / train.RECORDS, "a") as f:
+    f.write('{"step": 6, "lo')  # a writer killed mid-line
+  resumed = train.train_loop(_run(tmp_path / "cut"))
+  assert "line 4 is cut short" in capsys.readouterr().err
+  assert _strip(resumed) == _strip(whole)
+
+
+def _corrupt(checkpoint_dir, how):
+  if how == "truncated array":
+    files = [p for p in glob.glob(f"{checkpoint_dir}/**", recursive=True)
+             if os.path.isfile(p)]
+    biggest = max(files, key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+      f.truncate(os.path.getsize(biggest) // 2)
+  else:  # a zero-byte _METADATA
+    open(os.path.join(checkpoint_dir, "default", "_METADATA"), "w").close()
+
+
+@pytest.mark.parametrize("how", ["truncated array", "empty _METADATA"])
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(
+    tmp_path, capsys, how):
+  whole = train.train_loop(_run(tmp_path / "whole"))
+  run_dir = tmp_path / "cut"
+  train.train_loop(_run(run_dir))
+  os.remove(run_dir / train.DONE)
+  assert _checkpoint_steps(run_dir) == [5, 7]
+  _corrupt(run_dir / train.CHECKPOINTS / "7", how)
+  resumed = train.train_loop(_run(run_dir))
+  err = capsys.readouterr().err
+  assert "the checkpoint of step 7 cannot be read" in err
+  assert f"moved it to {run_dir / train.CORRUPT_CHECKPOINTS}" in err
+  assert _strip(resumed) == _strip(whole)  # resumed from step 5
+  assert _checkpoint_steps(run_dir) == [5, 7]
+
+
+def test_no_readable_checkpoint_is_an_error_then_a_fresh_start(tmp_path):
+  train.train_loop(_run(tmp_path))
+  os.remove(tmp_path / train.DONE)
+  for step in (5, 7):
+    _corrupt(tmp_path / train.CHECKPOINTS / str(step), "truncated array")
+  with pytest.raises(errors.WorkdirError,
+                     match=r"None of the 2 checkpoints .* can be read"):
+    train.train_loop(_run(tmp_path))
+  records = train.train_loop(_run(tmp_path))  # both moved aside: from step 0
+  assert [r["step"] for r in records] == [0, 2, 4, 6]
