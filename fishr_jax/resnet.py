@@ -25,6 +25,7 @@ Inputs are expected normalized as torchvision's weights were trained
 
 import dataclasses
 import os
+import zipfile
 from typing import Any, Iterator, Mapping
 
 import flax.linen as nn
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from fishr_jax import errors
 from fishr_jax import models
 
 # Blocks per stage.
@@ -350,8 +352,14 @@ _PTH_TO_NPZ = (
 def _read_state_dict(path: str) -> dict[str, np.ndarray]:
   suffix = os.path.splitext(path)[1].lower()
   if suffix == ".npz":
-    with np.load(path, allow_pickle=False) as f:
-      return {k: f[k] for k in f.files}
+    try:
+      with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+      raise errors.DataError(
+          f"{path}: cannot read the .npz ({type(e).__name__}: {e}); it is "
+          "missing, cut short or not an .npz. Convert it again:\n  "
+          + _PTH_TO_NPZ) from e
   if suffix in (".pth", ".pt"):
     try:
       import torch  # pylint: disable=import-outside-toplevel

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from configs import colored_mnist as cmnist_config
+from fishr_jax import errors
 from fishr_jax.data import colored_mnist
 from fishr_jax.data import mnist
 from tests.conftest import write_idx
@@ -111,13 +112,13 @@ def test_idx_source(tmp_path, suffix):
 
 
 def test_idx_errors(tmp_path):
-  with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+  with pytest.raises(errors.DataError, match="train-images-idx3-ubyte"):
     mnist.load_digit_pools("idx", str(tmp_path))
   with pytest.raises(ValueError, match="data_dir"):
     mnist.load_digit_pools("idx", "")
   bad = tmp_path / "bad"
   bad.write_bytes(b"\x00\x00\x0d\x01")
-  with pytest.raises(ValueError, match="IDX"):
+  with pytest.raises(errors.DataError, match="IDX"):
     mnist.read_idx(str(bad))
 
 
@@ -130,3 +131,26 @@ def test_tfds_without_tensorflow_says_how_to_install(monkeypatch):
 def test_unknown_source():
   with pytest.raises(ValueError, match="embedded"):
     mnist.load_digit_pools("mnist-from-the-moon")
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("train-images-idx3-ubyte.gz", b"\x1f\x8b\x08\x00garbage", "cannot read it"),
+    ("train-images-idx3-ubyte", b"\x00\x00\x08\x03" + (5).to_bytes(4, "big")
+     + (28).to_bytes(4, "big") * 2 + bytes(100), r"its header says \(5, 28, "
+     r"28\), but it holds 100 bytes"),
+])
+def test_a_broken_idx_file_is_named(tmp_path, name, content, message):
+  path = tmp_path / name
+  path.write_bytes(content)
+  with pytest.raises(errors.DataError, match=message) as error:
+    mnist.read_idx(str(path))
+  assert str(path) in str(error.value)
+
+
+def test_a_truncated_gzip_idx_file_is_named(tmp_path):
+  path = tmp_path / "train-images-idx3-ubyte.gz"
+  write_idx(path, np.zeros((20, 28, 28), np.uint8))
+  path.write_bytes(path.read_bytes()[:-12])  # cut short
+  with pytest.raises(errors.DataError,
+                     match=rf"{path}: cannot read it \(EOFError"):
+    mnist.read_idx(str(path))

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fishr_jax import errors
+
 from fishr_jax.data import domainbed
 from fishr_jax.data import image_folder
 from tests.conftest import write_idx
@@ -132,7 +134,7 @@ def test_idx_digits_are_train_then_test(tmp_path):
   write_idx(str(raw / "train-images-idx3-ubyte"), train)
   write_idx(str(raw / "train-labels-idx1-ubyte"), np.arange(12) % 10)
   write_idx(str(raw / "t10k-images-idx3-ubyte"), test)
-  with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
+  with pytest.raises(errors.DataError, match="t10k-labels-idx1-ubyte"):
     domainbed.load_all_digits("idx", str(tmp_path))
   write_idx(str(raw / "t10k-labels-idx1-ubyte"), np.arange(6))
   images, labels = domainbed.load_all_digits("idx", str(tmp_path))
@@ -373,12 +375,12 @@ def test_train_transform_is_reproducible(pacs):
 
 
 def test_missing_folders_are_named(pacs_root, tmp_path):
-  with pytest.raises(FileNotFoundError) as error:
+  with pytest.raises(errors.DataError) as error:
     domainbed.get_dataset("PACS", str(tmp_path))
   assert os.path.join(str(tmp_path), "PACS", "art_painting") in str(error.value)
   shutil.copytree(os.path.join(pacs_root, "PACS"), tmp_path / "PACS")
   shutil.rmtree(tmp_path / "PACS" / "cartoon")
-  with pytest.raises(FileNotFoundError) as error:
+  with pytest.raises(errors.DataError) as error:
     domainbed.get_dataset("PACS", str(tmp_path), image_size=32)
   message = str(error.value)
   assert os.path.join(str(tmp_path), "PACS", "cartoon") in message
@@ -407,3 +409,15 @@ def test_process_shards_make_up_the_global_batch(pacs, augment):
       np.testing.assert_array_equal(joined, batch[key])
   with pytest.raises(ValueError, match="process_shard"):
     domainbed.train_batches(pacs, splits, envs, 3, seed=1, process_shard=(0, 2))
+
+
+@pytest.mark.parametrize("cut", ["header only", "garbage"])
+def test_an_undecodable_image_is_named(tmp_path, cut):
+  path = tmp_path / "broken.jpg"
+  Image.new("RGB", (40, 40), (10, 200, 30)).save(path)
+  data = path.read_bytes()
+  path.write_bytes(data[:20] if cut == "header only" else b"not a jpeg")
+  with pytest.raises(errors.DataError,
+                     match=rf"{path}: cannot decode the image .*Download it "
+                     "again or delete it"):
+    image_folder.load_rgb(str(path))

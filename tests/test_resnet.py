@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fishr_jax import errors
 from fishr_jax import models
 from fishr_jax import resnet
 from tests.conftest import DATA_DIR
@@ -231,3 +232,14 @@ def test_load_pth_without_torch_says_how_to_convert(tmp_path):
   open(path, "wb").close()
   with pytest.raises(ImportError, match=r"np\.savez"):
     resnet.load_torchvision_checkpoint(path, 18)
+
+
+def test_a_truncated_npz_checkpoint_is_named(tmp_path):
+  path = str(tmp_path / "resnet18.npz")
+  np.savez(path, **{k: v.astype(np.float32) for k, v in _state_dict(18).items()})
+  with open(path, "r+b") as f:
+    f.truncate(1000)
+  with pytest.raises(errors.DataError, match=rf"{path}: cannot read the .npz"):
+    resnet.load_torchvision_checkpoint(path, 18)
+  with pytest.raises(errors.DataError, match="missing, cut short"):
+    resnet.load_torchvision_checkpoint(str(tmp_path / "absent.npz"), 18)

@@ -148,7 +148,7 @@ def load_all_digits(
     paths = {key: _find_idx_file(data_dir, stem)
              for key, stem in _IDX_TEST_FILES.items()}
     if None in paths.values():
-      raise FileNotFoundError(
+      raise errors.DataError(
           "DomainBed's MNIST datasets use MNIST's training and test digits; "
           f"expected {os.path.join(data_dir, _IDX_TEST_FILES['images'])}[.gz] "
           f"and {os.path.join(data_dir, _IDX_TEST_FILES['labels'])}[.gz].")
@@ -233,7 +233,7 @@ def _folder_dataset(name: str, data_dir: str, image_size: int) -> Dataset:
   if missing:
     where = (f"there is no {root}" if not os.path.isdir(root)
              else f"{root} lacks {len(missing)} of them")
-    raise FileNotFoundError(
+    raise errors.DataError(
         f"{name} expects DomainBed's layout <data_dir>/{layout.folder}/"
         f"<domain>/<class>/<image> with the domain folders "
         f"{', '.join(domain_dirs)}; {where}: missing {', '.join(missing)}. "

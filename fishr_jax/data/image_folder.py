@@ -25,6 +25,8 @@ from PIL import Image
 from PIL import ImageEnhance
 from PIL import ImageFile
 
+from fishr_jax import errors
+
 # DomainBed sets this: some TerraIncognita JPEGs are truncated, and
 # torchvision's loader would otherwise fail on them.
 ImageFile.LOAD_TRUNCATED_IMAGES = True
@@ -65,8 +67,15 @@ def list_images(domain_dir: str,
 
 
 def load_rgb(path: str) -> Image.Image:
-  with open(path, "rb") as f:
-    return Image.open(f).convert("RGB")
+  """The image at `path` as RGB; errors.DataError, naming the file, if it
+  cannot be decoded (cut short, not an image)."""
+  try:
+    with open(path, "rb") as f:
+      return Image.open(f).convert("RGB")
+  except (OSError, SyntaxError, ValueError) as e:
+    raise errors.DataError(
+        f"{path}: cannot decode the image ({type(e).__name__}: {e}). "
+        "Download it again or delete it.") from e
 
 
 def to_normalized_array(image: Image.Image) -> np.ndarray:
@@ -172,7 +181,7 @@ class ImageFolderSource:
     self.image_size = image_size
     self.paths, self.labels = list_images(domain_dir, self.classes)
     if not self.paths:
-      raise FileNotFoundError(
+      raise errors.DataError(
           f"No images ({', '.join(IMAGE_EXTENSIONS)}) under the class folders "
           f"of {domain_dir}.")
 

@@ -72,16 +72,24 @@ def _load_tfds(data_dir: str | None) -> DigitPools:
 def read_idx(path: str) -> np.ndarray:
   """Reads an IDX file (optionally gzipped) into a numpy array."""
   opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
-    data = f.read()
+  try:
+    with opener(path, "rb") as f:
+      data = f.read()
+  except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+    raise errors.DataError(
+        f"{path}: cannot read it ({type(e).__name__}: {e}); it is cut short "
+        "or not what its name says. Download it again.") from e
   if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-    raise ValueError(f"{path} is not an unsigned-byte IDX file.")
+    raise errors.DataError(f"{path} is not an unsigned-byte IDX file; "
+                           "download it again.")
   ndim = data[3]
   shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big")
                 for i in range(ndim))
   array = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
   if array.size != int(np.prod(shape)):
-    raise ValueError(f"{path}: header says {shape}, file has {array.size} bytes.")
+    raise errors.DataError(
+        f"{path}: its header says {shape}, but it holds {array.size} bytes "
+        "of data (cut short?). Download it again.")
   return array.reshape(shape)
 
 
@@ -90,7 +98,7 @@ def _find_idx(data_dir: str, stem: str) -> str:
     path = os.path.join(data_dir, name)
     if os.path.exists(path):
       return path
-  raise FileNotFoundError(
+  raise errors.DataError(
       f"data.source='idx' expects {os.path.join(data_dir, stem)}[.gz] "
       "(the standard MNIST files); it is missing.")
 
@@ -103,7 +111,8 @@ def _load_idx(data_dir: str | None) -> DigitPools:
   images = read_idx(_find_idx(data_dir, IDX_FILES["images"]))
   digits = read_idx(_find_idx(data_dir, IDX_FILES["labels"]))
   if len(images) != len(digits):
-    raise ValueError(f"{data_dir}: {len(images)} images but {len(digits)} labels.")
+    raise errors.DataError(f"{data_dir}: {len(images)} images but "
+                           f"{len(digits)} labels; the IDX files disagree.")
   return _split(images, digits, _full_train_size(len(digits)))
 
 
