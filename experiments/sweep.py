@@ -10,9 +10,12 @@ trial) as one run of `python -m fishr_jax.main --config configs/domainbed.py`.
   python -m experiments.collect_results --input_dir runs/sweep
 
 Flags keep DomainBed's names; any --config.X=Y flag goes to every run. A
-run's folder is the md5 of its arguments, so
-launching again skips finished runs (those with a `done` file) and resumes
-the unfinished ones from their last checkpoint. Launchers: `local` (one run
+run's folder is the md5 of its arguments, so launching again skips finished
+runs (those with a `done` file) and resumes the unfinished ones from their
+last checkpoint. A run whose folder another process holds (its lock) is
+"running": no launch starts it again (two sweeps launched at once share the
+work) and delete_incomplete keeps it. Each job's output goes to log.txt in
+its folder; a launch whose jobs failed exits 1 and lists their logs. Launchers: `local` (one run
 after another), `multi_device` (one run per local GPU at a time, through
 CUDA_VISIBLE_DEVICES), `slurm` (submitit's SLURM executor) and
 `submitit_local` (submitit's local executor, for trying the SLURM path
@@ -31,24 +34,36 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
+from fishr_jax import config_checks
+from fishr_jax import errors
 from fishr_jax import hparams as hparams_lib
+from fishr_jax import workdir
 from fishr_jax.algorithms import registry
 from fishr_jax.data import domainbed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "domainbed.py")
+LOG = "log.txt"  # each job's output, in its folder
+BUSY = errors.WorkdirBusyError.exit_code
 
 
 def algorithm_name(name: str) -> str:
   """fishr-jax's name for `name`, which may be DomainBed's ("Fishr")."""
+  known = {}
   for ours in registry.names():
-    try:
-      theirs = registry.domainbed_spec(ours).name
-    except ValueError:
-      continue
-    if name in (ours, theirs):
-      return ours
-  raise ValueError(f"Unknown algorithm {name!r}.")
+    known[ours] = known[registry.domainbed_spec(ours).name] = ours
+  if name not in known:
+    raise errors.ConfigError(f"Unknown algorithm {name!r}; known: "
+                             f"{', '.join(sorted(known))}."
+                             + config_checks.suggest(name, known))
+  return known[name]
+
+
+def check_dataset(name: str) -> None:
+  if name not in domainbed.ENVIRONMENTS:
+    raise errors.ConfigError(
+        f"Unknown dataset {name!r}; known: {', '.join(domainbed.DATASETS)}."
+        + config_checks.suggest(name, domainbed.DATASETS))
 
 
 def test_env_sets(num_envs: int, single_test_envs: bool) -> list[list[int]]:
@@ -81,9 +96,17 @@ class Job:
 
   @property
   def status(self) -> str:
+    """done, running (a live process holds its lock), incomplete or not
+    launched."""
     if os.path.exists(os.path.join(self.output_dir, "done")):
       return "done"
+    if workdir.is_locked(self.output_dir):
+      return "running"
     return "incomplete" if os.path.exists(self.output_dir) else "not launched"
+
+  @property
+  def log(self) -> str:
+    return os.path.join(self.output_dir, LOG)
 
   def __str__(self) -> str:
     a = self.args
@@ -100,6 +123,7 @@ def make_jobs(flags: argparse.Namespace) -> list[Job]:
   extra += flags.extra_flags
   jobs = []
   for dataset in flags.datasets:
+    check_dataset(dataset)
     num_envs = len(domainbed.ENVIRONMENTS[dataset])
     for algorithm in flags.algorithms:
       ours = algorithm_name(algorithm)
@@ -124,20 +148,51 @@ def make_jobs(flags: argparse.Namespace) -> list[Job]:
 # ----------------------------------------------------------------- launchers
 
 
-def run_command(command: Sequence[str]) -> int:
-  """Runs one job's command; module-level so submitit can pickle it."""
-  return subprocess.run(list(command), check=False).returncode
+def run_command(command: Sequence[str], log: str) -> int:
+  """Runs one job's command, its output appended to `log`; module-level so
+  submitit can pickle it."""
+  os.makedirs(os.path.dirname(log), exist_ok=True)
+  with open(log, "a") as f:
+    return subprocess.run(list(command), stdout=f, stderr=subprocess.STDOUT,
+                          check=False).returncode
 
 
-def local_launcher(commands: Sequence[list[str]]) -> None:
-  for i, command in enumerate(commands):
-    print(f"[{i + 1}/{len(commands)}] {shlex.join(command)}", flush=True)
-    if run_command(command):
-      print("  exited with an error; its folder stays incomplete.", flush=True)
+def _run_logged(job: "Job", echo: bool, env: dict | None = None
+                ) -> subprocess.Popen:
+  """Starts `job`, its output appended to job.log (and echoed if `echo`)."""
+  os.makedirs(job.output_dir, exist_ok=True)
+  log = open(job.log, "a")  # pylint: disable=consider-using-with
+  if not echo:
+    return subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT,
+                            env=env)
+  proc = subprocess.Popen(job.command, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=env)
+  for line in proc.stdout:
+    sys.stdout.write(line)
+    log.write(line)
+  proc.wait()
+  log.close()
+  return proc
 
 
-def multi_device_launcher(commands: Sequence[list[str]]) -> None:
-  """One job per local GPU (CUDA_VISIBLE_DEVICES) at a time."""
+def local_launcher(jobs: Sequence[Job]) -> dict[Job, int | None]:
+  """One job after another, each output echoed and kept in its log.txt.
+  A job that another launcher started meanwhile is skipped (None)."""
+  codes = {}
+  for i, job in enumerate(jobs):
+    if job.status in ("done", "running"):  # e.g. a second sweep's
+      print(f"[{i + 1}/{len(jobs)}] skipped, {job.status}: {job.output_dir}",
+            flush=True)
+      codes[job] = None
+      continue
+    print(f"[{i + 1}/{len(jobs)}] {shlex.join(job.command)}", flush=True)
+    codes[job] = _run_logged(job, echo=True).returncode
+  return codes
+
+
+def multi_device_launcher(jobs: Sequence[Job]) -> dict[Job, int | None]:
+  """One job per local GPU (CUDA_VISIBLE_DEVICES) at a time; each output
+  goes to its log.txt."""
   visible = os.environ.get("CUDA_VISIBLE_DEVICES")
   if visible:
     devices = visible.split(",")
@@ -145,30 +200,35 @@ def multi_device_launcher(commands: Sequence[list[str]]) -> None:
     out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
                          check=False)
     devices = [str(i) for i in range(len(out.stdout.splitlines()))] or ["0"]
-  pending, running = list(commands), {}
+  pending, running, codes = list(jobs), {}, {}
   while pending or running:
     for device in devices:
-      proc = running.get(device)
+      job, proc = running.get(device, (None, None))
       if proc is not None and proc.poll() is not None:
+        codes[job] = proc.returncode
         del running[device]
-      if device not in running and pending:
+      while device not in running and pending:
+        job = pending.pop(0)
+        if job.status in ("done", "running"):
+          codes[job] = None
+          continue
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": device}
-        running[device] = subprocess.Popen(pending.pop(0), env=env)
+        print(f"device {device}: {job.output_dir}", flush=True)
+        running[device] = (job, _run_logged(job, echo=False, env=env))
     time.sleep(1)
+  return codes
 
 
 def _submitit_launcher(executor_factory: Callable[[str], Any]
-                       ) -> Callable[[Sequence[list[str]]], None]:
-  def launch(commands):
-    folder = os.path.join(os.path.commonpath(
-        [c[c.index("--workdir") + 1] for c in commands]), "submitit_logs")
+                       ) -> Callable[[Sequence[Job]], dict[Job, int | None]]:
+  def launch(jobs):
+    folder = os.path.join(os.path.commonpath([j.output_dir for j in jobs]),
+                          "submitit_logs")
     executor = executor_factory(folder)
-    jobs = executor.map_array(run_command, commands)
-    print(f"Submitted {len(jobs)} jobs; logs in {folder}.", flush=True)
-    codes = [job.result() for job in jobs]
-    failed = sum(1 for c in codes if c)
-    if failed:
-      print(f"{failed} jobs exited with an error.", flush=True)
+    submitted = executor.map_array(run_command, [j.command for j in jobs],
+                                   [j.log for j in jobs])
+    print(f"Submitted {len(submitted)} jobs; logs in {folder}.", flush=True)
+    return {job: s.result() for job, s in zip(jobs, submitted)}
   return launch
 
 
@@ -194,7 +254,7 @@ LAUNCHERS = {
     "multi_device": multi_device_launcher,
     "slurm": _submitit_launcher(_slurm_executor),
     "submitit_local": _submitit_launcher(_submitit_local_executor),
-    "dummy": lambda commands: [print(shlex.join(c)) for c in commands],
+    "dummy": lambda jobs: {j: print(shlex.join(j.command)) for j in jobs},
 }
 
 
@@ -228,13 +288,39 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
   return flags
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  flags = parse_flags(sys.argv[1:] if argv is None else argv)
+def _confirm(question: str) -> bool:
+  try:
+    return input(f"{question} (y/n) ").strip().lower() == "y"
+  except EOFError:
+    raise errors.ConfigError(
+        f"{question}: no answer (stdin is closed); pass --skip_confirmation "
+        "to go ahead without asking.") from None
+
+
+def report(codes: dict[Job, int | None]) -> int:
+  """Prints how the launched jobs ended; the sweep's exit code (1 if any
+  failed)."""
+  failed = [j for j, c in codes.items() if c not in (None, 0, BUSY)]
+  busy = [j for j, c in codes.items() if c == BUSY]
+  skipped = [j for j, c in codes.items() if c is None]
+  print(f"{len(codes) - len(failed) - len(busy) - len(skipped)} jobs "
+        f"finished, {len(failed)} failed, "
+        f"{len(busy) + len(skipped)} skipped (done or run by another "
+        "process).", flush=True)
+  if failed:
+    print(f"{len(failed)} of {len(codes)} jobs failed; their logs:\n"
+          + "\n".join(f"  exit {codes[j]}: {j.log}" for j in failed),
+          file=sys.stderr, flush=True)
+    return 1
+  return 0
+
+
+def run(flags: argparse.Namespace) -> int:
   jobs = make_jobs(flags)
   for job in jobs:
     print(job)
   counts = {s: sum(j.status == s for j in jobs)
-            for s in ("done", "incomplete", "not launched")}
+            for s in ("done", "running", "incomplete", "not launched")}
   print(f"{len(jobs)} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
   if flags.command == "launch":
     # Runs that share shapes (same dataset, algorithm, batch size) share
@@ -242,19 +328,37 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                           os.path.join(os.path.abspath(flags.output_dir), ".jax_cache"))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    todo = [j for j in jobs if j.status != "done"]
-    if todo and not flags.skip_confirmation:
-      if input(f"Launch {len(todo)} jobs? (y/n) ").strip().lower() != "y":
-        return
-    LAUNCHERS[flags.command_launcher]([j.command for j in todo])
-  elif flags.command == "delete_incomplete":
+    todo = [j for j in jobs if j.status not in ("done", "running")]
+    if not todo or not (flags.skip_confirmation
+                        or _confirm(f"Launch {len(todo)} jobs?")):
+      return 0
+    return report(LAUNCHERS[flags.command_launcher](todo))
+  if flags.command == "delete_incomplete":
     todo = [j for j in jobs if j.status == "incomplete"]
-    if todo and not flags.skip_confirmation:
-      if input(f"Delete {len(todo)} incomplete runs? (y/n) ").strip().lower() != "y":
-        return
+    if todo and not (flags.skip_confirmation
+                     or _confirm(f"Delete {len(todo)} incomplete runs?")):
+      return 0
+    deleted = 0
     for job in todo:
-      shutil.rmtree(job.output_dir)
-    print(f"Deleted {len(todo)} incomplete runs.")
+      try:  # a run started since the listing keeps its folder
+        with workdir.lock(job.output_dir):
+          shutil.rmtree(job.output_dir)
+        deleted += 1
+      except errors.WorkdirBusyError:
+        print(f"Kept {job.output_dir}: it is running now.")
+    print(f"Deleted {deleted} incomplete runs"
+          + (f"; {counts['running']} running ones kept." if counts["running"]
+             else "."))
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  flags = parse_flags(sys.argv[1:] if argv is None else argv)
+  try:
+    sys.exit(run(flags))
+  except errors.UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from fishr_jax import cli
+from fishr_jax import errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLORED = os.path.join(ROOT, "configs", "colored_mnist.py")
@@ -61,3 +62,46 @@ def test_bad_flags_end_in_one_line_and_exit_code_2(tmp_path, args, message):
       and "\n" not in result.stderr.strip()), result.stderr
   assert "Traceback" not in result.stderr
   assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_a_diverged_run_exits_4_without_done_or_results(tmp_path):
+  workdir = tmp_path / "run"
+  result = _main("--config", COLORED, "--workdir", str(workdir),
+                 "--config.lr=1e6", "--config.restarts=1", "--config.steps=51",
+                 "--config.hidden_dim=16")
+  assert result.returncode == 4, result.stderr
+  assert result.stderr.strip().startswith(
+      "error: restart 0 diverged by step 50: loss=nan")
+  assert not (workdir / "restart_0" / "done").exists()
+  assert not (workdir / "results.json").exists()
+  # Asked again, it diverges again instead of reporting the broken run.
+  assert _main("--config", COLORED, "--workdir", str(workdir),
+               "--config.lr=1e6", "--config.restarts=1", "--config.steps=51",
+               "--config.hidden_dim=16").returncode == 4
+
+
+def test_an_unexpected_error_is_one_line_with_its_traceback_logged(
+    tmp_path, capsys):
+  def boom():
+    raise RuntimeError("boom")
+  with pytest.raises(SystemExit) as exit_:
+    cli.run_reporting_errors(boom, str(tmp_path), verbose=False)
+  assert exit_.value.code == 1
+  log = tmp_path / cli.ERROR_LOG
+  assert capsys.readouterr().err.splitlines() == [
+      "error: RuntimeError: boom",
+      f"(an unexpected error: its traceback is in {log}; --verbose prints it)"]
+  assert "Traceback" in log.read_text() and 'raise RuntimeError("boom")' in (
+      log.read_text())
+  with pytest.raises(RuntimeError):  # --verbose: the traceback itself
+    cli.run_reporting_errors(boom, str(tmp_path), verbose=True)
+
+
+def test_a_user_error_exits_with_its_code(tmp_path, capsys):
+  def busy():
+    raise errors.WorkdirBusyError("in use")
+  with pytest.raises(SystemExit) as exit_:
+    cli.run_reporting_errors(busy, str(tmp_path), verbose=False)
+  assert exit_.value.code == 75
+  assert capsys.readouterr().err == "error: in use\n"
+  assert not (tmp_path / cli.ERROR_LOG).exists()

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from experiments import sweep
+from fishr_jax import workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,3 +78,67 @@ def test_short_sweep_then_collect_results(tmp_path, tiny_mnist_dir):
       assert f"-------- Dataset: {dataset}, model selection method: {method}" in out.stdout
     assert f"-------- Averages, model selection method: {method}" in out.stdout
   assert "Fishr" in out.stdout and "ERM" in out.stdout
+
+
+def _sweep_result(*args, stdin=subprocess.DEVNULL):
+  return subprocess.run([sys.executable, "-m", "experiments.sweep", *args],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600,
+                        stdin=stdin)
+
+
+ONE_DATASET = ["--datasets", "ColoredMNIST", "--algorithms", "ERM",
+               "--n_hparams", "1", "--n_trials", "1", "--single_test_envs"]
+
+
+def test_failed_jobs_make_the_sweep_fail_and_name_their_logs(tmp_path):
+  result = _sweep_result("launch", *ONE_DATASET, "--output_dir",
+                         str(tmp_path), "--skip_confirmation",
+                         "--config.steps=0")
+  assert result.returncode == 1, result.stdout + result.stderr
+  assert "0 jobs finished, 3 failed" in result.stdout
+  assert "3 of 3 jobs failed; their logs:" in result.stderr
+  logs = [l.split(": ", 1)[1] for l in result.stderr.splitlines()
+          if l.startswith("  exit 2: ")]
+  assert len(logs) == 3
+  assert all("error: config.steps=0: must be an integer >= 1." in open(l).read()
+             for l in logs)
+
+
+def test_unknown_names_and_a_closed_stdin_are_one_line_errors(tmp_path):
+  result = _sweep_result("launch", "--datasets", "CMNIST", "--output_dir",
+                         str(tmp_path))
+  assert result.returncode == 2
+  assert result.stderr.strip() == (
+      "error: Unknown dataset 'CMNIST'; known: ColoredMNIST, RotatedMNIST, "
+      "VLCS, PACS, OfficeHome, TerraIncognita, DomainNet. Did you mean "
+      "'ColoredMNIST'?")
+  result = _sweep_result("launch", "--algorithms", "Fisher", "--output_dir",
+                         str(tmp_path))
+  assert result.returncode == 2 and "Did you mean 'Fishr'" in result.stderr
+  for job in sweep.make_jobs(sweep.parse_flags(
+      ["list", *ONE_DATASET, "--output_dir", str(tmp_path)])):
+    os.makedirs(job.output_dir)  # incomplete
+  result = _sweep_result("delete_incomplete", *ONE_DATASET, "--output_dir",
+                         str(tmp_path))
+  assert result.returncode == 2
+  assert "no answer (stdin is closed); pass --skip_confirmation" in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_a_running_job_is_neither_launched_nor_deleted(tmp_path):
+  flags = ["--output_dir", str(tmp_path), *ONE_DATASET]
+  jobs = sweep.make_jobs(sweep.parse_flags(["list", *flags]))
+  for job in jobs[1:]:
+    os.makedirs(job.output_dir)
+  with workdir.lock(jobs[0].output_dir):  # as a live run would
+    listing = _sweep_result("list", *flags).stdout
+    assert "3 jobs: 0 done, 1 running, 2 incomplete, 0 not launched" in listing
+    result = _sweep_result("delete_incomplete", "--skip_confirmation", *flags)
+    assert "Deleted 2 incomplete runs; 1 running ones kept." in result.stdout
+    assert os.path.isdir(jobs[0].output_dir)
+    assert not any(os.path.exists(j.output_dir) for j in jobs[1:])
+    result = _sweep_result("launch", "--skip_confirmation", "--config.steps=0",
+                           *flags)
+    assert result.returncode == 1  # the two others ran (and failed)
+    assert "0 jobs finished, 2 failed" in result.stdout
+    assert not os.path.exists(jobs[0].log)  # never started
