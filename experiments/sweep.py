@@ -115,6 +115,14 @@ class Job:
             f"trial_seed={a['trial_seed']}  {self.output_dir}")
 
 
+def _applies(flag: str, algorithm: str) -> bool:
+  """Whether --config.X flag `flag` is for a job of `algorithm`: a flag of
+  an algorithm's block (--config.fishr.params=all) goes to that
+  algorithm's jobs only; a job refuses another algorithm's block."""
+  block = flag[len("--config."):].split("=")[0].split(".")[0]
+  return block not in registry.names() or block == algorithm
+
+
 def make_jobs(flags: argparse.Namespace) -> list[Job]:
   hparams = json.loads(flags.hparams) if flags.hparams else {}
   extra = []
@@ -141,7 +149,8 @@ def make_jobs(flags: argparse.Namespace) -> list[Job]:
               args["checkpoint_freq"] = flags.checkpoint_freq
             if hparams:
               args["hparams"] = hparams
-            jobs.append(Job(args, flags.output_dir, extra))
+            jobs.append(Job(args, flags.output_dir,
+                            [f for f in extra if _applies(f, ours)]))
   return jobs
 
 

@@ -43,6 +43,11 @@ def keyword_safe_argv(argv: Sequence[str]) -> list[str]:
   return out
 
 
+def overridden_paths(argv: Sequence[str]) -> list[str]:
+  """The field paths that --config.X=... flags in `argv` set."""
+  return [m.group(1)[len("config."):] for m in map(_OVERRIDE.match, argv) if m]
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
   """What --config=PATH[:PRESET] loads, without the flag machinery."""
   path, _, preset = spec.partition(":")

@@ -180,6 +180,19 @@ def check_domainbed(config: ml_collections.ConfigDict) -> None:
                           config.get(config.algorithm))
 
 
+def check_overrides(config: ml_collections.ConfigDict,
+                    overridden: Iterable[str]) -> None:
+  """Refuses a --config.X flag that the config's choices ignore: a field of
+  another algorithm's block."""
+  for path in overridden:
+    block = path.split(".")[0]
+    if block in registry.names() and block != config.algorithm:
+      raise errors.ConfigError(
+          f"--config.{path} is ignored: config.algorithm={config.algorithm!r}"
+          f". Set --config.{config.algorithm}.* instead, or "
+          f"--config.algorithm={block}.")
+
+
 CHECKS = {"colored_mnist": check_colored_mnist, "domainbed": check_domainbed}
 
 

@@ -40,6 +40,7 @@ def main(argv):
 
   def train():
     config_checks.check(config)  # before any data is read
+    config_checks.check_overrides(config, cli.overridden_paths(sys.argv))
     if _FRESH.value:
       workdir_lib.move_aside(workdir)
     parallel.initialize(config)

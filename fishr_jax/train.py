@@ -201,9 +201,14 @@ def finished_records(workdir: str) -> list[Record] | None:
   """A finished run's records (it has a `done` file; says so), else None."""
   if not os.path.exists(os.path.join(workdir, DONE)):
     return None
+  records = read_records(workdir)
+  if not records:
+    raise errors.WorkdirError(
+        f"{workdir} is marked done but has no records in {RECORDS}; pass "
+        "--fresh to move it aside and train it again.")
   print(f"{workdir} is done; pass --fresh to train it again (the old run is "
         "moved aside).", flush=True)
-  return read_records(workdir)
+  return records
 
 
 def _write_records(workdir: str, records: list[Record]) -> None:
@@ -220,8 +225,13 @@ def _check_same_config(workdir: str, config_json: str) -> None:
     return
   with open(path) as f:
     recorded = f.read()
-  changes = workdir_lib.config_changes(recorded, config_json,
-                                       MAY_CHANGE_ON_RESUME)
+  try:
+    changes = workdir_lib.config_changes(recorded, config_json,
+                                         MAY_CHANGE_ON_RESUME)
+  except json.JSONDecodeError as e:
+    raise errors.WorkdirError(
+        f"{path} is not valid JSON ({e.msg}), so this run's config is "
+        "unknown; pass --fresh to move the run aside and start over.") from e
   if changes:
     raise errors.WorkdirError(
         f"{workdir} holds a run made with another config, so it cannot be "

@@ -127,10 +127,15 @@ def lock(workdir: str) -> Iterator[None]:
     finally:
       _HELD[key][1] -= 1
     return
-  os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, LOCK)
-  while True:
+  try:
+    os.makedirs(workdir, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as e:
+    raise errors.WorkdirError(
+        f"Cannot use {workdir} as a run folder ({type(e).__name__}: "
+        f"{e.strerror or e}); choose a --workdir you can write to.") from e
+  while True:
     if not _try_flock(fd):
       os.close(fd)
       raise errors.WorkdirBusyError(
@@ -144,6 +149,7 @@ def lock(workdir: str) -> Iterator[None]:
     if same_file:
       break
     os.close(fd)  # the holder removed it while we opened it: try again
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   previous = _holder(path)
   if previous.get("pid") not in (None, os.getpid()):
     print(f"{workdir}: taking over the lock of {_describe(previous)}, which "

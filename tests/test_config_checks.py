@@ -97,3 +97,14 @@ def test_both_default_configs_pass():
   config_checks.check(colored_mnist_config.get_config())
   config_checks.check(colored_mnist_config.get_config("paper"))
   config_checks.check(domainbed_config.get_config())
+
+
+def test_another_algorithms_block_on_the_command_line_is_refused():
+  config = colored_mnist_config.get_config()
+  config.algorithm = "erm"
+  with pytest.raises(errors.ConfigError,
+                     match=r"--config.fishr.lambda_ is ignored: "
+                     r"config.algorithm='erm'"):
+    config_checks.check_overrides(config, ["steps", "fishr.lambda_"])
+  config.algorithm = "fishr"
+  config_checks.check_overrides(config, ["steps", "fishr.lambda_"])

@@ -142,3 +142,15 @@ def test_a_running_job_is_neither_launched_nor_deleted(tmp_path):
     assert result.returncode == 1  # the two others ran (and failed)
     assert "0 jobs finished, 2 failed" in result.stdout
     assert not os.path.exists(jobs[0].log)  # never started
+
+
+def test_an_algorithms_block_flag_goes_to_its_jobs_only(tmp_path):
+  jobs = sweep.make_jobs(sweep.parse_flags(
+      ["list", "--output_dir", str(tmp_path), "--datasets", "ColoredMNIST",
+       "--algorithms", "ERM", "Fishr", "--n_hparams", "1", "--n_trials", "1",
+       "--single_test_envs", "--config.fishr.params=all",
+       "--config.image_size=64"]))
+  for job in jobs:
+    assert "--config.image_size=64" in job.command
+    assert ("--config.fishr.params=all" in job.command) == (
+        job.args["algorithm"] == "fishr")

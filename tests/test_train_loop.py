@@ -244,3 +244,22 @@ def test_no_readable_checkpoint_is_an_error_then_a_fresh_start(tmp_path):
     train.train_loop(_run(tmp_path))
   records = train.train_loop(_run(tmp_path))  # both moved aside: from step 0
   assert [r["step"] for r in records] == [0, 2, 4, 6]
+
+
+def test_a_workdir_that_is_a_file_or_has_broken_state_is_named(tmp_path):
+  (tmp_path / "file").write_text("")
+  with pytest.raises(errors.WorkdirError, match=r"Cannot use .*file as a run "
+                     "folder"):
+    train.train_loop(_run(tmp_path / "file"))
+  done_without_records = tmp_path / "empty"
+  done_without_records.mkdir()
+  (done_without_records / train.DONE).write_text("done\n")
+  with pytest.raises(errors.WorkdirError, match="marked done but has no "
+                     "records"):
+    train.train_loop(_run(done_without_records))
+  with pytest.raises(Crash):
+    train.train_loop(_run(tmp_path / "cut", crash_at=3))
+  (tmp_path / "cut" / workdir.CONFIG).write_text("")
+  with pytest.raises(errors.WorkdirError, match="config.json is not valid "
+                     "JSON"):
+    train.train_loop(_run(tmp_path / "cut"))
