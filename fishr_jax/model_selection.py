@@ -173,6 +173,8 @@ def load_records(input_dir: str, include_unfinished: bool = False) -> list[Recor
   if not records:
     detail = (f"{n_runs} run folders with results.jsonl, {n_unfinished} of them "
               "unfinished (no `done` file)")
+    if diverged:
+      detail += f", {len(diverged)} skipped as diverged"
     if n_unfinished and not include_unfinished:
       detail += "; include_unfinished reads those too"
     raise RecordsError(f"No records under {input_dir!r}: {detail}.")

@@ -216,11 +216,12 @@ def _write_records(workdir: str, records: list[Record]) -> None:
                          "".join(json.dumps(r) + "\n" for r in records))
 
 
-def _check_same_config(workdir: str, config_json: str) -> None:
-  """A run resumes only with the config it was started with."""
+def check_same_config(workdir: str, config_json: str) -> None:
+  """A run resumes (or is reported done) only with the config it was
+  started with; errors.WorkdirError lists the differences."""
   path = os.path.join(workdir, workdir_lib.CONFIG)
-  started = (os.path.exists(os.path.join(workdir, RECORDS))
-             or os.path.isdir(os.path.join(workdir, CHECKPOINTS)))
+  started = any(os.path.exists(os.path.join(workdir, name))
+                for name in (RECORDS, CHECKPOINTS, DONE))
   if not (started and os.path.exists(path)):
     return
   with open(path) as f:
@@ -342,10 +343,10 @@ def train_loop(run: Run, progress_every_s: float = 30.0) -> list[Record]:
 
 
 def _train_locked(run: Run, progress_every_s: float) -> list[Record]:
+  check_same_config(run.workdir, run.config_json)
   finished = finished_records(run.workdir)
   if finished is not None:
     return finished
-  _check_same_config(run.workdir, run.config_json)
   workdir_lib.write_text(os.path.join(run.workdir, workdir_lib.CONFIG),
                          run.config_json + "\n")
 

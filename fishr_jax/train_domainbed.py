@@ -44,6 +44,16 @@ def resolve_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return values
 
 
+def resolve_config(config: ml_collections.ConfigDict
+                   ) -> ml_collections.ConfigDict:
+  """The config as the run uses it: references resolved, checkpoint_freq
+  the dataset's default when unset."""
+  config = config.copy_and_resolve_references()
+  if config.checkpoint_freq is None:
+    config.checkpoint_freq = domainbed.CHECKPOINT_FREQ[config.dataset]
+  return config
+
+
 def record_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The run's arguments under DomainBed's names (its record's "args")."""
   return {"dataset": config.dataset,
@@ -117,7 +127,7 @@ def make_accuracy_fn(network: algorithms.Network):
 
 def make_run(config: ml_collections.ConfigDict, workdir: str) -> train.Run:
   """The train.Run of one DomainBed run."""
-  config = config.copy_and_resolve_references()
+  config = resolve_config(config)
   hparams = resolve_hparams(config)
   alg_config, schedule = settings.from_domainbed(
       config.algorithm, hparams, config.get(config.algorithm))
@@ -126,8 +136,6 @@ def make_run(config: ml_collections.ConfigDict, workdir: str) -> train.Run:
   dataset = domainbed.get_dataset(config.dataset, config.data_dir,
                                   config.digits_source, config.image_size,
                                   seed=config.seed)
-  if config.checkpoint_freq is None:
-    config.checkpoint_freq = dataset.checkpoint_freq
   test_envs = [int(e) for e in config.test_envs]
   train_envs = [e for e in range(len(dataset)) if e not in test_envs]
   splits = domainbed.split_environments(dataset, config.holdout_fraction,
@@ -183,6 +191,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> list[dict[str, Any]]:
   """Runs (or resumes) one DomainBed run; returns its records."""
   with workdir_lib.lock(workdir):  # before loading any data
+    train.check_same_config(
+        workdir, resolve_config(config).to_json_best_effort(indent=2))
     finished = train.finished_records(workdir)
     if finished is not None:
       return finished

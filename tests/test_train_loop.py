@@ -183,6 +183,9 @@ def test_resume_refuses_another_config_but_not_another_device_count(tmp_path):
   records = train.train_loop(
       _run(tmp_path, config_json='{"lr": 0.1, "num_devices": 2}'))
   assert [r["step"] for r in records] == [0, 2, 4, 6]
+  # Finished, it is not reported done under another config either.
+  with pytest.raises(errors.WorkdirError, match="lr: recorded 0.1, now 0.2"):
+    train.train_loop(_run(tmp_path, config_json='{"lr": 0.2}'))
 
 
 def test_a_deleted_done_with_the_last_checkpoint_trains_nothing(
