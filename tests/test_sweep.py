@@ -63,7 +63,7 @@ def test_short_sweep_then_collect_results(tmp_path, tiny_mnist_dir):
   _sweep("launch", *mnist)
   _sweep("launch", *pacs)
   listing = _sweep("list", *pacs)
-  assert "8 jobs: 8 done, 0 incomplete, 0 not launched" in listing
+  assert "8 jobs: 8 done, 0 running, 0 incomplete, 0 not launched" in listing
   assert "6 jobs: 6 done" in _sweep("list", *mnist)
   # A finished sweep launched again runs nothing.
   assert "6 jobs: 6 done" in _sweep("launch", *mnist)
