@@ -28,10 +28,12 @@ Also XLA:CPU's YNNPACK dot fusion, a compile option of the train step
 """
 
 import functools
+import sys
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fishr_jax import errors
 from fishr_jax import losses
@@ -215,5 +217,26 @@ _CPU_DOT_FUSION = {
 
 def cpu_compiler_options(platform: str,
                          dot_fusion: bool) -> dict[str, str] | None:
-  """The train step's compiler options on `platform` (None: XLA's own)."""
-  return dict(_CPU_DOT_FUSION) if platform == "cpu" and dot_fusion else None
+  """The train step's compiler options on `platform` (None: XLA's own).
+  Options this jaxlib's XLA does not know are left out, with a one-line
+  note (the option is experimental and may be renamed)."""
+  if platform != "cpu" or not dot_fusion:
+    return None
+  return _known_options(tuple(_CPU_DOT_FUSION.items())) or None
+
+
+@functools.cache
+def _known_options(options: tuple[tuple[str, str], ...]) -> dict[str, str]:
+  known = {}
+  for name, value in options:
+    try:  # a tiny compile: XLA refuses an unknown option by name
+      jax.jit(lambda x: x + 1, compiler_options={name: value}).lower(
+          np.float32(0)).compile()
+      known[name] = value
+    except jax.errors.JaxRuntimeError as e:
+      if "No such compile option" not in str(e):
+        raise
+      print(f"note: this JAX ({jax.__version__}) has no XLA option "
+            f"{name!r}; compiling without it (xla_cpu_dot_fusion is off).",
+            file=sys.stderr, flush=True)
+  return known

@@ -145,3 +145,16 @@ def test_jitted_penalty_gradient_at_a_full_batch_scale(moment_sums, centered):
     for a, b in zip(jitted, eager):
       np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-9 * float(
           jnp.abs(b).max()))
+
+
+def test_an_xla_option_this_jax_lacks_is_left_out_with_a_note(
+    monkeypatch, capsys):
+  monkeypatch.setattr(fast_paths, "_CPU_DOT_FUSION",
+                      {"xla_cpu_option_no_jax_has": "1"})
+  assert fast_paths.cpu_compiler_options("cpu", True) is None
+  assert "has no XLA option 'xla_cpu_option_no_jax_has'" in (
+      capsys.readouterr().err)
+  monkeypatch.undo()
+  options = fast_paths.cpu_compiler_options("cpu", True)
+  assert options == fast_paths._CPU_DOT_FUSION  # this JAX knows the real one
+  assert fast_paths.cpu_compiler_options("gpu", True) is None
