@@ -5,7 +5,8 @@ exit codes in place of tracebacks.
 Exit codes: 0 done; 1 an unexpected error (a bug: its traceback is in the
 workdir's error.log, or printed with --verbose); 2 a bad config or flag;
 3 a data file missing or broken; 4 the run diverged; 5 the workdir
-disagrees with the run; 75 another process owns the workdir; 130
+disagrees with the run; 6 another process of a multi-process job died;
+75 another process owns the workdir; 130
 interrupted (run the same command again to resume).
 """
 
@@ -22,6 +23,7 @@ import ml_collections
 
 from fishr_jax import config_checks
 from fishr_jax import errors
+from fishr_jax import parallel
 
 ERROR_LOG = "error.log"
 INTERRUPTED = 130
@@ -129,6 +131,14 @@ def run_reporting_errors(fn: Callable[[], Any], workdir: str,
   except Exception as e:  # pylint: disable=broad-except
     if verbose:
       raise
+    if parallel.is_peer_failure(e):
+      print(f"error: another process of this job stopped "
+            f"({str(e).strip().splitlines()[0][:200]}). Start the whole job "
+            f"again to resume {workdir} from its last checkpoint.",
+            file=sys.stderr, flush=True)
+      # Exit now: JAX's exit handler would wait for the dead process at its
+      # shutdown barrier, then abort.
+      os._exit(errors.PeerProcessError.exit_code)  # pylint: disable=protected-access
     log = os.path.join(workdir, ERROR_LOG)
     try:
       os.makedirs(workdir, exist_ok=True)

@@ -39,3 +39,10 @@ class WorkdirBusyError(UserError):
 
 class RecordsError(WorkdirError, ValueError):
   """A results.jsonl that is missing, malformed or lacks fields."""
+
+
+class PeerProcessError(UserError):
+  """Another process of a multi-process job died (its connection closed or
+  its heartbeat stopped); restarting the job resumes from the last
+  checkpoint."""
+  exit_code = 6

@@ -18,6 +18,7 @@ JAX_COORDINATOR_ADDRESS etc.). Each process then loads its own part of the
 batch and `shard_batch` assembles the global array from the parts.
 """
 
+import os
 from typing import Any
 
 import jax
@@ -32,9 +33,32 @@ PyTree = Any
 
 
 def initialize(config: ml_collections.ConfigDict) -> None:
-  """Joins the multi-host job if `config.distributed`; a no-op otherwise."""
-  if config.get("distributed", False):
-    jax.distributed.initialize()
+  """Joins the multi-process job if `config.distributed`; a no-op otherwise.
+
+  The job's shape comes from the cluster (SLURM, TPU pods: JAX detects it)
+  or from the environment: JAX_COORDINATOR_ADDRESS (host:port of process
+  0), JAX_NUM_PROCESSES and JAX_PROCESS_ID. CPU processes exchange their
+  all-reduces through gloo.
+  """
+  if not config.get("distributed", False):
+    return
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  env = {key: int(os.environ[name]) for key, name in (
+      ("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
+         if name in os.environ}
+  jax.distributed.initialize(**env)
+
+
+# How a dead peer shows in a collective's error (gloo on CPU; the
+# coordination service everywhere).
+_PEER_FAILURES = ("Connection closed by peer", "heartbeat timeout",
+                  "Connection reset by peer")
+
+
+def is_peer_failure(error: BaseException) -> bool:
+  """Whether `error` says that another process of this job died."""
+  return jax.process_count() > 1 and any(
+      text in str(error) for text in _PEER_FAILURES)
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
@@ -73,8 +97,22 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
-  """Params and states: one full copy on every device."""
-  return jax.device_put(tree, replicated(mesh))
+  """Params and states: one full copy on every device. In a multi-process
+  job every process holds the same values and builds its devices' copies
+  (device_put cannot place data on another process's devices)."""
+  sharding = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def global_copy(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(global_copy(jax.random.key_data(x)),
+                                      impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding,
+                                        lambda index: host[index])
+
+  return jax.tree.map(global_copy, tree)
 
 
 def spread_domains(domain_ids: np.ndarray, num_shards: int) -> np.ndarray:

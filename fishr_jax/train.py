@@ -22,6 +22,7 @@ step k depend only on (seed, k), and records past the restored step are
 dropped and recomputed.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -153,32 +154,39 @@ def _to_saveable(state: TrainState) -> TrainState:
   return state.replace(rng=jax.random.key_data(state.rng))
 
 
-def restore_checkpoint(directory: str, template: TrainState
+def checkpoint_manager(directory: str) -> ocp.CheckpointManager:
+  """The run's checkpoints (the last two are kept). Every process of a job
+  makes it (orbax synchronizes them), whether or not `directory` exists."""
+  return ocp.CheckpointManager(
+      os.path.abspath(directory),
+      options=ocp.CheckpointManagerOptions(max_to_keep=2))
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, template: TrainState
                        ) -> TrainState | None:
-  """The newest readable checkpoint under `directory`, shaped like
-  `template`; None if there is none. A checkpoint that cannot be read is
-  moved to <workdir>/corrupt_checkpoints/ with a message, and the one
-  before it is tried; errors.WorkdirError if none can be read."""
-  directory = os.path.abspath(directory)
-  if not os.path.isdir(directory):
-    return None
+  """The newest readable checkpoint of `manager`, laid out like `template`
+  (its shardings too); None if there is none. A checkpoint that cannot be
+  read is moved to <workdir>/corrupt_checkpoints/ with a message, and the
+  one before it is tried; errors.WorkdirError if none can be read."""
+  directory = str(manager.directory)
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(template))
-  with ocp.CheckpointManager(directory) as manager:
-    steps = sorted(manager.all_steps(), reverse=True)
-    for step in steps:
-      try:
-        restored = manager.restore(step, args=ocp.args.StandardRestore(target))
-      except Exception as e:  # pylint: disable=broad-except
-        aside = os.path.join(os.path.dirname(directory), CORRUPT_CHECKPOINTS,
-                             f"{step}-{int(time.time())}")
+  steps = sorted(manager.all_steps(), reverse=True)
+  for step in steps:
+    try:
+      restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+    except Exception as e:  # pylint: disable=broad-except
+      aside = os.path.join(os.path.dirname(directory), CORRUPT_CHECKPOINTS,
+                           f"{step}-{int(time.time())}")
+      if jax.process_index() == 0:
         os.makedirs(os.path.dirname(aside), exist_ok=True)
         os.rename(os.path.join(directory, str(step)), aside)
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        print(f"warning: the checkpoint of step {step} cannot be read "
-              f"({type(e).__name__}: {reason}); moved it to {aside} and "
-              "trying the one before.", file=sys.stderr, flush=True)
-        continue
-      return restored.replace(rng=jax.random.wrap_key_data(restored.rng))
+      reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+      print(f"warning: the checkpoint of step {step} cannot be read "
+            f"({type(e).__name__}: {reason}); moved it to {aside} and "
+            "trying the one before.", file=sys.stderr, flush=True)
+      manager.reload()
+      continue
+    return restored.replace(rng=jax.random.wrap_key_data(restored.rng))
   if steps:
     raise errors.WorkdirError(
         f"None of the {len(steps)} checkpoints in {directory} can be read "
@@ -338,45 +346,56 @@ def train_loop(run: Run, progress_every_s: float = 30.0) -> list[Record]:
   On a terminal a tqdm bar shows the rate and ETA; elsewhere a line with the
   ETA is printed at every record and at least every `progress_every_s`.
   """
-  with workdir_lib.lock(run.workdir):
+  with folder_lock(run.workdir):
     return _train_locked(run, progress_every_s)
 
 
+def folder_lock(workdir: str) -> contextlib.AbstractContextManager:
+  """The run folder's lock, held by the process that writes the folder's
+  files: process 0 of a multi-process job (all of them train, and orbax
+  has every one write its part of a checkpoint); a no-op elsewhere."""
+  if jax.process_index() == 0:
+    return workdir_lib.lock(workdir)
+  return contextlib.nullcontext()
+
+
 def _train_locked(run: Run, progress_every_s: float) -> list[Record]:
+  primary = jax.process_index() == 0
+  say = print if primary else lambda *args, **kwargs: None
+  write = workdir_lib.write_text if primary else lambda path, text: None
   check_same_config(run.workdir, run.config_json)
   finished = finished_records(run.workdir)
   if finished is not None:
     return finished
-  workdir_lib.write_text(os.path.join(run.workdir, workdir_lib.CONFIG),
-                         run.config_json + "\n")
+  write(os.path.join(run.workdir, workdir_lib.CONFIG), run.config_json + "\n")
 
   checkpoints = os.path.abspath(os.path.join(run.workdir, CHECKPOINTS))
+  manager = checkpoint_manager(checkpoints)
   state, start_step, records = run.state, 0, []
-  restored = restore_checkpoint(checkpoints, run.state)
+  restored = restore_checkpoint(manager, run.state)
   if restored is not None:
-    mesh_sharding = jax.tree.map(lambda x: x.sharding, run.state)
-    state = jax.device_put(restored, mesh_sharding)
+    state = restored  # laid out as run.state (the restore target)
     start_step = int(restored.step)
     records = read_records(run.workdir, start_step - 1)
-    print(f"Resuming {run.workdir} from step {start_step}.", flush=True)
-  _write_records(run.workdir, records)  # drop records past the checkpoint
+    say(f"Resuming {run.workdir} from step {start_step}.", flush=True)
+  if primary:
+    _write_records(run.workdir, records)  # drop records past the checkpoint
   if start_step >= run.steps:
-    print(f"{run.workdir}: its checkpoint is at the last step ({run.steps}), "
+    say(f"{run.workdir}: its checkpoint is at the last step ({run.steps}), "
           "so nothing is left to train; marking it done. Pass --fresh to "
           "train it again.", flush=True)
-    workdir_lib.write_text(os.path.join(run.workdir, DONE), "done\n")
+    manager.close()
+    write(os.path.join(run.workdir, DONE), "done\n")
     return records
 
-  manager = ocp.CheckpointManager(
-      checkpoints, options=ocp.CheckpointManagerOptions(max_to_keep=2))
   batches = run.batches(start_step)
-  interactive = sys.stderr.isatty()
+  interactive = primary and sys.stderr.isatty()
   bar = tqdm.tqdm(total=run.steps, initial=start_step, unit="step",
                   desc=run.name or None, disable=not interactive,
                   dynamic_ncols=True)
   prefix = f"{run.name}: " if run.name else ""
   if run.announce_compile:
-    print(f"{prefix}compiling the train step...", flush=True)
+    say(f"{prefix}compiling the train step...", flush=True)
   checkpoint_every = run.checkpoint_every or run.record_every
   pending: list[Metrics] = []
   started = window_start = last_print = time.time()
@@ -395,7 +414,7 @@ def _train_locked(run: Run, progress_every_s: float) -> list[Record]:
     eta = (now - started) / done_steps * (run.steps - step - 1)
     if not record_now:
       if not interactive and now - last_print >= progress_every_s:
-        print(f"{prefix}step {step + 1}/{run.steps}  eta {_duration(eta)}",
+        say(f"{prefix}step {step + 1}/{run.steps}  eta {_duration(eta)}",
               flush=True)
         last_print = now
       continue
@@ -407,7 +426,8 @@ def _train_locked(run: Run, progress_every_s: float) -> list[Record]:
               **accs, **run.fields}
     pending, window_start = [], time.time()
     records.append(record)
-    _write_records(run.workdir, records)
+    if primary:
+      _write_records(run.workdir, records)
     diverged = _divergence(means, state.params)
     if diverged:
       bar.close()
@@ -422,9 +442,10 @@ def _train_locked(run: Run, progress_every_s: float) -> list[Record]:
       manager.save(step + 1, args=ocp.args.StandardSave(_to_saveable(state)))
       manager.wait_until_finished()
     line = format_record(record, run.steps, eta if step + 1 < run.steps else None)
-    bar.write(prefix + line)
+    if primary:
+      bar.write(prefix + line)
     last_print = time.time()
   bar.close()
   manager.close()
-  workdir_lib.write_text(os.path.join(run.workdir, DONE), "done\n")
+  write(os.path.join(run.workdir, DONE), "done\n")
   return records

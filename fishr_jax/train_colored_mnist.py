@@ -114,7 +114,7 @@ def summarize(config: ml_collections.ConfigDict,
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains (or resumes) every restart; returns and writes the results."""
-  with workdir_lib.lock(workdir):
+  with train.folder_lock(workdir):
     workdir_lib.write_text(os.path.join(workdir, workdir_lib.CONFIG),
                            config.to_json_best_effort(indent=2) + "\n")
     start = time.time()

@@ -23,7 +23,6 @@ from fishr_jax import losses
 from fishr_jax import models
 from fishr_jax import parallel
 from fishr_jax import train
-from fishr_jax import workdir as workdir_lib
 from fishr_jax.algorithms import registry
 from fishr_jax.algorithms import settings
 from fishr_jax.data import domainbed
@@ -190,7 +189,7 @@ def make_run(config: ml_collections.ConfigDict, workdir: str) -> train.Run:
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> list[dict[str, Any]]:
   """Runs (or resumes) one DomainBed run; returns its records."""
-  with workdir_lib.lock(workdir):  # before loading any data
+  with train.folder_lock(workdir):  # before loading any data
     train.check_same_config(
         workdir, resolve_config(config).to_json_best_effort(indent=2))
     finished = train.finished_records(workdir)

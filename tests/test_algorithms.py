@@ -60,7 +60,8 @@ def test_every_algorithm_trains_and_checkpoints(experiment, name,
   assert os.path.exists(os.path.join(run.workdir, train.DONE))
 
   restored = train.restore_checkpoint(
-      os.path.join(run.workdir, train.CHECKPOINTS), template)
+      train.checkpoint_manager(os.path.join(run.workdir, train.CHECKPOINTS)),
+      template)
   assert int(restored.step) == 1
   chex.assert_trees_all_equal(_host(restored), _host(expected))
 
