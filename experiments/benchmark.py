@@ -103,13 +103,15 @@ def _domainbed_algorithm(dataset: str):
   return build
 
 
-def colored_mnist_full_batch() -> dict[str, Any]:
-  return {"model": models.MLP(hidden_dims=(390, 390), num_outputs=1,
+def colored_mnist_full_batch(n_per_domain: int = 25000,
+                             hidden: int = 390) -> dict[str, Any]:
+  return {"model": models.MLP(hidden_dims=(hidden, hidden), num_outputs=1,
                                dtype=_dtype()),
-          "batch": _random_batch((14, 14, 2), 2, 25000, 1), "num_domains": 2,
-          "algorithm": _colored_mnist_algorithm,
+          "batch": _random_batch((14, 14, 2), 2, n_per_domain, 1),
+          "num_domains": 2, "algorithm": _colored_mnist_algorithm,
           "variants": HEAD_VARIANTS + ("fishr_all_layers_closed_form",),
-          "description": "Colored MNIST full batch, 2 x 25,000, MLP 390"}
+          "description": f"Colored MNIST full batch, 2 x {n_per_domain:,}, "
+                         f"MLP {hidden}"}
 
 
 def domainbed_mnist_cnn(n_per_domain: int = 64) -> dict[str, Any]:
@@ -119,23 +121,25 @@ def domainbed_mnist_cnn(n_per_domain: int = 64) -> dict[str, Any]:
           "description": f"DomainBed MNIST_CNN, 3 x {n_per_domain}, 10 classes"}
 
 
-def _resnet50(num_classes: int, dataset: str) -> dict[str, Any]:
+def resnet_head(num_classes: int, dataset: str, depth: int = 50,
+                n_per_domain: int = 32) -> dict[str, Any]:
   from fishr_jax import resnet  # pylint: disable=g-import-not-at-top
   size = _IMAGE_SIZE.value
-  return {"model": resnet.ResNet(depth=50, num_classes=num_classes,
-                                       dtype=_dtype()),
+  return {"model": resnet.ResNet(depth=depth, num_classes=num_classes,
+                                 dtype=_dtype()),
           "stochastic": True,
-          "batch": _random_batch((size, size, 3), 3, 32, num_classes),
+          "batch": _random_batch((size, size, 3), 3, n_per_domain,
+                                 num_classes),
           "num_domains": 3, "algorithm": _domainbed_algorithm("PACS"),
-          "description": f"ResNet-50 {dataset} head (C = {num_classes}), "
-                         f"3 x 32, {size} px"}
+          "description": f"ResNet-{depth} {dataset} head (C = {num_classes}), "
+                         f"3 x {n_per_domain}, {size} px"}
 
 
 SETTINGS: dict[str, Callable[[], dict[str, Any]]] = {
     "colored_mnist_full_batch": colored_mnist_full_batch,
     "domainbed_mnist_cnn": domainbed_mnist_cnn,
-    "resnet50_pacs": lambda: _resnet50(7, "PACS"),
-    "resnet50_domainnet": lambda: _resnet50(345, "DomainNet"),
+    "resnet50_pacs": lambda: resnet_head(7, "PACS"),
+    "resnet50_domainnet": lambda: resnet_head(345, "DomainNet"),
 }
 
 
@@ -270,6 +274,16 @@ def markdown(results: dict[str, Any], device: str) -> str:
   return "\n".join(lines) + "\n"
 
 
+def report(results: dict[str, Any]) -> dict[str, Any]:
+  """What benchmark.json holds: the machine, the settings, the results."""
+  return {"device": device_description(), "jax": jax.__version__,
+          "image_size": _IMAGE_SIZE.value,
+          "compute_dtype": _COMPUTE_DTYPE.value,
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "xla_cpu_dot_fusion": _XLA_CPU_DOT_FUSION.value,
+          "results": results}
+
+
 def main(argv: Sequence[str]) -> None:
   names = argv[1:] or list(SETTINGS) + ["weak_scaling"]
   unknown = sorted(set(names) - set(SETTINGS) - {"weak_scaling"})
@@ -292,13 +306,7 @@ def main(argv: Sequence[str]) -> None:
   with open(os.path.join(_OUTPUT_DIR.value, "benchmark.md"), "w") as f:
     f.write(table)
   with open(os.path.join(_OUTPUT_DIR.value, "benchmark.json"), "w") as f:
-    json.dump({"device": device, "jax": jax.__version__,
-               "image_size": _IMAGE_SIZE.value,
-               "compute_dtype": _COMPUTE_DTYPE.value,
-               "xla_flags": os.environ.get("XLA_FLAGS", ""),
-               "xla_cpu_dot_fusion": _XLA_CPU_DOT_FUSION.value,
-               "results": results}, f,
-              indent=2)
+    json.dump(report(results), f, indent=2)
   print(table)
 
 

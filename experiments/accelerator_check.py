@@ -1,0 +1,117 @@
+"""The checks to run first on a machine with an accelerator, in a few minutes.
+
+  python -m experiments.accelerator_check --output_dir results/accelerator
+
+(--output_dir, --repeats, --warmup, --compute_dtype: the benchmark's flags.)
+
+On whatever backend JAX finds (GPU, TPU, or CPU):
+1. the tests that matter there, run on that backend: the Fishr paths
+   against the reference math, bfloat16 compute, the official vectors, and
+   sharded equality on the fake-device mesh (--tests; pytest's summary
+   line is kept);
+2. the benchmark's quick rows (experiments/benchmark.py): Colored MNIST's
+   full batch, DomainBed's MNIST_CNN, and the ResNet-50 PACS and DomainNet
+   heads at 224 px, ERM against Fishr;
+and writes accelerator_check.md and accelerator_check.json, the device
+named. `--tiny` shrinks every row (CPU: the test suite runs it so that the
+script cannot rot; its numbers mean nothing). Vectorized runs per program
+are not built yet, so that row is absent.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+from absl import app
+from absl import flags
+import jax
+
+from experiments import benchmark
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = ("tests/test_penalties.py", "tests/test_fast_paths.py",
+         "tests/test_precision.py", "tests/test_reference.py",
+         "tests/test_parallel.py")
+
+_TINY = flags.DEFINE_bool("tiny", False,
+                          "Tiny sizes (a CPU smoke run of the script).")
+_TESTS = flags.DEFINE_list("tests", list(TESTS),
+                           "pytest paths (or node ids) to run; empty: none.")
+_TEST_TIMEOUT = flags.DEFINE_integer("test_timeout_s", 240,
+                                     "Limit of the pytest run.")
+
+
+def run_tests(paths: Sequence[str]) -> dict[str, Any]:
+  """pytest on `paths` in a subprocess (the default backend: the
+  accelerator); its exit code, summary line and time."""
+  if not paths:
+    return {"paths": [], "summary": "not run", "exit_code": None}
+  command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+             "-m", "not slow and not perf", *paths]
+  start = time.time()
+  try:
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                         timeout=_TEST_TIMEOUT.value)
+    lines = out.stdout.strip().splitlines() or [""]
+    summary, code = lines[-1].strip("= "), out.returncode
+  except subprocess.TimeoutExpired:
+    summary, code = f"timed out after {_TEST_TIMEOUT.value} s", None
+  return {"paths": list(paths), "summary": summary, "exit_code": code,
+          "time_s": time.time() - start}
+
+
+def quick_settings(tiny: bool) -> dict[str, dict[str, Any]]:
+  """The benchmark rows this check times (tiny: small enough for CPU)."""
+  if tiny:
+    return {"colored_mnist_full_batch":
+                benchmark.colored_mnist_full_batch(n_per_domain=256, hidden=32),
+            "domainbed_mnist_cnn": benchmark.domainbed_mnist_cnn(8),
+            "resnet18_pacs_tiny": benchmark.resnet_head(7, "PACS", depth=18,
+                                                        n_per_domain=2)}
+  return {name: benchmark.SETTINGS[name]() for name in (
+      "colored_mnist_full_batch", "domainbed_mnist_cnn", "resnet50_pacs",
+      "resnet50_domainnet")}
+
+
+def markdown(report: dict[str, Any]) -> str:
+  tests = report["tests"]
+  return (f"# Accelerator check\n\nDevice: {report['device']}; JAX "
+          f"{report['jax']}; {report['wall_time_s']:.0f} s in all"
+          f"{' (tiny sizes)' if report['tiny'] else ''}.\n\n"
+          f"Tests ({', '.join(tests['paths']) or 'none'}): "
+          f"{tests['summary']}.\n\n"
+          + benchmark.markdown(report["benchmark"], report["device"]))
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  start = time.time()
+  if _TINY.value:  # the benchmark's own flags, shrunk
+    flags.FLAGS.image_size, flags.FLAGS.repeats, flags.FLAGS.warmup = 32, 2, 0
+  print(f"testing on {benchmark.device_description()} ...", flush=True)
+  tests = run_tests(_TESTS.value)
+  print(f"tests: {tests['summary']}", flush=True)
+  results = {}
+  for name, setting in quick_settings(_TINY.value).items():
+    print(f"benchmarking {setting['description']} ...", flush=True)
+    results[name] = benchmark.benchmark_setting(setting)
+  report = {**benchmark.report(results), "tiny": _TINY.value,
+            "tests": tests, "wall_time_s": time.time() - start}
+  report["benchmark"] = report.pop("results")
+  os.makedirs(benchmark._OUTPUT_DIR.value, exist_ok=True)
+  text = markdown(report)
+  with open(os.path.join(benchmark._OUTPUT_DIR.value, "accelerator_check.md"), "w") as f:
+    f.write(text)
+  with open(os.path.join(benchmark._OUTPUT_DIR.value, "accelerator_check.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  print(text)
+  if tests["exit_code"] not in (0, None):
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,34 @@
+"""experiments/accelerator_check.py at tiny sizes on CPU, so that the script
+a GPU or TPU session runs first cannot rot: tests run on the backend, every
+quick benchmark row is timed, the report names the device."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_accelerator_check_writes_its_report(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  test = "tests/test_penalties.py::test_per_example_grads_equals_loop_of_grad"
+  subprocess.run([sys.executable, "-m", "experiments.accelerator_check",
+                  "--tiny", "--output_dir", str(tmp_path), f"--tests={test}"],
+                 check=True, cwd=ROOT, env=env, timeout=900)
+  report = json.loads((tmp_path / "accelerator_check.json").read_text())
+  assert report["device"].startswith("CPU") and report["tiny"]
+  assert report["tests"]["exit_code"] == 0
+  assert report["tests"]["summary"].startswith("1 passed")
+  assert set(report["benchmark"]) == {"colored_mnist_full_batch",
+                                      "domainbed_mnist_cnn",
+                                      "resnet18_pacs_tiny"}
+  for rows in report["benchmark"].values():
+    assert rows["erm"]["time_ratio_vs_erm"] == 1.0
+    assert all(r["step_time_s"] > 0 for r in rows.values())
+  text = (tmp_path / "accelerator_check.md").read_text()
+  assert "Device: CPU" in text and "Tests (" + test + "): 1 passed" in text
+  assert "| domainbed_mnist_cnn | fishr_closed_form |" in text
