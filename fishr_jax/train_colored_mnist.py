@@ -114,12 +114,15 @@ def summarize(config: ml_collections.ConfigDict,
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains (or resumes) every restart; returns and writes the results."""
+  primary = jax.process_index() == 0  # the one writer of a multi-process job
   with train.folder_lock(workdir):
-    workdir_lib.write_text(os.path.join(workdir, workdir_lib.CONFIG),
-                           config.to_json_best_effort(indent=2) + "\n")
+    if primary:
+      workdir_lib.write_text(os.path.join(workdir, workdir_lib.CONFIG),
+                             config.to_json_best_effort(indent=2) + "\n")
     start = time.time()
     final = [train.train_loop(run)[-1] for run in make_runs(config, workdir)]
     results = summarize(config, final, time.time() - start)
-    workdir_lib.write_json(os.path.join(workdir, "results.json"), results)
-  print(evaluation.format_results(results), flush=True)
+    if primary:
+      workdir_lib.write_json(os.path.join(workdir, "results.json"), results)
+      print(evaluation.format_results(results), flush=True)
   return results
