@@ -115,12 +115,24 @@ class Job:
             f"trial_seed={a['trial_seed']}  {self.output_dir}")
 
 
-def _applies(flag: str, algorithm: str) -> bool:
-  """Whether --config.X flag `flag` is for a job of `algorithm`: a flag of
-  an algorithm's block (--config.fishr.params=all) goes to that
-  algorithm's jobs only; a job refuses another algorithm's block."""
-  block = flag[len("--config."):].split("=")[0].split(".")[0]
-  return block not in registry.names() or block == algorithm
+# --config.X fields that only some datasets read (a run refuses them
+# elsewhere, config_checks.py): {field: whether a dataset reads it}.
+_DATASET_FIELDS = {
+    "pretrained_checkpoint": lambda d: d in domainbed.FOLDER_DATASETS,
+    "image_size": lambda d: d in domainbed.FOLDER_DATASETS,
+    "digits_source": lambda d: d not in domainbed.FOLDER_DATASETS,
+}
+
+
+def _applies(flag: str, algorithm: str, dataset: str) -> bool:
+  """Whether --config.X flag `flag` is for a job of `algorithm` on
+  `dataset`: a flag of an algorithm's block (--config.fishr.params=all)
+  goes to that algorithm's jobs only, a dataset-specific field to the
+  datasets that read it."""
+  field = flag[len("--config."):].split("=")[0].split(".")[0]
+  if field in registry.names():
+    return field == algorithm
+  return _DATASET_FIELDS.get(field, lambda d: True)(dataset)
 
 
 def make_jobs(flags: argparse.Namespace) -> list[Job]:
@@ -132,6 +144,15 @@ def make_jobs(flags: argparse.Namespace) -> list[Job]:
   jobs = []
   for dataset in flags.datasets:
     check_dataset(dataset)
+  names = {k for d in flags.datasets for a in flags.algorithms
+           for k in hparams_lib.specs(algorithm_name(a), d)}
+  unknown = sorted(set(hparams) - names)
+  if unknown:
+    raise errors.ConfigError(
+        f"--hparams {unknown}: no job's algorithm has them; their hparams: "
+        f"{', '.join(sorted(names))}."
+        + config_checks.suggest(unknown[0], names))
+  for dataset in flags.datasets:
     num_envs = len(domainbed.ENVIRONMENTS[dataset])
     for algorithm in flags.algorithms:
       ours = algorithm_name(algorithm)
@@ -147,10 +168,13 @@ def make_jobs(flags: argparse.Namespace) -> list[Job]:
               args["steps"] = flags.steps
             if flags.checkpoint_freq is not None:
               args["checkpoint_freq"] = flags.checkpoint_freq
-            if hparams:
-              args["hparams"] = hparams
+            # Each job gets the forced hparams its algorithm has.
+            own = {k: v for k, v in hparams.items()
+                   if k in hparams_lib.specs(ours, dataset)}
+            if own:
+              args["hparams"] = own
             jobs.append(Job(args, flags.output_dir,
-                            [f for f in extra if _applies(f, ours)]))
+                            [f for f in extra if _applies(f, ours, dataset)]))
   return jobs
 
 
@@ -237,7 +261,14 @@ def _submitit_launcher(executor_factory: Callable[[str], Any]
     submitted = executor.map_array(run_command, [j.command for j in jobs],
                                    [j.log for j in jobs])
     print(f"Submitted {len(submitted)} jobs; logs in {folder}.", flush=True)
-    return {job: s.result() for job, s in zip(jobs, submitted)}
+    codes = {}
+    for job, handle in zip(jobs, submitted):
+      try:
+        codes[job] = handle.result()
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"{job.output_dir}: {type(e).__name__}: {e}", file=sys.stderr)
+        codes[job] = -1  # killed by the scheduler (time limit, preemption)
+    return codes
   return launch
 
 

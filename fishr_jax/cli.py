@@ -123,7 +123,7 @@ def run_reporting_errors(fn: Callable[[], Any], workdir: str,
     if verbose:
       raise
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(e.exit_code)
+    _exit(e.exit_code)
   except KeyboardInterrupt:
     print(f"Interrupted; run the same command again to resume {workdir}.",
           file=sys.stderr)
@@ -136,9 +136,7 @@ def run_reporting_errors(fn: Callable[[], Any], workdir: str,
             f"({str(e).strip().splitlines()[0][:200]}). Start the whole job "
             f"again to resume {workdir} from its last checkpoint.",
             file=sys.stderr, flush=True)
-      # Exit now: JAX's exit handler would wait for the dead process at its
-      # shutdown barrier, then abort.
-      os._exit(errors.PeerProcessError.exit_code)  # pylint: disable=protected-access
+      _exit(errors.PeerProcessError.exit_code)
     log = os.path.join(workdir, ERROR_LOG)
     try:
       os.makedirs(workdir, exist_ok=True)
@@ -149,4 +147,15 @@ def run_reporting_errors(fn: Callable[[], Any], workdir: str,
       where = "rerun with --verbose for its traceback"
     print(f"error: {type(e).__name__}: {e}\n(an unexpected error: {where}; "
           "--verbose prints it)", file=sys.stderr)
-    sys.exit(1)
+    _exit(1)
+
+
+def _exit(code: int) -> None:
+  """sys.exit, except in a multi-process job: there JAX's exit handler would
+  wait at its shutdown barrier for processes that are still training (or
+  dead) and hang, so the process ends now and the others see it go."""
+  if not parallel.is_multi_process():
+    sys.exit(code)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access

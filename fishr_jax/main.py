@@ -9,6 +9,7 @@ from ml_collections import config_flags
 
 from fishr_jax import cli
 from fishr_jax import config_checks
+from fishr_jax import errors
 from fishr_jax import parallel
 from fishr_jax import train_colored_mnist
 from fishr_jax import train_domainbed
@@ -42,6 +43,10 @@ def main(argv):
     config_checks.check(config)  # before any data is read
     config_checks.check_overrides(config, cli.overridden_paths(sys.argv))
     if _FRESH.value:
+      if config.get("distributed", False):
+        raise errors.ConfigError(
+            "--fresh with config.distributed: move the old run folder aside "
+            "before starting the job (every process would move it).")
       workdir_lib.move_aside(workdir)
     parallel.initialize(config)
     TRAINERS[config.get("trainer", "colored_mnist")](config, workdir)

@@ -55,9 +55,17 @@ _PEER_FAILURES = ("Connection closed by peer", "heartbeat timeout",
                   "Connection reset by peer")
 
 
+def is_multi_process() -> bool:
+  """Whether this process is one of several (False if JAX cannot start)."""
+  try:
+    return jax.process_count() > 1
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
 def is_peer_failure(error: BaseException) -> bool:
   """Whether `error` says that another process of this job died."""
-  return jax.process_count() > 1 and any(
+  return is_multi_process() and any(
       text in str(error) for text in _PEER_FAILURES)
 
 

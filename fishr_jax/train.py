@@ -175,6 +175,7 @@ def restore_checkpoint(manager: ocp.CheckpointManager, template: TrainState
     try:
       restored = manager.restore(step, args=ocp.args.StandardRestore(target))
     except Exception as e:  # pylint: disable=broad-except
+      _raise_unless_unreadable(e, step, directory)
       aside = os.path.join(os.path.dirname(directory), CORRUPT_CHECKPOINTS,
                            f"{step}-{int(time.time())}")
       if jax.process_index() == 0:
@@ -194,6 +195,24 @@ def restore_checkpoint(manager: ocp.CheckpointManager, template: TrainState
         "); run again to start from step 0, or pass --fresh to move the "
         "whole run aside first.")
   return None
+
+
+# Restore errors that say the checkpoint is fine but this run differs from it
+# (or the machine is short of memory): the files stay where they are.
+_NOT_CORRUPTION = ("Structure mismatch", "tree structure", "RESOURCE_EXHAUSTED",
+                   "out of memory", "shape mismatch", "Shape mismatch")
+
+
+def _raise_unless_unreadable(error: Exception, step: int,
+                             directory: str) -> None:
+  if isinstance(error, MemoryError) or any(
+      text in str(error) for text in _NOT_CORRUPTION):
+    raise errors.WorkdirError(
+        f"The checkpoint of step {step} in {directory} does not fit this run "
+        f"({type(error).__name__}: {str(error).strip()[:300]}). The code or "
+        "the model changed since it was written, or memory ran out; nothing "
+        "was moved. Use the code that wrote it, another --workdir, or "
+        "--fresh.") from error
 
 
 def read_records(workdir: str, up_to_step: int | None = None) -> list[Record]:

@@ -29,6 +29,8 @@ from fishr_jax import errors
 LOCK = "lock"
 CONFIG = "config.json"
 
+# How long lock() waits for a flock held for a moment (is_locked's probe).
+_BUSY_RETRY_S = 2.0
 # Locks this process holds: workdir -> (file descriptor, depth). flock is per
 # open file, so a nested lock() of the same folder must reuse the first.
 _HELD: dict[str, list] = {}
@@ -135,8 +137,12 @@ def lock(workdir: str) -> Iterator[None]:
     raise errors.WorkdirError(
         f"Cannot use {workdir} as a run folder ({type(e).__name__}: "
         f"{e.strerror or e}); choose a --workdir you can write to.") from e
+  deadline = time.time() + _BUSY_RETRY_S
   while True:
     if not _try_flock(fd):
+      if time.time() < deadline:  # e.g. a sweep's is_locked() probe
+        time.sleep(0.05)
+        continue
       os.close(fd)
       raise errors.WorkdirBusyError(
           f"{workdir} is in use by {_describe(_holder(path))}. Wait for it "
@@ -164,7 +170,11 @@ def lock(workdir: str) -> Iterator[None]:
   finally:
     del _HELD[key]
     with contextlib.suppress(FileNotFoundError):
-      os.remove(path)  # still under the flock: no one else has it
+      # Ours still (the folder may have been moved or deleted meanwhile, and
+      # a new run may hold a new lock file at this path): remove it under
+      # the flock, so no one else holds it.
+      if os.stat(path).st_ino == os.fstat(fd).st_ino:
+        os.remove(path)
     os.close(fd)
 
 
@@ -182,16 +192,18 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_changes(recorded_json: str, config_json: str,
                    may_change: tuple[str, ...] = ()) -> list[str]:
-  """'field: recorded X, now Y' for each field that differs, except those
-  in `may_change` (settings that do not change the results)."""
+  """'field: recorded X, now Y' for each field both configs have that
+  differs, except those in `may_change` (settings that do not change the
+  results)."""
   old = _flatten(json.loads(recorded_json))
   new = _flatten(json.loads(config_json))
   changes = []
-  for field in sorted(set(old) | set(new)):
-    if field.split(".")[-1] in may_change or old.get(field) == new.get(field):
+  # A field on one side only (added to or dropped from the config since
+  # the run started) is not a change of the run.
+  for field in sorted(set(old) & set(new)):
+    if field.split(".")[-1] in may_change or old[field] == new[field]:
       continue
-    changes.append(f"{field}: recorded {old.get(field, '(absent)')!r}, now "
-                   f"{new.get(field, '(absent)')!r}")
+    changes.append(f"{field}: recorded {old[field]!r}, now {new[field]!r}")
   return changes
 
 
@@ -200,12 +212,13 @@ def move_aside(workdir: str) -> str | None:
   process holds it); returns the new name, None if there was nothing."""
   if not os.path.exists(workdir):
     return None
-  if is_locked(workdir):
-    raise errors.WorkdirBusyError(
-        f"{workdir} is in use by {_describe(_holder(os.path.join(workdir, LOCK)))}; "
-        "it cannot be moved aside while it runs.")
   stamp = time.strftime("%Y%m%d-%H%M%S")
   target = f"{os.path.normpath(workdir)}.old-{stamp}"
-  os.rename(workdir, target)
+  try:
+    with lock(workdir):  # no run may start in it while it moves
+      os.rename(workdir, target)
+  except errors.WorkdirBusyError as e:
+    raise errors.WorkdirBusyError(
+        f"{e} It cannot be moved aside while it runs.") from None
   print(f"Moved the previous run to {target}.", flush=True)
   return target

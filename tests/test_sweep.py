@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from experiments import sweep
+from fishr_jax import errors
 from fishr_jax import workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,8 +150,28 @@ def test_an_algorithms_block_flag_goes_to_its_jobs_only(tmp_path):
       ["list", "--output_dir", str(tmp_path), "--datasets", "ColoredMNIST",
        "--algorithms", "ERM", "Fishr", "--n_hparams", "1", "--n_trials", "1",
        "--single_test_envs", "--config.fishr.params=all",
-       "--config.image_size=64"]))
+       "--config.eval_batch_size=64"]))
   for job in jobs:
-    assert "--config.image_size=64" in job.command
+    assert "--config.eval_batch_size=64" in job.command
     assert ("--config.fishr.params=all" in job.command) == (
         job.args["algorithm"] == "fishr")
+
+
+def test_forced_hparams_and_dataset_fields_go_only_where_they_apply(tmp_path):
+  jobs = sweep.make_jobs(sweep.parse_flags(
+      ["list", "--output_dir", str(tmp_path), "--datasets", "ColoredMNIST",
+       "PACS", "--algorithms", "ERM", "Fishr", "--n_hparams", "1",
+       "--n_trials", "1", "--single_test_envs", "--hparams",
+       '{"lambda": 100, "lr": 0.001}', "--config.pretrained_checkpoint=r.npz",
+       "--config.digits_source=idx"]))
+  for job in jobs:
+    fishr = job.args["algorithm"] == "fishr"
+    folder = job.args["dataset"] == "PACS"
+    assert ("--config.hparams.lambda=100" in job.command) == fishr
+    assert "--config.hparams.lr=0.001" in job.command
+    assert ("--config.pretrained_checkpoint=r.npz" in job.command) == folder
+    assert ("--config.digits_source=idx" in job.command) == (not folder)
+  with pytest.raises(errors.ConfigError, match=r"--hparams \['lamda'\]: no "
+                     "job's algorithm has them.*Did you mean 'lambda'"):
+    sweep.make_jobs(sweep.parse_flags(
+        ["list", "--output_dir", str(tmp_path), "--hparams", '{"lamda": 1}']))

