@@ -24,8 +24,7 @@ def test_accelerator_check_writes_its_report(tmp_path):
   assert report["tests"]["exit_code"] == 0
   assert report["tests"]["summary"].startswith("1 passed")
   assert set(report["benchmark"]) == {"colored_mnist_full_batch",
-                                      "domainbed_mnist_cnn",
-                                      "resnet18_pacs_tiny"}
+                                      "domainbed_mnist_cnn"}
   for rows in report["benchmark"].values():
     assert rows["erm"]["time_ratio_vs_erm"] == 1.0
     assert all(r["step_time_s"] > 0 for r in rows.values())
