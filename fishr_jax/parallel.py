@@ -63,6 +63,12 @@ def is_multi_process() -> bool:
     return False
 
 
+def is_primary() -> bool:
+  """Whether this process writes the run folder's files: process 0 of a
+  multi-process job (every process trains and checkpoints its part)."""
+  return jax.process_index() == 0
+
+
 def is_peer_failure(error: BaseException) -> bool:
   """Whether `error` says that another process of this job died."""
   return is_multi_process() and any(

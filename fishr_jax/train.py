@@ -178,7 +178,7 @@ def restore_checkpoint(manager: ocp.CheckpointManager, template: TrainState
       _raise_unless_unreadable(e, step, directory)
       aside = os.path.join(os.path.dirname(directory), CORRUPT_CHECKPOINTS,
                            f"{step}-{int(time.time())}")
-      if jax.process_index() == 0:
+      if parallel.is_primary():
         os.makedirs(os.path.dirname(aside), exist_ok=True)
         os.rename(os.path.join(directory, str(step)), aside)
       reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
@@ -373,13 +373,13 @@ def folder_lock(workdir: str) -> contextlib.AbstractContextManager:
   """The run folder's lock, held by the process that writes the folder's
   files: process 0 of a multi-process job (all of them train, and orbax
   has every one write its part of a checkpoint); a no-op elsewhere."""
-  if jax.process_index() == 0:
+  if parallel.is_primary():
     return workdir_lib.lock(workdir)
   return contextlib.nullcontext()
 
 
 def _train_locked(run: Run, progress_every_s: float) -> list[Record]:
-  primary = jax.process_index() == 0
+  primary = parallel.is_primary()
   say = print if primary else lambda *args, **kwargs: None
   write = workdir_lib.write_text if primary else lambda path, text: None
   check_same_config(run.workdir, run.config_json)

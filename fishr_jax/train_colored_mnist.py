@@ -114,7 +114,7 @@ def summarize(config: ml_collections.ConfigDict,
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains (or resumes) every restart; returns and writes the results."""
-  primary = jax.process_index() == 0  # the one writer of a multi-process job
+  primary = parallel.is_primary()
   with train.folder_lock(workdir):
     if primary:
       workdir_lib.write_text(os.path.join(workdir, workdir_lib.CONFIG),
