@@ -40,6 +40,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.algorithm = "fishr"
   config.seed = 0
   config.restarts = 5
+  # Restarts trained as one vectorized program (0: all of them); each still
+  # has its own folder, records and checkpoints, as if trained alone.
+  config.runs_per_program = 1
   config.steps = 301
   config.hidden_dim = 128
   config.log_every = 50  # steps between records (and printed lines)

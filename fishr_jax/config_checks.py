@@ -77,6 +77,13 @@ def _check_choice(field: str, value: Any, known: Iterable[str]) -> None:
 
 def _check_device_fields(config: ml_collections.ConfigDict) -> None:
   _require(config, "num_devices", _at_least(0), "must be >= 0 (0: all)")
+  if "runs_per_program" in config:
+    _require(config, "runs_per_program", _at_least(0),
+             "must be an integer >= 0 (0: all the runs in one program)")
+    if config.runs_per_program != 1 and config.distributed:
+      _fail("runs_per_program", config.runs_per_program,
+            "trains its runs in one process; with distributed=True set it "
+            "to 1")
   _check_choice("compute_dtype", config.compute_dtype, models.COMPUTE_DTYPES)
 
 

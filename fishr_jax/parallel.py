@@ -18,6 +18,7 @@ JAX_COORDINATOR_ADDRESS etc.). Each process then loads its own part of the
 batch and `shard_batch` assembles the global array from the parts.
 """
 
+import math
 import os
 from typing import Any
 
@@ -29,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from fishr_jax import errors
 
 DATA_AXIS = "data"
+RUNS_AXIS = "runs"  # vectorized runs (vectorized.py): one run per index
 PyTree = Any
 
 
@@ -75,20 +77,54 @@ def is_peer_failure(error: BaseException) -> bool:
       text in str(error) for text in _PEER_FAILURES)
 
 
-def make_mesh(num_devices: int = 0) -> Mesh:
-  """A data-parallel mesh over the first `num_devices` devices (0: all of
-  them, across every process)."""
+def _first_devices(num_devices: int) -> list[jax.Device]:
   devices = jax.devices()
   if num_devices < 0 or num_devices > len(devices):
     raise errors.ConfigError(f"num_devices={num_devices}, but there are "
                              f"{len(devices)} devices: {devices}.")
-  num_devices = num_devices or len(devices)
+  return devices[:num_devices or len(devices)]
+
+
+def make_mesh(num_devices: int = 0) -> Mesh:
+  """A data-parallel mesh over the first `num_devices` devices (0: all of
+  them, across every process)."""
+  devices = _first_devices(num_devices)
+  num_devices = len(devices)
   # Auto axes: the step is global-batch code and XLA's sharding propagation
   # places the all-reduces (Explicit axes would ask every contraction over
   # the batch for an output sharding).
   return jax.make_mesh((num_devices,), (DATA_AXIS,),
                        axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=devices[:num_devices])
+                       devices=devices)
+
+
+def make_runs_mesh(num_runs: int, num_devices: int = 0,
+                   run_shards: int | None = None) -> Mesh:
+  """A 2-D mesh (RUNS_AXIS, DATA_AXIS) for `num_runs` runs trained as one
+  program: the runs split over `run_shards` devices (None: as many as
+  divide both, since runs need no communication), each run's batch over
+  the rest."""
+  devices = _first_devices(num_devices)
+  if run_shards is None:
+    run_shards = math.gcd(num_runs, len(devices))
+  if num_runs % run_shards or len(devices) % run_shards:
+    raise errors.ConfigError(
+        f"{num_runs} runs on {len(devices)} devices cannot be split over "
+        f"{run_shards} run shards.")
+  return jax.make_mesh((run_shards, len(devices) // run_shards),
+                       (RUNS_AXIS, DATA_AXIS),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=devices)
+
+
+def run_sharding(mesh: Mesh) -> NamedSharding:
+  """Arrays with a leading run axis, on a `make_runs_mesh` mesh."""
+  return NamedSharding(mesh, PartitionSpec(RUNS_AXIS))
+
+
+def data_shards(mesh: Mesh | None) -> int:
+  """How many parts each run's batch is split into on `mesh` (None: 1)."""
+  return 1 if mesh is None else mesh.shape[DATA_AXIS]
 
 
 def must_block_each_step(mesh: Mesh) -> bool:
@@ -217,3 +253,28 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh,
   return {k: jax.make_array_from_process_local_data(sharding,
                                                     np.asarray(v)[order])
           for k, v in batch.items()}
+
+
+def shard_run_batches(batches: list[dict[str, np.ndarray]], mesh: Mesh,
+                      domain_blocks: bool = False,
+                      num_domains: int | None = None) -> dict[str, jax.Array]:
+  """The host batches of K runs (one process) as one (K, N, ...) batch on a
+  `make_runs_mesh` mesh: runs over its run axis, each run's examples over
+  its data axis, laid out as `shard_batch` lays out one run's."""
+  if jax.process_count() > 1:
+    raise errors.ConfigError("Vectorized runs (runs_per_program > 1) train in "
+                             "one process; drop distributed=True.")
+  shards = data_shards(mesh)
+  ordered = []
+  for batch in batches:
+    order = spread_domains(batch["domain"], shards)
+    if domain_blocks:
+      if num_domains is None:
+        raise ValueError("shard_run_batches(domain_blocks=True) needs "
+                         "num_domains.")
+      check_domain_blocks(np.asarray(batch["domain"])[order], num_domains,
+                          shards)
+    ordered.append({k: np.asarray(v)[order] for k, v in batch.items()})
+  sharding = NamedSharding(mesh, PartitionSpec(RUNS_AXIS, DATA_AXIS))
+  return {k: jax.device_put(np.stack([b[k] for b in ordered]), sharding)
+          for k in ordered[0]}

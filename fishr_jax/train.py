@@ -106,19 +106,16 @@ def make_train_step(algorithm: algorithms.Algorithm,
   """The pure train step (jit it): gradient of the algorithm's loss, the
   optimizer reset when the penalty switches on (if scheduled), the update.
   """
-  reset_step = schedule.optimizer_reset_step
-
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     step_rng = jax.random.fold_in(state.rng, state.step)
     grads, (alg_state, metrics) = jax.grad(algorithm.loss_fn, has_aux=True)(
         state.params, state.alg_state, batch, state.step, step_rng)
     opt_state = state.opt_state
-    if reset_step is not None:
+    if schedule.reset_optimizer_at_anneal:
       # DomainBed builds a fresh Adam when the full penalty weight switches on.
-      fresh = tx.init(state.params)
-      opt_state = jax.tree.map(
-          lambda new, old: jnp.where(state.step == reset_step, new, old), fresh,
-          opt_state)
+      reset = schedule.resets_optimizer(state.step)
+      opt_state = jax.tree.map(lambda new, old: jnp.where(reset, new, old),
+                               tx.init(state.params), opt_state)
     updates, opt_state = tx.update(grads, opt_state, state.params)
     new_state = state.replace(step=state.step + 1,
                               params=optax.apply_updates(state.params, updates),
@@ -299,8 +296,9 @@ class Run:
 
   state: the train state at step 0 (replicated on the mesh), also the
     template a checkpoint is restored into.
-  train_step: the jitted step.
-  batches: start_step -> iterator of the step's (sharded) batches.
+  train_step: the jitted step (None for a member of a `Group`).
+  batches: start_step -> iterator of the step's (sharded) batches (None for
+    a member of a `Group`).
   evaluate: params -> {"<split>_acc": float, ...}.
   evaluate_before_update: True (Colored MNIST, as the IRM script): a record
     evaluates the parameters the step's forward pass sees; False
@@ -320,8 +318,8 @@ class Run:
   steps: int
   record_every: int
   state: TrainState
-  train_step: TrainStep
-  batches: Callable[[int], Iterator[Batch]]
+  train_step: TrainStep | None
+  batches: Callable[[int], Iterator[Batch]] | None
   evaluate: Callable[[PyTree], dict[str, float]]
   evaluate_before_update: bool = False
   epoch: Callable[[int], float] = float
@@ -339,11 +337,54 @@ class Run:
           f"checkpoint_every={self.checkpoint_every}.")
 
 
-def _mean_metrics(pending: list[Metrics]) -> dict[str, float]:
-  """Each metric's mean over the steps since the last record (one transfer
-  from the device, at record time)."""
-  values = jax.device_get(pending)
-  return {k: float(np.mean([float(m[k]) for m in values])) for k in values[0]}
+# (member indices, their states at the start step, the start step) ->
+# (the program's state, its jitted step, its batches from the start step).
+ProgramFn = Callable[[list[int], list[TrainState], int],
+                     tuple[PyTree, TrainStep, Iterator[Batch]]]
+
+
+@dataclasses.dataclass
+class Group:
+  """Runs that train as one vectorized program (vectorized.py), each in its
+  own folder exactly as if it trained alone (`train_loop`'s files).
+
+  runs: the members. They share `steps`, `record_every`,
+    `checkpoint_every`, `evaluate_before_update` and `block_each_step`;
+    each one's `state` is its own step-0 state (on one device), the
+    template its checkpoints are restored into.
+  program: how any of them train together, from one start step; its state,
+    batches and metrics have a leading run axis, one index per member
+    given, in that order.
+  lane: (a pytree of the program's, i) -> the i-th member's part, on the
+    device its `evaluate` and `state` use.
+  """
+  runs: list[Run]
+  program: ProgramFn
+  lane: Callable[[PyTree, int], PyTree]
+  stacked: bool = True  # False: one run's own step (train_loop)
+
+  @classmethod
+  def alone(cls, run: Run) -> "Group":
+    """`run` trained by its own step, as `train_loop` trains it."""
+    return cls([run], lambda members, states, start: (
+        states[0], run.train_step, run.batches(start)),
+               lane=lambda tree, i: tree, stacked=False)
+
+  def __post_init__(self):
+    shared = ("steps", "record_every", "checkpoint_every",
+              "evaluate_before_update", "block_each_step")
+    for field in shared:
+      if len({getattr(run, field) for run in self.runs}) > 1:
+        raise ValueError(f"The runs of a group must share {field}.")
+
+
+def _mean_metrics(values: list[dict[str, np.ndarray]], lane: int | None
+                  ) -> dict[str, float]:
+  """Each metric's mean over the steps since the last record (of the run
+  at `lane`, None: unstacked)."""
+  pick = (lambda v: v) if lane is None else (lambda v: v[lane])
+  return {k: float(np.mean([float(pick(m[k])) for m in values]))
+          for k in values[0]}
 
 
 def _divergence(means: dict[str, float], params: PyTree) -> str | None:
@@ -365,8 +406,23 @@ def train_loop(run: Run, progress_every_s: float = 30.0) -> list[Record]:
   On a terminal a tqdm bar shows the rate and ETA; elsewhere a line with the
   ETA is printed at every record and at least every `progress_every_s`.
   """
-  with folder_lock(run.workdir):
-    return _train_locked(run, progress_every_s)
+  return train_group(Group.alone(run), progress_every_s)[0]
+
+
+def train_group(group: Group, progress_every_s: float = 30.0
+                ) -> list[list[Record]]:
+  """Trains (or resumes, or skips) every run of `group` as one program, as
+  `train_loop` trains one; returns each run's records.
+
+  Every run's folder is locked for the whole call. Runs that resume from
+  different steps train as one program per start step. A run that diverges
+  stops alone (nothing is written for it after that record) while the others
+  go on; errors.DivergedError then names it.
+  """
+  with contextlib.ExitStack() as locks:
+    for run in group.runs:
+      locks.enter_context(folder_lock(run.workdir))
+    return _train_locked(group, progress_every_s)
 
 
 def folder_lock(workdir: str) -> contextlib.AbstractContextManager:
@@ -378,93 +434,172 @@ def folder_lock(workdir: str) -> contextlib.AbstractContextManager:
   return contextlib.nullcontext()
 
 
-def _train_locked(run: Run, progress_every_s: float) -> list[Record]:
-  primary = parallel.is_primary()
-  say = print if primary else lambda *args, **kwargs: None
-  write = workdir_lib.write_text if primary else lambda path, text: None
+@dataclasses.dataclass
+class _Member:
+  """One run's side of the loop: where it starts and what it wrote."""
+  run: Run
+  manager: ocp.CheckpointManager
+  state: TrainState
+  start_step: int
+  records: list[Record]
+  diverged: str | None = None  # the DivergedError's message
+
+
+def _say(*args, **kwargs) -> None:
+  if parallel.is_primary():
+    print(*args, **kwargs)
+
+
+def _write(path: str, text: str) -> None:
+  if parallel.is_primary():
+    workdir_lib.write_text(path, text)
+
+
+def _prepare(run: Run) -> _Member | list[Record]:
+  """A run's records if it is done (or has nothing left to train), else
+  where it starts: its config checked and written, its newest readable
+  checkpoint restored, its records past that checkpoint dropped."""
   check_same_config(run.workdir, run.config_json)
   finished = finished_records(run.workdir)
   if finished is not None:
     return finished
-  write(os.path.join(run.workdir, workdir_lib.CONFIG), run.config_json + "\n")
-
-  checkpoints = os.path.abspath(os.path.join(run.workdir, CHECKPOINTS))
-  manager = checkpoint_manager(checkpoints)
+  _write(os.path.join(run.workdir, workdir_lib.CONFIG), run.config_json + "\n")
+  manager = checkpoint_manager(os.path.join(run.workdir, CHECKPOINTS))
   state, start_step, records = run.state, 0, []
   restored = restore_checkpoint(manager, run.state)
   if restored is not None:
     state = restored  # laid out as run.state (the restore target)
     start_step = int(restored.step)
     records = read_records(run.workdir, start_step - 1)
-    say(f"Resuming {run.workdir} from step {start_step}.", flush=True)
-  if primary:
+    _say(f"Resuming {run.workdir} from step {start_step}.", flush=True)
+  if parallel.is_primary():
     _write_records(run.workdir, records)  # drop records past the checkpoint
   if start_step >= run.steps:
-    say(f"{run.workdir}: its checkpoint is at the last step ({run.steps}), "
-          "so nothing is left to train; marking it done. Pass --fresh to "
-          "train it again.", flush=True)
+    _say(f"{run.workdir}: its checkpoint is at the last step ({run.steps}), "
+         "so nothing is left to train; marking it done. Pass --fresh to "
+         "train it again.", flush=True)
     manager.close()
-    write(os.path.join(run.workdir, DONE), "done\n")
+    _write(os.path.join(run.workdir, DONE), "done\n")
     return records
+  return _Member(run, manager, state, start_step, records)
 
-  batches = run.batches(start_step)
+
+def _train_locked(group: Group, progress_every_s: float
+                  ) -> list[list[Record]]:
+  results: list[list[Record] | None] = [None] * len(group.runs)
+  members: dict[int, _Member] = {}
+  by_start: dict[int, list[int]] = {}
+  for i, run in enumerate(group.runs):
+    prepared = _prepare(run)
+    if isinstance(prepared, _Member):
+      members[i] = prepared
+      by_start.setdefault(prepared.start_step, []).append(i)
+    else:
+      results[i] = prepared
+  for start_step in sorted(by_start):
+    _train_members(group, by_start[start_step],
+                   [members[i] for i in by_start[start_step]], start_step,
+                   progress_every_s)
+  for i, member in members.items():
+    results[i] = member.records
+  diverged = [m.diverged for m in members.values() if m.diverged]
+  if diverged:
+    raise errors.DivergedError("\n".join(diverged))
+  return results
+
+
+def _program_name(members: list[_Member]) -> str:
+  if len(members) == 1:
+    return members[0].run.name
+  return f"{members[0].run.name} .. {members[-1].run.name} ({len(members)} runs)"
+
+
+def _train_members(group: Group, indices: list[int], members: list[_Member],
+                   start_step: int, progress_every_s: float) -> None:
+  """Trains `members` (group.runs[indices]) from `start_step` as one
+  program, writing each one's records, checkpoints and `done`."""
+  primary = parallel.is_primary()
+  first = members[0].run
+  steps, record_every = first.steps, first.record_every
+  checkpoint_every = first.checkpoint_every or record_every
+  lanes = list(range(len(members))) if group.stacked else [None]
+  lane = lambda tree, k: tree if k is None else group.lane(tree, k)
+  state, train_step, batches = group.program(
+      indices, [m.state for m in members], start_step)
+  name = _program_name(members)
   interactive = primary and sys.stderr.isatty()
-  bar = tqdm.tqdm(total=run.steps, initial=start_step, unit="step",
-                  desc=run.name or None, disable=not interactive,
+  bar = tqdm.tqdm(total=steps, initial=start_step, unit="step",
+                  desc=name or None, disable=not interactive,
                   dynamic_ncols=True)
-  prefix = f"{run.name}: " if run.name else ""
-  if run.announce_compile:
-    say(f"{prefix}compiling the train step...", flush=True)
-  checkpoint_every = run.checkpoint_every or run.record_every
+  prefix = f"{name}: " if name else ""
+  if first.announce_compile:
+    _say(f"{prefix}compiling the train step...", flush=True)
+
+  def evaluate() -> list[dict[str, float] | None]:
+    return [None if m.diverged else m.run.evaluate(lane(state.params, k))
+            for k, m in zip(lanes, members)]
+
   pending: list[Metrics] = []
   started = window_start = last_print = time.time()
-  for step in range(start_step, run.steps):
+  for step in range(start_step, steps):
     batch = next(batches)
-    record_now = step % run.record_every == 0 or step == run.steps - 1
-    if record_now and run.evaluate_before_update:
-      accs = run.evaluate(state.params)
-    state, metrics = run.train_step(state, batch)
-    if run.block_each_step:
+    record_now = step % record_every == 0 or step == steps - 1
+    if record_now and first.evaluate_before_update:
+      accs = evaluate()
+    state, metrics = train_step(state, batch)
+    if first.block_each_step:
       jax.block_until_ready(state)
     pending.append(metrics)
     bar.update()
     now = time.time()
-    done_steps = step + 1 - start_step
-    eta = (now - started) / done_steps * (run.steps - step - 1)
+    eta = (now - started) / (step + 1 - start_step) * (steps - step - 1)
     if not record_now:
       if not interactive and now - last_print >= progress_every_s:
-        say(f"{prefix}step {step + 1}/{run.steps}  eta {_duration(eta)}",
-              flush=True)
+        _say(f"{prefix}step {step + 1}/{steps}  eta {_duration(eta)}",
+             flush=True)
         last_print = now
       continue
-    if not run.evaluate_before_update:
-      accs = run.evaluate(state.params)
-    means = _mean_metrics(pending)  # waits for the step: times are real
-    record = {"step": step, "epoch": run.epoch(step), **means,
-              "step_time": (time.time() - window_start) / len(pending),
-              **accs, **run.fields}
+    if not first.evaluate_before_update:
+      accs = evaluate()
+    values = jax.device_get(pending)  # waits for the step: times are real
+    step_time = (time.time() - window_start) / len(pending)
     pending, window_start = [], time.time()
-    records.append(record)
-    if primary:
-      _write_records(run.workdir, records)
-    diverged = _divergence(means, state.params)
-    if diverged:
-      bar.close()
-      manager.close()
-      last = manager.latest_step()
-      raise errors.DivergedError(
-          f"{run.name or run.workdir} diverged by step {step}: {diverged}. "
-          "Not marked done; its last good checkpoint "
-          f"({last or 0} steps trained) is in {checkpoints}. Try a lower "
-          "learning rate or penalty weight.")
-    if step % checkpoint_every == 0 or step == run.steps - 1:
-      manager.save(step + 1, args=ocp.args.StandardSave(_to_saveable(state)))
-      manager.wait_until_finished()
-    line = format_record(record, run.steps, eta if step + 1 < run.steps else None)
-    if primary:
-      bar.write(prefix + line)
+    save = step % checkpoint_every == 0 or step == steps - 1
+    for k, member, run_accs in zip(lanes, members, accs):
+      if member.diverged:
+        continue
+      run = member.run
+      means = _mean_metrics(values, k)
+      record = {"step": step, "epoch": run.epoch(step), **means,
+                "step_time": step_time, **run_accs, **run.fields}
+      member.records.append(record)
+      if primary:
+        _write_records(run.workdir, member.records)
+      run_state = lane(state, k)
+      diverged = _divergence(means, run_state.params)
+      if diverged:
+        member.manager.close()
+        member.diverged = (
+            f"{run.name or run.workdir} diverged by step {step}: {diverged}. "
+            "Not marked done; its last good checkpoint "
+            f"({member.manager.latest_step() or 0} steps trained) is in "
+            f"{member.manager.directory}. Try a lower learning rate or "
+            "penalty weight.")
+        continue
+      if save:
+        member.manager.save(step + 1, args=ocp.args.StandardSave(
+            _to_saveable(run_state)))
+      line = format_record(record, steps, eta if step + 1 < steps else None)
+      if primary:
+        bar.write((f"{run.name}: " if run.name else "") + line)
+    for member in members:
+      if not member.diverged:
+        member.manager.wait_until_finished()
     last_print = time.time()
+    if all(m.diverged for m in members):
+      break
   bar.close()
-  manager.close()
-  write(os.path.join(run.workdir, DONE), "done\n")
-  return records
+  for member in members:
+    if not member.diverged:
+      member.manager.close()
+      _write(os.path.join(member.run.workdir, DONE), "done\n")

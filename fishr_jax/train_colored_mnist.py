@@ -1,5 +1,6 @@
-"""Colored MNIST (IRM setup): `config.restarts` full-batch runs, each trained
-by train.train_loop in its own folder, then summarized.
+"""Colored MNIST (IRM setup): `config.restarts` full-batch runs, each in its
+own folder, trained `config.runs_per_program` at a time as one vectorized
+program (vectorized.py), then summarized.
 
 Writes, under workdir:
   restart_<r>/   one run each (config.json, results.jsonl, checkpoints/,
@@ -27,6 +28,7 @@ from fishr_jax import evaluation
 from fishr_jax import models
 from fishr_jax import parallel
 from fishr_jax import train
+from fishr_jax import vectorized
 from fishr_jax import workdir as workdir_lib
 from fishr_jax.algorithms import settings
 from fishr_jax.data import colored_mnist
@@ -49,57 +51,92 @@ def record_args(config: ml_collections.ConfigDict, restart: int) -> dict:
           "hidden_dim": config.hidden_dim, "data_source": config.data.source}
 
 
-def make_runs(config: ml_collections.ConfigDict, workdir: str
-              ) -> Iterator[train.Run]:
-  """One train.Run per restart, made as it is asked for (each holds its
-  full batch on the devices); the jitted step is shared (one compile)."""
+def make_groups(config: ml_collections.ConfigDict, workdir: str
+                ) -> Iterator[train.Group]:
+  """The restarts, `config.runs_per_program` at a time (0: all of them), as
+  train.Groups made as they are asked for (each holds its full batches on
+  the devices); one restart alone trains by its own step, shared by every
+  restart (one compile)."""
   pools = mnist.load_digit_pools(config.data.source, config.data.data_dir)
   model = make_model(config)
   num_domains = len(config.data.train_color_flip_probs)
-  mesh = parallel.make_mesh(config.num_devices)
+  per_program = config.runs_per_program or config.restarts
   alg_config, schedule = settings.from_config_dict(config)
+  hparams = vectorized.ScalarHParams(alg_config, schedule, config.lr,
+                                     config.weight_decay)
+  mesh = (parallel.make_mesh(config.num_devices) if per_program == 1 else
+          parallel.make_runs_mesh(per_program, config.num_devices))
   algorithm = algorithms.make_algorithm(config.algorithm, model, num_domains,
                                         alg_config, schedule, mesh)
   tx = train.make_optimizer(config.lr, config.weight_decay)
-  train_step = train.jit_train_step(
-      train.make_train_step(algorithm, tx, schedule), mesh,
-      config.xla_cpu_dot_fusion)
+  if per_program == 1:
+    train_step = train.jit_train_step(
+        train.make_train_step(algorithm, tx, schedule), mesh,
+        config.xla_cpu_dot_fusion)
+  else:
+    train_step = vectorized.jit_train_step(vectorized.make_train_step(
+        lambda c, s: algorithms.make_algorithm(config.algorithm, model,
+                                               num_domains, c, s, mesh),
+        hparams), mesh, config.xla_cpu_dot_fusion)
   accuracy = evaluation.make_accuracy_fn(model)
-  # What one restart depends on: a resume may ask for more restarts.
+  # What one restart depends on: a resume may ask for more restarts, or
+  # train them another number at a time.
   run_config = config.to_dict()
-  del run_config["restarts"]
+  for field in ("restarts", "runs_per_program"):
+    del run_config[field]
   run_config_json = json.dumps(run_config, indent=2, sort_keys=True,
                                default=str)
-  hparams = {"lr": config.lr, "weight_decay": config.weight_decay,
-             **dataclasses.asdict(schedule),
-             **{f"{config.algorithm}.{k}": v
-                for k, v in dataclasses.asdict(alg_config).items()}}
-  for restart in range(config.restarts):
+  fields = {"lr": config.lr, "weight_decay": config.weight_decay,
+            **dataclasses.asdict(schedule),
+            **{f"{config.algorithm}.{k}": v
+               for k, v in dataclasses.asdict(alg_config).items()}}
+
+  def restart_run(restart: int) -> tuple[train.Run, dict[str, np.ndarray]]:
     envs = colored_mnist.make_environments(
         pools, config.data, np.random.default_rng([config.seed, restart]))
-    batch = parallel.shard_batch(parallel.process_part(envs.train), mesh,
-                                 algorithm.needs_domain_blocks, num_domains)
-    evals = {"train": batch, **parallel.replicate(envs.evals, mesh)}
+    host_batch = parallel.process_part(envs.train)
+    if per_program == 1:
+      place = lambda tree: parallel.replicate(tree, mesh)
+      batch = parallel.shard_batch(host_batch, mesh,
+                                   algorithm.needs_domain_blocks, num_domains)
+    else:  # on one device; the group stacks the runs onto the mesh
+      place = lambda tree: jax.device_put(tree, mesh.devices.flat[0])
+      batch = place(host_batch)
+    evals = {"train": batch, **place(envs.evals)}
     init_rng, rng = jax.random.split(
         jax.random.fold_in(jax.random.key(config.seed), restart))
     params = model.init(init_rng, batch["x"][:1])["params"]
-    state = parallel.replicate(
-        train.create_train_state(rng, params, algorithm, tx, batch), mesh)
-    yield train.Run(
+    state = place(train.create_train_state(rng, params, algorithm, tx, batch))
+    run = train.Run(
         workdir=os.path.join(workdir, f"restart_{restart}"),
         config_json=run_config_json,
         steps=config.steps, record_every=config.log_every, state=state,
-        train_step=train_step,
-        batches=lambda start, batch=batch: itertools.repeat(batch),
-        evaluate=lambda params, evals=evals: {
+        train_step=train_step if per_program == 1 else None,
+        batches=((lambda start: itertools.repeat(batch))
+                 if per_program == 1 else None),
+        evaluate=lambda params: {
             f"{name}_acc": float(accuracy(params, env))
             for name, env in evals.items()},
         evaluate_before_update=True,
-        fields={"hparams": hparams, "args": record_args(config, restart)},
+        fields={"hparams": fields, "args": record_args(config, restart)},
         checkpoint_every=config.checkpoint_every,
         announce_compile=restart == 0,
         block_each_step=parallel.must_block_each_step(mesh),
         name=f"restart {restart}")
+    return run, host_batch
+
+  for first in range(0, config.restarts, per_program):
+    made = [restart_run(r) for r in
+            range(first, min(first + per_program, config.restarts))]
+    if per_program == 1:
+      yield train.Group.alone(made[0][0])
+      continue
+    host_batches = [batch for _, batch in made]
+    stacked = lambda indices, start: itertools.repeat(
+        parallel.shard_run_batches([host_batches[i] for i in indices], mesh,
+                                   algorithm.needs_domain_blocks, num_domains))
+    yield vectorized.make_group([run for run, _ in made], train_step, {}, mesh,
+                                stacked)
 
 
 def summarize(config: ml_collections.ConfigDict,
@@ -120,7 +157,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       workdir_lib.write_text(os.path.join(workdir, workdir_lib.CONFIG),
                              config.to_json_best_effort(indent=2) + "\n")
     start = time.time()
-    final = [train.train_loop(run)[-1] for run in make_runs(config, workdir)]
+    final = [records[-1] for group in make_groups(config, workdir)
+             for records in train.train_group(group)]
     results = summarize(config, final, time.time() - start)
     if primary:
       workdir_lib.write_json(os.path.join(workdir, "results.json"), results)

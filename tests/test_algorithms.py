@@ -34,7 +34,7 @@ def _make_run(experiment, name, digits_dir, workdir):
     config.update(algorithm=name, restarts=1, steps=1, hidden_dim=8,
                   log_every=1, checkpoint_every=1)
     config.data.update(source="idx", data_dir=digits_dir)
-    return next(train_colored_mnist.make_runs(config, workdir))
+    return next(train_colored_mnist.make_groups(config, workdir)).runs[0]
   config = domainbed_config.get_config()
   config.update(algorithm=name, steps=1, checkpoint_freq=1,
                 digits_source="idx", data_dir=digits_dir, eval_batch_size=512)

@@ -95,16 +95,15 @@ class Schedule:
   l2_regularizer_weight: float = 0.0
 
   def __post_init__(self):
-    if self.penalty_anneal_iters < 0:
-      raise errors.ConfigError("penalty_anneal_iters must be >= 0, got "
-                               f"{self.penalty_anneal_iters}.")
+    require(self.penalty_anneal_iters >= 0, "penalty_anneal_iters must be >= "
+            f"0, got {self.penalty_anneal_iters}.")
 
-  @property
-  def optimizer_reset_step(self) -> int | None:
-    """The step whose update starts from a fresh optimizer, if any."""
-    if self.reset_optimizer_at_anneal and self.penalty_anneal_iters > 0:
-      return self.penalty_anneal_iters
-    return None
+  def resets_optimizer(self, step: jax.Array) -> jax.Array | bool:
+    """Whether the update of `step` starts from a fresh optimizer."""
+    if not self.reset_optimizer_at_anneal:
+      return False
+    anneal = self.penalty_anneal_iters
+    return (step == anneal) & (anneal > 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +146,27 @@ def penalty_weight(step: jax.Array, lambda_: float,
 def squared_l2_norm(params: PyTree) -> jax.Array:
   """sum over all parameters, biases included, of ||p||^2 (not halved)."""
   return sum(jnp.sum(p**2) for p in jax.tree.leaves(params))
+
+
+def is_traced(value: Any) -> bool:
+  """Whether `value` is a traced array: a per-run value inside a vectorized
+  step (vectorized.py), checked when that run's config was built."""
+  return isinstance(value, jax.core.Tracer)
+
+
+def require(ok: bool | jax.Array, message: str) -> None:
+  """Raises errors.ConfigError(message) unless `ok`; a traced `ok` (see
+  `is_traced`) was checked already."""
+  if not is_traced(ok) and not ok:
+    raise errors.ConfigError(message)
+
+
+def is_zero(value: float | jax.Array) -> bool:
+  """Whether a scalar option is zero, for the choices it makes about the
+  program's structure (Fishr keeps no moving average when ema is 0). A
+  traced value is not zero: runs are vectorized together only if they agree
+  on which of their options are zero (vectorized.group_key)."""
+  return not is_traced(value) and value == 0
 
 
 def check_choices(block: str, **fields: tuple[Any, tuple[Any, ...]]) -> None:

@@ -16,6 +16,7 @@ from fishr_jax import errors
 from fishr_jax import fast_paths
 from fishr_jax import layer_signals
 from fishr_jax import losses
+from fishr_jax import parallel
 from fishr_jax import penalties
 from fishr_jax.algorithms import base
 from fishr_jax.algorithms import registry
@@ -46,8 +47,8 @@ class Config:
     if self.covariance == "full" and self.grad_path != "vmap":
       raise errors.ConfigError("fishr.covariance='full' needs the per-example "
                                "gradients: set fishr.grad_path='vmap'.")
-    if not 0.0 <= self.ema < 1.0:
-      raise errors.ConfigError(f"fishr.ema must be in [0, 1), got {self.ema}.")
+    base.require((self.ema >= 0.0) & (self.ema < 1.0),
+                 f"fishr.ema must be in [0, 1), got {self.ema}.")
 
 
 DOMAINBED = registry.DomainBedSpec(
@@ -120,7 +121,7 @@ def make(network: base.Network, num_domains: int, config: Config,
                  }[head, closed_form]
   device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
   setup = Setup(network, num_domains, config, fast_paths.dense_grad_variance_fn(
-      config.moment_sums, device.platform, 1 if mesh is None else mesh.size))
+      config.moment_sums, device.platform, parallel.data_shards(mesh)))
   forward_fn = None
   if closed_form and not head:
     forward_fn = lambda p, b, r: layer_signals.forward_with_chosen_signals(
@@ -129,7 +130,7 @@ def make(network: base.Network, num_domains: int, config: Config,
   variances = functools.partial(variance_fn, setup)
 
   def init_state(params, batch):  # the moving averages start at zero
-    if not config.ema:
+    if base.is_zero(config.ema):
       return ()
     forward = lambda p: base.domain_losses(network, p, batch, num_domains, None,
                                            forward_fn)[0]
@@ -138,7 +139,7 @@ def make(network: base.Network, num_domains: int, config: Config,
 
   def penalty_fn(params, state, batch, forward, rng):
     v = variances(params, batch, forward, rng)
-    if config.ema:
+    if not base.is_zero(config.ema):
       v, state = penalties.ema_update(state, v, config.ema)
     return penalties.fishr_penalty(v, config.reduction), state
 

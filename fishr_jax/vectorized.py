@@ -1,0 +1,186 @@
+"""K runs in one jitted program: the train step vmapped over a leading run
+axis, so small models fill an accelerator instead of idling it.
+
+Runs train together when they share every shape and every structural
+choice: dataset, model, algorithm and its non-numeric options, batch size,
+test envs (`group_key`). They may differ in their seeds (hence data and
+initialization) and in every scalar hparam (`ScalarHParams`): the learning
+rate, weight decay, the schedule's anneal step and weights, and the
+algorithm's float options (Fishr's lambda and ema, IRM's lambda, ...). A
+value every run of the group shares stays a Python constant of the program,
+as in a run trained alone; one that differs becomes a (K,) array that each
+run's lane of the step reads (`split_hparams`). Each run still gets exactly
+the step it would get alone: the same algorithm factory and
+`train.make_train_step`, called with its own values (tests/test_vectorized.py:
+equal to the runs made one by one, to float32 rounding, on 1 and 2 devices).
+
+On a mesh from `parallel.make_runs_mesh` the runs are split over its run
+axis and each run's batch over its data axis.
+"""
+
+import dataclasses
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+
+from fishr_jax import fast_paths
+from fishr_jax import parallel
+from fishr_jax import train
+from fishr_jax.algorithms import base
+
+PyTree = Any
+# (the algorithm's Config, the Schedule) -> the algorithm, as one run builds it.
+AlgorithmFactory = Callable[[Any, base.Schedule], base.Algorithm]
+# (stacked states, stacked batches, per-run values) -> (states, metrics).
+VectorizedStep = Callable[[train.TrainState, train.Batch, dict[str, jax.Array]],
+                          tuple[train.TrainState, train.Metrics]]
+
+# The Schedule's fields a run of a group may set alone (its booleans shape
+# the program).
+SCHEDULE_SCALARS = ("penalty_anneal_iters", "penalty_warmup_weight",
+                    "l2_regularizer_weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalarHParams:
+  """What one run's step is built from: its algorithm Config, Schedule and
+  optimizer settings."""
+  algorithm: Any  # the algorithm's frozen Config
+  schedule: base.Schedule
+  lr: float
+  weight_decay: float
+
+
+def scalar_fields(hparams: ScalarHParams) -> dict[str, Any]:
+  """Every per-run scalar of `hparams`, by dotted name: the algorithm
+  Config's float fields, SCHEDULE_SCALARS and the optimizer's."""
+  fields = {f"algorithm.{f.name}": getattr(hparams.algorithm, f.name)
+            for f in dataclasses.fields(hparams.algorithm) if f.type is float}
+  fields.update({f"schedule.{name}": getattr(hparams.schedule, name)
+                 for name in SCHEDULE_SCALARS})
+  fields.update(lr=hparams.lr, weight_decay=hparams.weight_decay)
+  return fields
+
+
+def with_values(hparams: ScalarHParams, values: dict[str, Any]
+                ) -> ScalarHParams:
+  """`hparams` with the per-run scalars in `values` (dotted names)."""
+  def part(prefix: str) -> dict[str, Any]:
+    return {name[len(prefix):]: v for name, v in values.items()
+            if name.startswith(prefix)}
+  return ScalarHParams(
+      algorithm=dataclasses.replace(hparams.algorithm, **part("algorithm.")),
+      schedule=dataclasses.replace(hparams.schedule, **part("schedule.")),
+      lr=values.get("lr", hparams.lr),
+      weight_decay=values.get("weight_decay", hparams.weight_decay))
+
+
+def group_key(hparams: ScalarHParams) -> tuple:
+  """What runs trained together must share: every non-scalar field, and
+  which of the algorithm's scalars are zero (a zero may shape the program:
+  Fishr keeps no moving average at ema 0; base.is_zero). The optimizer's
+  and the schedule's zeros shape nothing."""
+  scalars = scalar_fields(hparams)
+
+  def fields(prefix: str, obj: Any) -> tuple:
+    key = []
+    for field in dataclasses.fields(obj):
+      name, value = prefix + field.name, getattr(obj, field.name)
+      if name not in scalars:
+        key.append((name, value))
+      elif prefix == "algorithm.":
+        key.append((name, value == 0))
+    return tuple(key)
+
+  return (type(hparams.algorithm), fields("algorithm.", hparams.algorithm),
+          fields("schedule.", hparams.schedule))
+
+
+def split_hparams(runs: list[ScalarHParams]
+                  ) -> tuple[ScalarHParams, dict[str, np.ndarray]]:
+  """(what the runs share, {name: (K,) values} of the scalars that differ).
+  Raises ValueError unless the runs share a `group_key`."""
+  keys = {group_key(h) for h in runs}
+  if len(keys) > 1:
+    raise ValueError(f"These runs cannot train as one program: they differ in "
+                     f"more than scalar hparams ({len(keys)} kinds).")
+  fields = [scalar_fields(h) for h in runs]
+  varying = {}
+  for name, value in fields[0].items():
+    column = [f[name] for f in fields]
+    if any(v != value for v in column):
+      dtype = np.int32 if isinstance(value, int) else np.float32
+      varying[name] = np.asarray(column, dtype)
+  return runs[0], varying
+
+
+def make_train_step(make_algorithm: AlgorithmFactory,
+                    shared: ScalarHParams) -> VectorizedStep:
+  """The step of K runs: `train.make_train_step` of each run's own
+  algorithm and optimizer, built from `shared` and its lane of the values
+  that differ, vmapped over the leading run axis of the state, the batch and
+  the values (jit it, e.g. with `jit_train_step`)."""
+
+  def one_run(state, batch, values):
+    hparams = with_values(shared, values)
+    tx = train.make_optimizer(hparams.lr, hparams.weight_decay)
+    algorithm = make_algorithm(hparams.algorithm, hparams.schedule)
+    return train.make_train_step(algorithm, tx, hparams.schedule)(state, batch)
+
+  return jax.vmap(one_run)
+
+
+def jit_train_step(step: VectorizedStep, mesh: jax.sharding.Mesh,
+                   xla_cpu_dot_fusion: bool = True) -> VectorizedStep:
+  """`step` jitted for a `parallel.make_runs_mesh` mesh: states and metrics
+  split over its run axis, the old states' buffers reused."""
+  platform = mesh.devices.flat[0].platform
+  return jax.jit(step, donate_argnums=0,
+                 out_shardings=parallel.run_sharding(mesh),
+                 compiler_options=fast_paths.cpu_compiler_options(
+                     platform, xla_cpu_dot_fusion))
+
+
+# (member indices, the start step) -> each step's stacked batches.
+GroupBatches = Callable[[list[int], int], Iterator[train.Batch]]
+
+
+def make_group(runs: list[train.Run], step: VectorizedStep,
+               varying: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
+               batches: GroupBatches) -> train.Group:
+  """`runs` (each with its own step-0 state on mesh's first device) as a
+  train.Group that trains any of them with the jitted `step`, reading the
+  values that differ (`split_hparams`) of just those runs."""
+  sharding = parallel.run_sharding(mesh)
+
+  def program(indices, states, start_step):
+    values = {k: jax.device_put(v[np.asarray(indices)], sharding)
+              for k, v in varying.items()}
+    return (stack(states, mesh), lambda s, b: step(s, b, values),
+            batches(indices, start_step))
+
+  device = mesh.devices.flat[0]
+  return train.Group(runs, program,
+                     lane=lambda tree, i: jax.device_put(unstack(tree, i),
+                                                         device))
+
+
+def stack(trees: list[PyTree], mesh: jax.sharding.Mesh | None = None
+          ) -> PyTree:
+  """K pytrees of one shape as one with a leading run axis (keys too), on
+  `mesh`'s run axis if given."""
+  def stack_leaves(*leaves):
+    if jax.dtypes.issubdtype(leaves[0].dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(
+          np.stack([np.asarray(jax.random.key_data(x)) for x in leaves]),
+          impl=jax.random.key_impl(leaves[0]))
+    return np.stack([np.asarray(x) for x in leaves])
+  stacked = jax.tree.map(stack_leaves, *trees)
+  return stacked if mesh is None else jax.device_put(
+      stacked, parallel.run_sharding(mesh))
+
+
+def unstack(tree: PyTree, index: int) -> PyTree:
+  """Run `index`'s part of a pytree with a leading run axis."""
+  return jax.tree.map(lambda x: x[index], tree)

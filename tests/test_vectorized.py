@@ -1,0 +1,114 @@
+"""Runs trained as one vectorized program equal the same runs trained one by
+one (fishr_jax/vectorized.py), on 1 device and on 2 fake devices (runs over
+devices, and each run's batch over devices)."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from fishr_jax import parallel
+from fishr_jax import vectorized
+from fishr_jax.algorithms import base
+from fishr_jax.algorithms import fishr
+from tests import vectorized_run
+
+HERE = os.path.dirname(__file__)
+# Relative differences of float32 rounding after a few Adam steps.
+TOLERANCE = {"params": 1e-4, "alg_state": 1e-5, "loss": 1e-5, "step": 0}
+
+
+def _assert_close(differences: dict[str, float]) -> None:
+  for part, worst in differences.items():
+    assert worst <= TOLERANCE[part], (part, differences)
+
+
+@pytest.mark.parametrize("case", sorted(vectorized_run.CASES))
+def test_runs_trained_together_equal_the_runs_alone(case):
+  _assert_close(vectorized_run.largest_differences(
+      case, [0, 1, 2], parallel.make_runs_mesh(3)))
+
+
+@pytest.fixture(scope="module")
+def two_device_differences(tmp_path_factory):
+  path = tmp_path_factory.mktemp("vectorized") / "differences.json"
+  subprocess.run([sys.executable, os.path.join(HERE, "vectorized_run.py"),
+                  str(path)], check=True, cwd=os.path.dirname(HERE),
+                 env={**os.environ, "PYTHONPATH": os.path.dirname(HERE)})
+  return json.loads(path.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["(2, 1)", "(1, 2)"])
+@pytest.mark.parametrize("case", sorted(vectorized_run.CASES))
+def test_runs_together_on_two_devices_equal_the_runs_alone(
+    two_device_differences, case, shape):
+  _assert_close(two_device_differences[f"{case} {shape}"])
+
+
+def test_a_program_that_ignored_the_per_run_values_would_fail_the_check(
+    monkeypatch):
+  """The equality above is not vacuous: every run taking the first run's
+  values makes the later runs differ far beyond rounding."""
+  monkeypatch.setattr(vectorized, "split_hparams",
+                      lambda runs: (runs[0], {}))
+  differences = vectorized_run.largest_differences(
+      "fishr_closed_form", [0, 1], parallel.make_runs_mesh(2))
+  assert differences["params"] > 1e-2, differences
+
+
+def _hparams(**changes) -> vectorized.ScalarHParams:
+  hparams = vectorized.ScalarHParams(
+      fishr.Config(lambda_=10.0, ema=0.9), base.Schedule(
+          penalty_anneal_iters=5, reset_optimizer_at_anneal=True), 1e-3, 0.0)
+  for part, fields in changes.items():
+    if isinstance(fields, dict):
+      fields = dataclasses.replace(getattr(hparams, part), **fields)
+    hparams = dataclasses.replace(hparams, **{part: fields})
+  return hparams
+
+
+def test_only_the_values_that_differ_become_arrays():
+  shared, varying = vectorized.split_hparams([
+      _hparams(), _hparams(algorithm={"lambda_": 20.0}, lr=1e-2,
+                           schedule={"penalty_anneal_iters": 7})])
+  assert shared == _hparams()
+  assert sorted(varying) == ["algorithm.lambda_", "lr",
+                             "schedule.penalty_anneal_iters"]
+  np.testing.assert_array_equal(varying["algorithm.lambda_"], [10.0, 20.0])
+  assert varying["schedule.penalty_anneal_iters"].dtype == np.int32
+  assert varying["lr"].dtype == np.float32
+
+
+@pytest.mark.parametrize("other", [
+    {"algorithm": {"grad_path": "vmap"}},  # another program
+    {"algorithm": {"ema": 0.0}},  # no moving average: another state
+    {"schedule": {"reset_optimizer_at_anneal": False}},
+])
+def test_runs_that_differ_in_more_than_scalars_are_refused(other):
+  assert vectorized.group_key(_hparams()) != vectorized.group_key(
+      _hparams(**other))
+  with pytest.raises(ValueError, match="cannot train as one program"):
+    vectorized.split_hparams([_hparams(), _hparams(**other)])
+
+
+def test_zero_weight_decay_and_anneal_group_with_nonzero_ones():
+  assert vectorized.group_key(_hparams()) == vectorized.group_key(
+      _hparams(weight_decay=1e-4, schedule={"penalty_anneal_iters": 0}))
+
+
+def test_stack_and_unstack_round_trip_keys_and_arrays():
+  trees = [{"w": np.full((2,), i, np.float32), "rng": jax.random.key(i)}
+           for i in range(3)]
+  stacked = vectorized.stack(trees)
+  assert stacked["w"].shape == (3, 2)
+  for i, tree in enumerate(trees):
+    lane = vectorized.unstack(stacked, i)
+    np.testing.assert_array_equal(lane["w"], tree["w"])
+    np.testing.assert_array_equal(jax.random.key_data(lane["rng"]),
+                                  jax.random.key_data(tree["rng"]))
