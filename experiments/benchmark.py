@@ -20,6 +20,11 @@ Settings:
   weak_scaling              MNIST_CNN, 3 x 64 examples PER DEVICE, ERM and
                             Fishr on 1, 2, 4, ... of the devices found;
                             efficiency = time on 1 / time on n.
+  runs_per_program          Fishr's step for K = 1, 4, 10, 20 runs as one
+                            vectorized program (vectorized.py), for the
+                            default Colored MNIST run (embedded digits) and
+                            MNIST_CNN; throughput = K x (one run's step
+                            time) / (the K-run step's time).
 Pass setting names as arguments to run only those. The ResNet rows use
 --image_size (DomainBed: 224) and random weights (timing does not depend on
 them).
@@ -228,6 +233,87 @@ def weak_scaling() -> dict[str, Any]:
   return out
 
 
+RUNS_PER_PROGRAM = (1, 4, 10, 20)
+
+
+def _embedded_colored_mnist() -> dict[str, Any]:
+  """The default run's setting: the embedded digits' full batch, MLP 128."""
+  from fishr_jax.data import colored_mnist  # pylint: disable=g-import-not-at-top
+  from fishr_jax.data import mnist  # pylint: disable=g-import-not-at-top
+  config = cmnist_config.get_config()
+  envs = colored_mnist.make_environments(
+      mnist.load_digit_pools("embedded"), config.data,
+      np.random.default_rng([0, 0]))
+  n = len(envs.train["y"]) // 2
+  return {"model": models.MLP(hidden_dims=(config.hidden_dim,) * 2,
+                               num_outputs=1, dtype=_dtype()),
+          "batch": envs.train, "num_domains": 2,
+          "algorithm": _colored_mnist_algorithm,
+          "description": f"embedded Colored MNIST, 2 x {n:,}, MLP "
+                         f"{config.hidden_dim}"}
+
+
+def compile_vectorized_step(setting: dict[str, Any], variant: str,
+                            num_runs: int):
+  """`num_runs` runs of one variant as one vectorized program (each its own
+  initialization and learning rate), its stacked state and batch."""
+  from fishr_jax import vectorized  # pylint: disable=g-import-not-at-top
+  name, fishr_options = VARIANTS[variant]
+  alg_config, schedule, lr = setting["algorithm"](name, fishr_options)
+  model = setting["model"]
+  mesh = parallel.make_runs_mesh(num_runs, 1)
+  runs, states = [], []
+  for run in range(num_runs):
+    variables = dict(jax.jit(model.init)(jax.random.key(run),
+                                         setting["batch"]["x"][:1]))
+    params = variables.pop("params")
+    network = algorithms.Network.from_module(
+        model, frozen=variables, stochastic=setting.get("stochastic", False))
+    hparams = vectorized.ScalarHParams(alg_config, schedule,
+                                       lr * (1 + 0.1 * run), 0.0)
+    algorithm = algorithms.make_algorithm(name, network, setting["num_domains"],
+                                          alg_config, schedule, mesh)
+    tx = train.make_optimizer(hparams.lr)
+    states.append(train.create_train_state(jax.random.key(run), params,
+                                           algorithm, tx, setting["batch"]))
+    runs.append(hparams)
+  shared, varying = vectorized.split_hparams(runs)
+  step = vectorized.jit_train_step(vectorized.make_train_step(
+      lambda c, s: algorithms.make_algorithm(name, network,
+                                             setting["num_domains"], c, s,
+                                             mesh), shared),
+                                   mesh, _XLA_CPU_DOT_FUSION.value)
+  batch = parallel.shard_run_batches([setting["batch"]] * num_runs, mesh,
+                                     algorithm.needs_domain_blocks,
+                                     setting["num_domains"])
+  values = jax.device_put(varying, parallel.run_sharding(mesh))
+  state = vectorized.stack(states, mesh)
+  compiled = step.lower(state, batch, values).compile()
+  return (lambda st, b: compiled(st, b, values)), state, batch
+
+
+def runs_per_program(variant: str = "fishr_closed_form",
+                     counts: Sequence[int] = RUNS_PER_PROGRAM
+                     ) -> dict[str, Any]:
+  """Step time of K runs as one program (K = 1: one run's own step) and
+  the throughput against K runs one after another, for the default Colored
+  MNIST run and DomainBed's MNIST_CNN."""
+  out = {}
+  for name, setting in (("colored_mnist_embedded", _embedded_colored_mnist()),
+                        ("domainbed_mnist_cnn", domainbed_mnist_cnn())):
+    for k in counts:
+      run = (compile_step(setting, variant)[:3] if k == 1 else
+             compile_vectorized_step(setting, variant, k))
+      out[f"{name}@{k}"] = {"setting": setting["description"], "runs": k,
+                            "step_time_s": time_steps({"k": run})["k"]}
+    one = out[f"{name}@1"]["step_time_s"]
+    for k in counts:
+      row = out[f"{name}@{k}"]
+      row["run_steps_per_s"] = k / row["step_time_s"]
+      row["throughput_vs_one_by_one"] = k * one / row["step_time_s"]
+  return out
+
+
 def device_description() -> str:
   device = jax.devices()[0]
   if device.platform == "cpu":
@@ -253,7 +339,7 @@ def markdown(results: dict[str, Any], device: str) -> str:
            "|---|---|---|---|---|---|---|---|"]
   nan = float("nan")
   for setting, rows in results.items():
-    if setting == "weak_scaling":
+    if setting in ("weak_scaling", "runs_per_program"):
       continue
     for variant, r in rows.items():
       gflop = "n/a" if r["flops"] is None else f"{r['flops'] / 1e9:.2f}"
@@ -271,6 +357,15 @@ def markdown(results: dict[str, Any], device: str) -> str:
       lines.append(f"| {key.split('@')[0]} | {r['devices']} | "
                    f"{1e3 * r['step_time_s']:.1f} | {r['efficiency']:.3f} | "
                    f"{_mib(r['peak_memory_bytes'])} |")
+  if "runs_per_program" in results:
+    lines += ["", "Runs per program (Fishr, closed form): K runs as one "
+              "vectorized step against one run's own step K times:", "",
+              "| setting | runs K | step time (ms) | run-steps per s | "
+              "throughput vs one by one |", "|---|---|---|---|---|"]
+    for r in results["runs_per_program"].values():
+      lines.append(f"| {r['setting']} | {r['runs']} | "
+                   f"{1e3 * r['step_time_s']:.1f} | {r['run_steps_per_s']:.1f}"
+                   f" | {r['throughput_vs_one_by_one']:.2f}x |")
   return "\n".join(lines) + "\n"
 
 
@@ -285,13 +380,18 @@ def report(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str]) -> None:
-  names = argv[1:] or list(SETTINGS) + ["weak_scaling"]
-  unknown = sorted(set(names) - set(SETTINGS) - {"weak_scaling"})
+  extra = ["weak_scaling", "runs_per_program"]
+  names = argv[1:] or list(SETTINGS) + extra
+  unknown = sorted(set(names) - set(SETTINGS) - set(extra))
   if unknown:
     raise app.UsageError(f"Unknown settings {unknown}; known: "
-                         f"{sorted(SETTINGS) + ['weak_scaling']}.")
+                         f"{sorted(SETTINGS) + extra}.")
   results = {}
   for name in names:
+    if name == "runs_per_program":
+      print("benchmarking runs per program ...", flush=True)
+      results[name] = runs_per_program()
+      continue
     if name == "weak_scaling":
       print(f"benchmarking weak scaling on {jax.device_count()} devices ...",
             flush=True)

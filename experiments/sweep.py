@@ -83,16 +83,17 @@ class Job:
     self.args = args
     digest = hashlib.md5(json.dumps(args, sort_keys=True).encode()).hexdigest()
     self.output_dir = os.path.join(output_dir, digest)
-    self.command = [sys.executable, "-m", "fishr_jax.main", "--config", CONFIG,
-                    "--workdir", self.output_dir]
+    self.flags = []  # the run's --config.X=Y flags
     for key, value in args.items():
       if key == "hparams":
-        self.command += [f"--config.hparams.{k}={v}" for k, v in value.items()]
+        self.flags += [f"--config.hparams.{k}={v}" for k, v in value.items()]
       elif key == "test_envs":
-        self.command.append(f"--config.test_envs=({','.join(map(str, value))},)")
+        self.flags.append(f"--config.test_envs=({','.join(map(str, value))},)")
       else:
-        self.command.append(f"--config.{key}={value}")
-    self.command += list(extra_flags)
+        self.flags.append(f"--config.{key}={value}")
+    self.flags += list(extra_flags)
+    self.command = [sys.executable, "-m", "fishr_jax.main", "--config", CONFIG,
+                    "--workdir", self.output_dir, *self.flags]
 
   @property
   def status(self) -> str:
@@ -113,6 +114,62 @@ class Job:
     return (f"{self.status:<13} {a['dataset']:<14} {a['algorithm']:<9} "
             f"test_envs={a['test_envs']} hparams_seed={a['hparams_seed']} "
             f"trial_seed={a['trial_seed']}  {self.output_dir}")
+
+
+class GroupJob:
+  """Jobs launched as one process (main.py --runs) that trains those that
+  can share a program as vectorized programs, `runs_per_program` at a
+  time; each run keeps its own folder. The group's folder holds runs.json
+  and log.txt."""
+
+  def __init__(self, jobs: Sequence[Job], output_dir: str,
+               runs_per_program: int):
+    self.jobs = list(jobs)
+    digest = hashlib.md5(json.dumps(
+        [j.output_dir for j in self.jobs]).encode()).hexdigest()
+    self.output_dir = os.path.join(output_dir, "groups", digest)
+    self.runs_file = os.path.join(self.output_dir, "runs.json")
+    self.command = [sys.executable, "-m", "fishr_jax.main", "--config", CONFIG,
+                    "--workdir", self.output_dir, "--runs", self.runs_file,
+                    f"--runs_per_program={runs_per_program}"]
+
+  def write_runs_file(self) -> None:
+    os.makedirs(self.output_dir, exist_ok=True)
+    workdir.write_json(self.runs_file, [
+        {"workdir": j.output_dir, "flags": j.flags} for j in self.jobs])
+
+  @property
+  def status(self) -> str:
+    statuses = {j.status for j in self.jobs}
+    for status in ("running", "incomplete"):
+      if status in statuses:
+        return status
+    return statuses.pop() if len(statuses) == 1 else "incomplete"
+
+  @property
+  def log(self) -> str:
+    return os.path.join(self.output_dir, LOG)
+
+  def __str__(self) -> str:
+    return f"{self.status:<13} group of {len(self.jobs)} runs  {self.output_dir}"
+
+
+def group_jobs(jobs: Sequence[Job], runs_per_program: int) -> list[GroupJob]:
+  """The jobs, those that can share a program (train_domainbed.program_key)
+  `runs_per_program` to a launch (0: all of them)."""
+  from fishr_jax import cli  # pylint: disable=g-import-not-at-top
+  from fishr_jax import train_domainbed  # pylint: disable=g-import-not-at-top
+  by_key: dict[str, list[Job]] = {}
+  for job in jobs:
+    key = train_domainbed.program_key(cli.config_with_flags(CONFIG, job.flags))
+    by_key.setdefault(key, []).append(job)
+  groups = []
+  for members in by_key.values():
+    size = runs_per_program or len(members)
+    groups += [GroupJob(members[i:i + size], os.path.dirname(
+        members[0].output_dir), runs_per_program)
+               for i in range(0, len(members), size)]
+  return groups
 
 
 # --config.X fields that only some datasets read (a run refuses them
@@ -319,6 +376,11 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
                       help='JSON of hparams forced on every run, e.g. \'{"lr": 1e-4}\'.')
   parser.add_argument("--command_launcher", default="local", choices=sorted(LAUNCHERS))
   parser.add_argument("--skip_confirmation", action="store_true")
+  parser.add_argument(
+      "--runs_per_program", type=int, default=1,
+      help="Launch the runs that share shapes (dataset, algorithm, batch "
+      "size; they may differ in seeds, test envs and scalar hparams) this "
+      "many to a process, trained as one vectorized program (0: all).")
   # Any --config.X=Y flag is passed on to every run (e.g. --config.image_size=64).
   flags, extra = parser.parse_known_args(argv)
   unknown = [a for a in extra if not a.startswith("--config.")]
@@ -372,6 +434,12 @@ def run(flags: argparse.Namespace) -> int:
     if not todo or not (flags.skip_confirmation
                         or _confirm(f"Launch {len(todo)} jobs?")):
       return 0
+    if flags.runs_per_program != 1:
+      todo = group_jobs(todo, flags.runs_per_program)
+      for group in todo:
+        group.write_runs_file()
+      print(f"as {len(todo)} launches of up to "
+            f"{flags.runs_per_program or 'all'} runs each", flush=True)
     return report(LAUNCHERS[flags.command_launcher](todo))
   if flags.command == "delete_incomplete":
     todo = [j for j in jobs if j.status == "incomplete"]

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 from absl import flags
 import ml_collections
+from ml_collections import config_flags
 
 from fishr_jax import config_checks
 from fishr_jax import errors
@@ -92,6 +93,29 @@ def unknown_override(argv: Sequence[str], config_spec: str) -> str | None:
     return (f"--config.{path}: {config_spec} has no field {path!r}.{hint} "
             "(python -m fishr_jax.main --config CONFIG --helpfull lists them)")
   return None
+
+
+def config_with_flags(config_spec: str, overrides: Sequence[str]
+                      ) -> ml_collections.ConfigDict:
+  """The config that `--config=config_spec` and the --config.X=Y flags
+  `overrides` give on the command line (one run of main's --runs file)."""
+  argv = ["fishr_jax", "--config", config_spec,
+          *keyword_safe_argv(overrides)]
+  problem = unknown_override(argv, config_spec)
+  if problem:
+    raise errors.ConfigError(problem)
+  values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file("config", None, "",
+                                           flag_values=values,
+                                           lock_config=True)
+  saved, sys.argv = sys.argv, argv  # ml_collections reads them from sys.argv
+  try:
+    values(argv)
+  except flags.Error as e:
+    raise errors.ConfigError(f"{' '.join(overrides)}: {e}") from None
+  finally:
+    sys.argv = saved
+  return holder.value
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:

@@ -1,5 +1,13 @@
-"""Entry point: python -m fishr_jax.main --config configs/X.py --workdir DIR."""
+"""Entry point: python -m fishr_jax.main --config configs/X.py --workdir DIR.
 
+With --runs=FILE (DomainBed; what experiments/sweep.py writes for
+--runs_per_program): FILE is a JSON list of {"workdir": ..., "flags":
+["--config.X=Y", ...]}, one per run; the runs train as vectorized programs
+(train_domainbed.train_runs), each in its own workdir, and --workdir holds
+the launch's error.log.
+"""
+
+import json
 import sys
 
 from absl import app
@@ -29,7 +37,32 @@ _VERBOSE = flags.DEFINE_bool(
 _FRESH = flags.DEFINE_bool(
     "fresh", False, "Move an existing --workdir aside (to WORKDIR.old-TIME) "
     "and start over, instead of resuming or skipping it.")
+_RUNS = flags.DEFINE_string(
+    "runs", None, "A JSON file of DomainBed runs to train as vectorized "
+    "programs (see the module docstring).")
+_RUNS_PER_PROGRAM = flags.DEFINE_integer(
+    "runs_per_program", 0, "With --runs: runs per program (0: every run "
+    "that can share one).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _train_runs(config_spec: str, path: str, runs_per_program: int) -> None:
+  try:
+    with open(path) as f:
+      members = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise errors.ConfigError(f"--runs={path}: cannot read it ({e}).") from e
+  configs = []
+  for member in members:
+    config = cli.config_with_flags(config_spec, member["flags"])
+    config_checks.check(config)
+    config_checks.check_overrides(config, cli.overridden_paths(member["flags"]))
+    if config.get("trainer") != "domainbed":
+      raise errors.ConfigError(f"--runs trains DomainBed runs; {config_spec} "
+                               "is another experiment's config.")
+    configs.append(config)
+  train_domainbed.train_runs(configs, [m["workdir"] for m in members],
+                             runs_per_program)
 
 
 def main(argv):
@@ -40,6 +73,10 @@ def main(argv):
   config, workdir = _CONFIG.value, _WORKDIR.value
 
   def train():
+    if _RUNS.value:
+      _train_runs(flags.FLAGS["config"].config_filename, _RUNS.value,
+                  _RUNS_PER_PROGRAM.value)
+      return
     config_checks.check(config)  # before any data is read
     config_checks.check_overrides(config, cli.overridden_paths(sys.argv))
     if _FRESH.value:

@@ -23,11 +23,17 @@ def test_accelerator_check_writes_its_report(tmp_path):
   assert report["device"].startswith("CPU") and report["tiny"]
   assert report["tests"]["exit_code"] == 0
   assert report["tests"]["summary"].startswith("1 passed")
+  runs = report["benchmark"].pop("runs_per_program")
   assert set(report["benchmark"]) == {"colored_mnist_full_batch",
                                       "domainbed_mnist_cnn"}
+  assert sorted(runs) == ["colored_mnist_embedded@1", "colored_mnist_embedded@2",
+                          "domainbed_mnist_cnn@1", "domainbed_mnist_cnn@2"]
+  for row in runs.values():
+    assert row["step_time_s"] > 0 and row["throughput_vs_one_by_one"] > 0
   for rows in report["benchmark"].values():
     assert rows["erm"]["time_ratio_vs_erm"] == 1.0
     assert all(r["step_time_s"] > 0 for r in rows.values())
   text = (tmp_path / "accelerator_check.md").read_text()
   assert "Device: CPU" in text and "Tests (" + test + "): 1 passed" in text
   assert "| domainbed_mnist_cnn | fishr_closed_form |" in text
+  assert "| DomainBed MNIST_CNN, 3 x 64, 10 classes | 2 |" in text

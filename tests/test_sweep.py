@@ -175,3 +175,43 @@ def test_forced_hparams_and_dataset_fields_go_only_where_they_apply(tmp_path):
                      "job's algorithm has them.*Did you mean 'lambda'"):
     sweep.make_jobs(sweep.parse_flags(
         ["list", "--output_dir", str(tmp_path), "--hparams", '{"lamda": 1}']))
+
+
+def _records_by_run(output_dir):
+  from fishr_jax import train  # pylint: disable=g-import-not-at-top
+  out = {}
+  for name in sorted(os.listdir(output_dir)):
+    folder = os.path.join(output_dir, name)
+    if os.path.exists(os.path.join(folder, train.RECORDS)):
+      out[name] = [{k: v for k, v in r.items()
+                    if isinstance(v, float) and k != "step_time"}
+                   for r in train.read_records(folder)]
+  return out
+
+
+@pytest.mark.slow
+def test_runs_launched_as_vectorized_programs_equal_runs_launched_alone(
+    tmp_path, tiny_mnist_dir):
+  """ERM and Fishr x a random hparams sample x 3 test envs (batch size
+  forced, so each algorithm's runs share one program): 2 launches of 3 runs
+  give each run its folder with the records of the run launched alone."""
+  common = ["--datasets", "ColoredMNIST", "--algorithms", "ERM", "Fishr",
+            "--n_hparams_from", "1", "--n_hparams", "2", "--n_trials", "1",
+            "--steps", "3",
+            "--checkpoint_freq", "2", "--single_test_envs",
+            "--data_dir", tiny_mnist_dir, "--config.digits_source=idx",
+            "--config.eval_batch_size=64", "--hparams", '{"batch_size": 8}', "--skip_confirmation"]
+  alone, together = tmp_path / "alone", tmp_path / "together"
+  _sweep("launch", "--output_dir", str(alone), *common)
+  out = _sweep("launch", "--output_dir", str(together), "--runs_per_program",
+               "0", *common)
+  assert "as 2 launches of up to all runs each" in out, out[-2000:]
+  expected, got = _records_by_run(alone), _records_by_run(together)
+  assert sorted(got) == sorted(expected) and len(got) == 6
+  for name, records in expected.items():
+    assert [sorted(r) for r in got[name]] == [sorted(r) for r in records]
+    for a, b in zip(records, got[name]):
+      np.testing.assert_allclose([b[k] for k in a], list(a.values()),
+                                 rtol=1e-4, atol=1e-6, err_msg=name)
+  listing = _sweep("list", "--output_dir", str(together), *common)
+  assert "6 done" in listing, listing[-1000:]

@@ -112,3 +112,58 @@ def test_stack_and_unstack_round_trip_keys_and_arrays():
     np.testing.assert_array_equal(lane["w"], tree["w"])
     np.testing.assert_array_equal(jax.random.key_data(lane["rng"]),
                                   jax.random.key_data(tree["rng"]))
+
+
+def _colored_mnist(tiny_mnist_dir, **changes):
+  from configs import colored_mnist  # pylint: disable=g-import-not-at-top
+  config = colored_mnist.get_config()
+  config.update(restarts=3, steps=6, hidden_dim=8, log_every=2,
+                checkpoint_every=2, penalty_anneal_iters=3, **changes)
+  config.data.update(source="idx", data_dir=tiny_mnist_dir)
+  return config
+
+
+def _numbers(records):
+  return [{k: v for k, v in r.items() if isinstance(v, float)
+           and k != "step_time"} for r in records]
+
+
+def _restart_records(workdir, restart):
+  from fishr_jax import train  # pylint: disable=g-import-not-at-top
+  return train.read_records(os.path.join(workdir, f"restart_{restart}"))
+
+
+def test_restarts_in_one_program_write_the_files_of_restarts_alone(
+    tiny_mnist_dir, tmp_path):
+  """Each restart of a program has its own folder, records (equal to the
+  restart trained alone) and done; one resumes alone afterwards."""
+  from fishr_jax import train  # pylint: disable=g-import-not-at-top
+  from fishr_jax import train_colored_mnist  # pylint: disable=g-import-not-at-top
+  alone, together = str(tmp_path / "alone"), str(tmp_path / "together")
+  train_colored_mnist.train_and_evaluate(_colored_mnist(tiny_mnist_dir), alone)
+  train_colored_mnist.train_and_evaluate(
+      _colored_mnist(tiny_mnist_dir, runs_per_program=0), together)
+  for restart in range(3):
+    folder = os.path.join(together, f"restart_{restart}")
+    assert os.path.exists(os.path.join(folder, train.DONE))
+    assert sorted(os.listdir(os.path.join(folder, train.CHECKPOINTS))) == [
+        "5", "6"]
+    expected = _numbers(_restart_records(alone, restart))
+    got = _numbers(_restart_records(together, restart))
+    assert [sorted(r) for r in got] == [sorted(r) for r in expected]
+    for a, b in zip(expected, got):
+      np.testing.assert_allclose([b[k] for k in a], list(a.values()),
+                                 rtol=1e-4, atol=1e-6)
+  # Restart 1 loses its `done` and last checkpoint: alone, it resumes from
+  # step 5 and ends with the same records.
+  folder = os.path.join(together, "restart_1")
+  os.remove(os.path.join(folder, train.DONE))
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(os.path.join(folder, train.CHECKPOINTS, "6"))
+  before = _numbers(_restart_records(together, 1))
+  train_colored_mnist.train_and_evaluate(
+      _colored_mnist(tiny_mnist_dir, runs_per_program=1), together)
+  after = _numbers(_restart_records(together, 1))
+  for a, b in zip(before, after):
+    np.testing.assert_allclose([b[k] for k in a], list(a.values()),
+                               rtol=1e-5, atol=1e-7)

@@ -1,0 +1,90 @@
+"""Runs per hour of the default Colored MNIST run, end to end: K restarts as
+one process and one vectorized program, against K separate processes of
+one restart each (what a sweep launcher does), one after another.
+
+  python -m experiments.runs_per_program --output_dir results/runs_per_program
+
+Each process is `python -m fishr_jax.main --config configs/colored_mnist.py`
+(embedded digits, 301 steps) in a fresh workdir; its wall time includes
+start-up, data, compiling and evaluation. Writes runs_per_program.md and
+.json. Per-step times of the programs alone: experiments/benchmark.py
+runs_per_program.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Sequence
+
+from absl import app
+from absl import flags
+
+from experiments import benchmark
+
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/runs_per_program",
+                                  "Output folder.")
+_COUNTS = flags.DEFINE_list("counts", ["1", "4", "10"], "Values of K.")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def wall_time(workdir: str, *overrides: str) -> float:
+  """Seconds one training process takes, start to exit."""
+  command = [sys.executable, "-m", "fishr_jax.main", "--config",
+             os.path.join(ROOT, "configs", "colored_mnist.py"), "--workdir",
+             workdir, *overrides]
+  start = time.perf_counter()
+  subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+  return time.perf_counter() - start
+
+
+def measure(counts: Sequence[int], scratch: str) -> list[dict[str, float]]:
+  rows = []
+  for k in counts:
+    together = wall_time(os.path.join(scratch, f"together_{k}"),
+                         f"--config.restarts={k}", "--config.runs_per_program=0")
+    separate = sum(wall_time(os.path.join(scratch, f"separate_{k}_{r}"),
+                             "--config.restarts=1", f"--config.seed={r}")
+                   for r in range(k))
+    rows.append({"runs": k, "one_program_s": together,
+                 "separate_processes_s": separate,
+                 "runs_per_hour_one_program": 3600 * k / together,
+                 "runs_per_hour_separate": 3600 * k / separate,
+                 "speedup": separate / together})
+    print(rows[-1], flush=True)
+  return rows
+
+
+def markdown(rows: list[dict[str, float]], device: str) -> str:
+  lines = [f"Device: {device}. Default Colored MNIST run (embedded digits, "
+           "Fishr, 301 steps), wall time of whole processes.", "",
+           "| runs K | one process, one program (s) | K processes (s) | "
+           "runs/hour, one program | runs/hour, K processes | speed-up |",
+           "|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['runs']} | {r['one_program_s']:.1f} | "
+                 f"{r['separate_processes_s']:.1f} | "
+                 f"{r['runs_per_hour_one_program']:.0f} | "
+                 f"{r['runs_per_hour_separate']:.0f} | {r['speedup']:.2f}x |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  with tempfile.TemporaryDirectory() as scratch:
+    rows = measure([int(k) for k in _COUNTS.value], scratch)
+  device = benchmark.device_description()
+  os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
+  table = markdown(rows, device)
+  with open(os.path.join(_OUTPUT_DIR.value, "runs_per_program.md"), "w") as f:
+    f.write(table)
+  with open(os.path.join(_OUTPUT_DIR.value, "runs_per_program.json"), "w") as f:
+    json.dump({"device": device, "rows": rows}, f, indent=2)
+  print(table)
+
+
+if __name__ == "__main__":
+  app.run(main)
