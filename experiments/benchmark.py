@@ -279,9 +279,9 @@ def compile_vectorized_step(setting: dict[str, Any], variant: str,
     runs.append(hparams)
   shared, varying = vectorized.split_hparams(runs)
   step = vectorized.jit_train_step(vectorized.make_train_step(
-      lambda c, s: algorithms.make_algorithm(name, network,
-                                             setting["num_domains"], c, s,
-                                             mesh), shared),
+      lambda h: algorithms.make_algorithm(name, network,
+                                          setting["num_domains"], h.algorithm,
+                                          h.schedule, mesh), shared),
                                    mesh, _XLA_CPU_DOT_FUSION.value)
   batch = parallel.shard_run_batches([setting["batch"]] * num_runs, mesh,
                                      algorithm.needs_domain_blocks,

@@ -7,7 +7,7 @@ one restart each (what a sweep launcher does), one after another.
 Each process is `python -m fishr_jax.main --config configs/colored_mnist.py`
 (embedded digits, 301 steps) in a fresh workdir; its wall time includes
 start-up, data, compiling and evaluation. Writes runs_per_program.md and
-.json. Per-step times of the programs alone: experiments/benchmark.py
+.json (--output_dir: the benchmark's flag). Per-step times of the programs alone: experiments/benchmark.py
 runs_per_program.
 """
 
@@ -24,8 +24,6 @@ from absl import flags
 
 from experiments import benchmark
 
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/runs_per_program",
-                                  "Output folder.")
 _COUNTS = flags.DEFINE_list("counts", ["1", "4", "10"], "Values of K.")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,11 +75,12 @@ def main(argv: Sequence[str]) -> None:
   with tempfile.TemporaryDirectory() as scratch:
     rows = measure([int(k) for k in _COUNTS.value], scratch)
   device = benchmark.device_description()
-  os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
+  output_dir = benchmark._OUTPUT_DIR.value  # pylint: disable=protected-access
+  os.makedirs(output_dir, exist_ok=True)
   table = markdown(rows, device)
-  with open(os.path.join(_OUTPUT_DIR.value, "runs_per_program.md"), "w") as f:
+  with open(os.path.join(output_dir, "runs_per_program.md"), "w") as f:
     f.write(table)
-  with open(os.path.join(_OUTPUT_DIR.value, "runs_per_program.json"), "w") as f:
+  with open(os.path.join(output_dir, "runs_per_program.json"), "w") as f:
     json.dump({"device": device, "rows": rows}, f, indent=2)
   print(table)
 

@@ -15,7 +15,9 @@ runs (those with a `done` file) and resumes the unfinished ones from their
 last checkpoint. A run whose folder another process holds (its lock) is
 "running": no launch starts it again (two sweeps launched at once share the
 work) and delete_incomplete keeps it. Each job's output goes to log.txt in
-its folder; a launch whose jobs failed exits 1 and lists their logs. Launchers: `local` (one run
+its folder (jobs launched together, --runs_per_program: to the group's
+groups/<digest>/log.txt); a launch whose jobs failed exits 1 and lists
+their logs. Launchers: `local` (one run
 after another), `multi_device` (one run per local GPU at a time, through
 CUDA_VISIBLE_DEVICES), `slurm` (submitit's SLURM executor) and
 `submitit_local` (submitit's local executor, for trying the SLURM path
@@ -157,6 +159,9 @@ class GroupJob:
 def group_jobs(jobs: Sequence[Job], runs_per_program: int) -> list[GroupJob]:
   """The jobs, those that can share a program (train_domainbed.program_key)
   `runs_per_program` to a launch (0: all of them)."""
+  if runs_per_program < 0:
+    raise errors.ConfigError(f"--runs_per_program={runs_per_program}: must "
+                             "be >= 0 (0: all the runs that can share one).")
   from fishr_jax import cli  # pylint: disable=g-import-not-at-top
   from fishr_jax import train_domainbed  # pylint: disable=g-import-not-at-top
   by_key: dict[str, list[Job]] = {}
@@ -402,15 +407,16 @@ def _confirm(question: str) -> bool:
 def report(codes: dict[Job, int | None]) -> int:
   """Prints how the launched jobs ended; the sweep's exit code (1 if any
   failed)."""
+  runs = lambda jobs: sum(len(getattr(j, "jobs", [j])) for j in jobs)
   failed = [j for j, c in codes.items() if c not in (None, 0, BUSY)]
   busy = [j for j, c in codes.items() if c == BUSY]
   skipped = [j for j, c in codes.items() if c is None]
-  print(f"{len(codes) - len(failed) - len(busy) - len(skipped)} jobs "
-        f"finished, {len(failed)} failed, "
-        f"{len(busy) + len(skipped)} skipped (done or run by another "
+  print(f"{runs(codes) - runs(failed) - runs(busy) - runs(skipped)} jobs "
+        f"finished, {runs(failed)} failed, "
+        f"{runs(busy) + runs(skipped)} skipped (done or run by another "
         "process).", flush=True)
   if failed:
-    print(f"{len(failed)} of {len(codes)} jobs failed; their logs:\n"
+    print(f"{runs(failed)} of {runs(codes)} jobs failed; their logs:\n"
           + "\n".join(f"  exit {codes[j]}: {j.log}" for j in failed),
           file=sys.stderr, flush=True)
     return 1

@@ -22,6 +22,11 @@ def add_device_fields(config: ml_collections.ConfigDict) -> None:
   config.compute_dtype = "float32"
   # On CPU, compile the step with XLA's YNNPACK dot fusion.
   config.xla_cpu_dot_fusion = True
+  # How runs trained together (vectorized.py) take a step: "vmap", one
+  # program for all of them (accelerators); "each", a program of one run
+  # called for each in turn (CPU, where batched operations over many runs
+  # are slower); "auto" picks by backend.
+  config.group_step = "auto"
 
 
 def add_algorithm_blocks(config: ml_collections.ConfigDict,

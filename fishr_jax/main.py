@@ -47,19 +47,32 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _train_runs(config_spec: str, path: str, runs_per_program: int) -> None:
+  """--runs=path: the DomainBed runs it lists, trained in groups."""
+  if cli.overridden_paths(sys.argv):
+    raise errors.ConfigError("With --runs, each run's --config.X flags go in "
+                             f"{path}; drop them from the command line.")
   try:
     with open(path) as f:
       members = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise errors.ConfigError(f"--runs={path}: cannot read it ({e}).") from e
+  if not (isinstance(members, list) and members and all(
+      isinstance(m, dict) and isinstance(m.get("workdir"), str)
+      and isinstance(m.get("flags"), list) for m in members)):
+    raise errors.ConfigError(
+        f"--runs={path}: must be a non-empty JSON list of "
+        '{"workdir": "...", "flags": ["--config.X=Y", ...]}.')
   configs = []
   for member in members:
     config = cli.config_with_flags(config_spec, member["flags"])
-    config_checks.check(config)
-    config_checks.check_overrides(config, cli.overridden_paths(member["flags"]))
     if config.get("trainer") != "domainbed":
       raise errors.ConfigError(f"--runs trains DomainBed runs; {config_spec} "
                                "is another experiment's config.")
+    if config.distributed:
+      raise errors.ConfigError(f"{member['workdir']}: --runs trains in one "
+                               "process; drop --config.distributed=True.")
+    config_checks.check(config)
+    config_checks.check_overrides(config, cli.overridden_paths(member["flags"]))
     configs.append(config)
   train_domainbed.train_runs(configs, [m["workdir"] for m in members],
                              runs_per_program)
@@ -74,6 +87,9 @@ def main(argv):
 
   def train():
     if _RUNS.value:
+      if _FRESH.value:
+        raise errors.ConfigError("--fresh with --runs: move the runs' folders "
+                                 "aside yourself, or launch them one by one.")
       _train_runs(flags.FLAGS["config"].config_filename, _RUNS.value,
                   _RUNS_PER_PROGRAM.value)
       return

@@ -54,6 +54,31 @@ def _relu_jvp(primals, tangents):
   return y, t * jnp.sign(y)
 
 
+class Dropout(nn.Module):
+  """flax's nn.Dropout (the same mask and scaling for the same rng) for a
+  rate in [0, 1), which may also be a traced per-run value of a vectorized
+  program (vectorized.py): a traced rate of 0 keeps every input, as 0
+  does."""
+  rate: float
+
+  def __post_init__(self):
+    traced = isinstance(self.rate, jax.core.Tracer)
+    if not traced and not 0.0 <= self.rate < 1.0:
+      raise errors.ConfigError(f"The dropout rate must be in [0, 1), got "
+                               f"{self.rate}.")
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    if deterministic or (not isinstance(self.rate, jax.core.Tracer)
+                         and self.rate == 0.0):
+      return x
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, x.shape)
+    return jax.lax.select(mask, x / jnp.asarray(keep, x.dtype),
+                          jnp.zeros_like(x))
+
+
 class MLP(nn.Module):
   """Flatten, then ReLU dense layers, then a linear head.
 

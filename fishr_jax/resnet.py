@@ -174,7 +174,7 @@ class ResNet(nn.Module):
                        bottleneck=self.depth != 18, dtype=self.dtype,
                        name=spec.name)
         for spec in _block_specs(self.depth)]
-    self.dropout = nn.Dropout(self.dropout_rate)
+    self.dropout = models.Dropout(self.dropout_rate)
     # DomainBed's head is a fresh torch nn.Linear: U(+-1/sqrt(fan_in)) for
     # kernel and bias (variance 1/(3 fan_in)).
     self.classifier = nn.Dense(

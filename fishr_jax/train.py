@@ -143,7 +143,7 @@ def jit_train_step(train_step: TrainStep, mesh: jax.sharding.Mesh,
 # Config fields a resume may change: where and how fast the step runs, not
 # what it computes.
 MAY_CHANGE_ON_RESUME = ("num_devices", "distributed", "worker_count",
-                        "eval_batch_size", "xla_cpu_dot_fusion")
+                        "eval_batch_size", "xla_cpu_dot_fusion", "group_step")
 CORRUPT_CHECKPOINTS = "corrupt_checkpoints"
 
 
@@ -366,11 +366,19 @@ class Group:
   @classmethod
   def alone(cls, run: Run) -> "Group":
     """`run` trained by its own step, as `train_loop` trains it."""
+    if run.train_step is None or run.batches is None:
+      raise ValueError(f"{run.workdir}: a run trained alone needs its own "
+                       "train_step and batches (a Group member has none).")
     return cls([run], lambda members, states, start: (
         states[0], run.train_step, run.batches(start)),
                lane=lambda tree, i: tree, stacked=False)
 
   def __post_init__(self):
+    folders = [os.path.abspath(run.workdir) for run in self.runs]
+    twice = sorted({f for f in folders if folders.count(f) > 1})
+    if twice:
+      raise errors.ConfigError(f"A group lists these run folders twice: "
+                               f"{twice}.")
     shared = ("steps", "record_every", "checkpoint_every",
               "evaluate_before_update", "block_each_step")
     for field in shared:
@@ -536,7 +544,7 @@ def _train_members(group: Group, indices: list[int], members: list[_Member],
     _say(f"{prefix}compiling the train step...", flush=True)
 
   def evaluate() -> list[dict[str, float] | None]:
-    return [None if m.diverged else m.run.evaluate(lane(state.params, k))
+    return [None if m.diverged else m.run.evaluate(lane(state, k).params)
             for k, m in zip(lanes, members)]
 
   pending: list[Metrics] = []

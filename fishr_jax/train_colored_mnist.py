@@ -62,22 +62,30 @@ def make_groups(config: ml_collections.ConfigDict, workdir: str
   num_domains = len(config.data.train_color_flip_probs)
   per_program = config.runs_per_program or config.restarts
   alg_config, schedule = settings.from_config_dict(config)
-  hparams = vectorized.ScalarHParams(alg_config, schedule, config.lr,
-                                     config.weight_decay)
-  mesh = (parallel.make_mesh(config.num_devices) if per_program == 1 else
-          parallel.make_runs_mesh(per_program, config.num_devices))
+  tx = train.make_optimizer(config.lr, config.weight_decay)
+  if per_program == 1:  # each restart its own step, on the data mesh
+    mesh = parallel.make_mesh(config.num_devices)
+    place = lambda tree: parallel.replicate(tree, mesh)
+  else:  # each restart on the first device; a group stacks them
+    mesh = parallel.make_runs_mesh(per_program, config.num_devices)
+    place = lambda tree: jax.device_put(tree, mesh.devices.flat[0])
   algorithm = algorithms.make_algorithm(config.algorithm, model, num_domains,
                                         alg_config, schedule, mesh)
-  tx = train.make_optimizer(config.lr, config.weight_decay)
-  if per_program == 1:
-    train_step = train.jit_train_step(
-        train.make_train_step(algorithm, tx, schedule), mesh,
-        config.xla_cpu_dot_fusion)
-  else:
-    train_step = vectorized.jit_train_step(vectorized.make_train_step(
-        lambda c, s: algorithms.make_algorithm(config.algorithm, model,
-                                               num_domains, c, s, mesh),
-        hparams), mesh, config.xla_cpu_dot_fusion)
+  train_step = train.jit_train_step(
+      train.make_train_step(algorithm, tx, schedule), mesh,
+      config.xla_cpu_dot_fusion) if per_program == 1 else None
+  hparams = vectorized.ScalarHParams(alg_config, schedule, config.lr,
+                                     config.weight_decay)
+  group_step = vectorized.resolve_group_step(config.group_step,
+                                             mesh.devices.flat[0].platform)
+
+  def make_group_step(group_mesh):  # a program of restarts on group_mesh
+    return vectorized.jit_train_step(vectorized.make_train_step(
+        lambda h: algorithms.make_algorithm(config.algorithm, model,
+                                            num_domains, h.algorithm,
+                                            h.schedule, group_mesh),
+        hparams), group_mesh, config.xla_cpu_dot_fusion)
+
   accuracy = evaluation.make_accuracy_fn(model)
   # What one restart depends on: a resume may ask for more restarts, or
   # train them another number at a time.
@@ -95,13 +103,9 @@ def make_groups(config: ml_collections.ConfigDict, workdir: str
     envs = colored_mnist.make_environments(
         pools, config.data, np.random.default_rng([config.seed, restart]))
     host_batch = parallel.process_part(envs.train)
-    if per_program == 1:
-      place = lambda tree: parallel.replicate(tree, mesh)
-      batch = parallel.shard_batch(host_batch, mesh,
-                                   algorithm.needs_domain_blocks, num_domains)
-    else:  # on one device; the group stacks the runs onto the mesh
-      place = lambda tree: jax.device_put(tree, mesh.devices.flat[0])
-      batch = place(host_batch)
+    batch = (parallel.shard_batch(host_batch, mesh,
+                                  algorithm.needs_domain_blocks, num_domains)
+             if per_program == 1 else place(host_batch))
     evals = {"train": batch, **place(envs.evals)}
     init_rng, rng = jax.random.split(
         jax.random.fold_in(jax.random.key(config.seed), restart))
@@ -111,7 +115,7 @@ def make_groups(config: ml_collections.ConfigDict, workdir: str
         workdir=os.path.join(workdir, f"restart_{restart}"),
         config_json=run_config_json,
         steps=config.steps, record_every=config.log_every, state=state,
-        train_step=train_step if per_program == 1 else None,
+        train_step=train_step,
         batches=((lambda start: itertools.repeat(batch))
                  if per_program == 1 else None),
         evaluate=lambda params: {
@@ -131,12 +135,21 @@ def make_groups(config: ml_collections.ConfigDict, workdir: str
     if per_program == 1:
       yield train.Group.alone(made[0][0])
       continue
-    host_batches = [batch for _, batch in made]
-    stacked = lambda indices, start: itertools.repeat(
-        parallel.shard_run_batches([host_batches[i] for i in indices], mesh,
-                                   algorithm.needs_domain_blocks, num_domains))
-    yield vectorized.make_group([run for run, _ in made], train_step, {}, mesh,
-                                stacked)
+    batches = _fixed_batches([b for _, b in made],
+                             algorithm.needs_domain_blocks, num_domains)
+    yield vectorized.make_group([run for run, _ in made], make_group_step,
+                                {}, config.num_devices, batches, group_step)
+
+
+def _fixed_batches(host_batches: list[dict[str, np.ndarray]],
+                   domain_blocks: bool, num_domains: int
+                   ) -> vectorized.GroupBatches:
+  """A group's batches when each run trains on one fixed full batch."""
+  def batches(indices, start_step, mesh):
+    del start_step
+    return itertools.repeat(parallel.shard_run_batches(
+        [host_batches[i] for i in indices], mesh, domain_blocks, num_domains))
+  return batches
 
 
 def summarize(config: ml_collections.ConfigDict,

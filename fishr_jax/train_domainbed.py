@@ -8,10 +8,12 @@ every env's in/out accuracy (env{i}_in_acc, env{i}_out_acc), the loss terms,
 step_time, hparams, args.
 """
 
+import contextlib
 import json
 import os
 from typing import Any, Callable, Iterator, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -29,6 +31,8 @@ from fishr_jax import vectorized
 from fishr_jax.algorithms import registry
 from fishr_jax.algorithms import settings
 from fishr_jax.data import domainbed
+
+PyTree = Any
 
 
 # -------------------------------------------------------- hparams and config
@@ -73,13 +77,13 @@ def record_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def make_network(dataset: domainbed.Dataset, hparams: dict[str, Any],
                  config: ml_collections.ConfigDict, rng: jax.Array,
-                 sample_x: np.ndarray) -> tuple[algorithms.Network, Any]:
-  """(Network, initial trainable params) for the dataset's backbone."""
+                 sample_x: np.ndarray) -> tuple[nn.Module, PyTree, PyTree]:
+  """(module, its frozen collections, initial trainable params) for the
+  dataset's backbone."""
   dtype = models.compute_dtype(config.compute_dtype)
   if not dataset.is_image_folder:
     module = models.MNISTCNN(num_outputs=dataset.num_classes, dtype=dtype)
-    params = jax.jit(module.init)(rng, sample_x)["params"]
-    return algorithms.Network.from_module(module), params
+    return module, {}, jax.jit(module.init)(rng, sample_x)["params"]
   from fishr_jax import resnet  # pylint: disable=g-import-not-at-top
   depth = 18 if hparams["resnet18"] else 50
   module = resnet.ResNet(depth=depth, num_classes=dataset.num_classes,
@@ -92,9 +96,19 @@ def make_network(dataset: domainbed.Dataset, hparams: dict[str, Any],
     print("No config.pretrained_checkpoint: the ResNet starts from random "
           "weights, unlike DomainBed's ImageNet initialization.", flush=True)
     variables = jax.jit(module.init)(rng, sample_x)
-  network = algorithms.Network.from_module(
-      module, frozen={"batch_stats": variables["batch_stats"]}, stochastic=True)
-  return network, variables["params"]
+  return module, {"batch_stats": variables["batch_stats"]}, variables["params"]
+
+
+def as_network(module: nn.Module, frozen: PyTree,
+               dropout_rate: float | jax.Array | None = None
+               ) -> algorithms.Network:
+  """The Network of a `make_network` module; a ResNet's with `dropout_rate`
+  (None: its own; a vectorized program's per-run value may be traced)."""
+  if not frozen:  # MNIST_CNN: no frozen statistics, no dropout
+    return algorithms.Network.from_module(module)
+  if dropout_rate is not None:
+    module = module.clone(dropout_rate=dropout_rate)
+  return algorithms.Network.from_module(module, frozen=frozen, stochastic=True)
 
 
 # --------------------------------------------------------------- evaluation
@@ -131,7 +145,8 @@ class _RunParts(NamedTuple):
   """One run's pieces, before they become a train.Run alone or in a group."""
   run: train.Run  # its train_step and batches: None in a group
   hparams: vectorized.ScalarHParams
-  network: algorithms.Network
+  module: nn.Module
+  frozen: PyTree
   num_domains: int
   host_batches: Callable[[int], Iterator[dict[str, np.ndarray]]]
 
@@ -164,8 +179,9 @@ def _make_parts(config: ml_collections.ConfigDict, workdir: str,
   init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
   sample = next(domainbed.train_batches(dataset, splits, train_envs, batch_size,
                                         config.seed))
-  network, params = make_network(dataset, hparams, config, init_rng,
-                                 sample["x"][:1])
+  module, frozen, params = make_network(dataset, hparams, config, init_rng,
+                                        sample["x"][:1])
+  network = as_network(module, frozen)
   algorithm = algorithms.make_algorithm(config.algorithm, network,
                                         len(train_envs), alg_config, schedule,
                                         mesh)
@@ -206,15 +222,26 @@ def _make_parts(config: ml_collections.ConfigDict, workdir: str,
       fields={"hparams": hparams, "args": record_args(config)},
       block_each_step=parallel.must_block_each_step(mesh),
       name=f"{config.dataset} {config.algorithm}")
-  scalars = vectorized.ScalarHParams(alg_config, schedule, hparams["lr"],
-                                     hparams["weight_decay"])
-  return _RunParts(run, scalars, network, len(train_envs), host_batches)
+  return _RunParts(run, _scalars(hparams, alg_config, schedule), module, frozen,
+                   len(train_envs), host_batches)
 
 
 def make_run(config: ml_collections.ConfigDict, workdir: str) -> train.Run:
   """The train.Run of one DomainBed run."""
   mesh = parallel.make_mesh(config.num_devices)
   return _make_parts(config, workdir, mesh, alone=True).run
+
+
+# DomainBed's shared hparams that a run of a program may set alone (the
+# algorithms' own ones map to their Config and Schedule).
+SCALAR_HPARAMS = ("lr", "weight_decay", "resnet_dropout")
+
+
+def _scalars(hparams: dict[str, Any], alg_config: Any,
+             schedule: algorithms.Schedule) -> vectorized.ScalarHParams:
+  return vectorized.ScalarHParams(
+      alg_config, schedule, hparams["lr"], hparams["weight_decay"],
+      dropout_rate=float(hparams["resnet_dropout"]))
 
 
 # Config fields in which the runs of one program may differ (with the
@@ -227,20 +254,19 @@ def program_key(config: ml_collections.ConfigDict) -> str:
   """Runs with equal keys can train as one vectorized program: they differ
   in seeds, test envs (not their number) and scalar hparams
   (vectorized.group_key); everything else, the shape-making hparams (batch
-  size, augmentation, ResNet depth and dropout rate) too, is the same."""
+  size, augmentation, ResNet depth) too, is the same."""
   config = resolve_config(config)
   hparams = resolve_hparams(config)
   alg_config, schedule = settings.from_domainbed(
       config.algorithm, hparams, config.get(config.algorithm))
-  scalars = vectorized.ScalarHParams(alg_config, schedule, hparams["lr"],
-                                     hparams["weight_decay"])
+  scalars = _scalars(hparams, alg_config, schedule)
   shared = config.to_dict()
   for field in PER_RUN_FIELDS:
     shared.pop(field)
   shared["num_test_envs"] = len(config.test_envs)
   shapes = {k: v for k, v in hparams.items()
             if k in hparams_lib.shared_specs(config.algorithm, config.dataset)
-            and k not in ("lr", "weight_decay")}
+            and k not in SCALAR_HPARAMS}
   return json.dumps([shared, shapes, repr(vectorized.group_key(scalars))],
                     sort_keys=True, default=str)
 
@@ -248,36 +274,50 @@ def program_key(config: ml_collections.ConfigDict) -> str:
 def make_group(configs: list[ml_collections.ConfigDict],
                workdirs: list[str]) -> train.Group:
   """Runs with one `program_key` as a train.Group: one vectorized step, each
-  run in its own folder. They share the first run's network (one module,
-  the same frozen batch statistics) and its evaluation."""
+  run in its own folder. They share the first run's module (each with its
+  own dropout rate), whose frozen batch statistics must be theirs too, and
+  its evaluation."""
   if len({program_key(c) for c in configs}) > 1:
     raise errors.ConfigError(
         "These DomainBed runs cannot train as one program: they differ in "
         "more than seeds and scalar hparams (train_domainbed.program_key).")
   mesh = parallel.make_runs_mesh(len(configs), configs[0].num_devices)
   parts = [_make_parts(configs[0], workdirs[0], mesh, alone=False)]
-  accuracy = make_accuracy_fn(parts[0].network)
+  module, frozen = parts[0].module, parts[0].frozen
+  accuracy = make_accuracy_fn(as_network(module, frozen))
   parts += [_make_parts(c, w, mesh, alone=False, accuracy=accuracy)
             for c, w in zip(configs[1:], workdirs[1:])]
+  for part in parts[1:]:
+    if not all(np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(part.frozen), jax.tree.leaves(frozen))):
+      raise errors.ConfigError(
+          f"{part.run.workdir} and {parts[0].run.workdir} start from "
+          "different frozen batch statistics, so they cannot train as one "
+          "program; launch them with runs_per_program=1.")
   shared, varying = vectorized.split_hparams([p.hparams for p in parts])
-  name, network, num_domains = (configs[0].algorithm, parts[0].network,
-                                parts[0].num_domains)
-  make_algorithm = lambda c, s: algorithms.make_algorithm(
-      name, network, num_domains, c, s, mesh)
-  needs_blocks = make_algorithm(shared.algorithm,
-                                shared.schedule).needs_domain_blocks
-  step = vectorized.jit_train_step(
-      vectorized.make_train_step(make_algorithm, shared), mesh,
-      configs[0].xla_cpu_dot_fusion)
+  name, num_domains = configs[0].algorithm, parts[0].num_domains
 
-  def batches(indices, start_step):
+  def make_step(program_mesh):  # a program of runs on program_mesh
+    return vectorized.jit_train_step(vectorized.make_train_step(
+        lambda h: algorithms.make_algorithm(
+            name, as_network(module, frozen, h.dropout_rate), num_domains,
+            h.algorithm, h.schedule, program_mesh), shared),
+        program_mesh, configs[0].xla_cpu_dot_fusion)
+
+  needs_blocks = algorithms.make_algorithm(
+      name, as_network(module, frozen), num_domains, shared.algorithm,
+      shared.schedule, mesh).needs_domain_blocks
+
+  def batches(indices, start_step, program_mesh):
     iterators = [parts[i].host_batches(start_step) for i in indices]
     while True:
-      yield parallel.shard_run_batches([next(it) for it in iterators], mesh,
-                                       needs_blocks, num_domains)
+      yield parallel.shard_run_batches([next(it) for it in iterators],
+                                       program_mesh, needs_blocks, num_domains)
 
-  return vectorized.make_group([p.run for p in parts], step, varying, mesh,
-                               batches)
+  group_step = vectorized.resolve_group_step(configs[0].group_step,
+                                             mesh.devices.flat[0].platform)
+  return vectorized.make_group([p.run for p in parts], make_step, varying,
+                               configs[0].num_devices, batches, group_step)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -293,10 +333,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
 
 def train_runs(configs: list[ml_collections.ConfigDict], workdirs: list[str],
-               runs_per_program: int = 0) -> list[list[dict[str, Any]]]:
+               runs_per_program: int = 0) -> list[list[dict[str, Any]] | None]:
   """Runs (or resumes) several DomainBed runs, those with one `program_key`
-  `runs_per_program` at a time (0: all) as one vectorized program; returns
-  each run's records, in order."""
+  `runs_per_program` at a time (0: all) as one train.Group; returns each
+  run's records, in order (None for a run another process holds: it is
+  skipped with a message). Each run's folder is locked and its config
+  checked before any data is loaded."""
+  if runs_per_program < 0:
+    raise errors.ConfigError(f"runs_per_program={runs_per_program}: must be "
+                             ">= 0 (0: all the runs that can share one).")
+  folders = [os.path.abspath(w) for w in workdirs]
+  if len(set(folders)) < len(folders):
+    raise errors.ConfigError("The runs' workdirs must differ; some are "
+                             "listed twice.")
   by_key: dict[str, list[int]] = {}
   for i, config in enumerate(configs):
     by_key.setdefault(program_key(config), []).append(i)
@@ -304,15 +353,27 @@ def train_runs(configs: list[ml_collections.ConfigDict], workdirs: list[str],
   for indices in by_key.values():
     size = runs_per_program or len(indices)
     for first in range(0, len(indices), size):
-      chunk = indices[first:first + size]
-      todo = [i for i in chunk if not os.path.exists(
-          os.path.join(workdirs[i], train.DONE))]
-      for i in chunk:
-        if i not in todo or len(todo) == 1:
-          results[i] = train_and_evaluate(configs[i], workdirs[i])
-      if len(todo) > 1:
-        group = make_group([configs[i] for i in todo],
-                           [workdirs[i] for i in todo])
-        for i, records in zip(todo, train.train_group(group)):
-          results[i] = records
+      with contextlib.ExitStack() as locks:
+        todo = []
+        for i in indices[first:first + size]:
+          try:
+            locks.enter_context(train.folder_lock(workdirs[i]))
+          except errors.WorkdirBusyError as e:
+            print(f"skipped: {e}", flush=True)
+            continue
+          train.check_same_config(workdirs[i], resolve_config(
+              configs[i]).to_json_best_effort(indent=2))
+          finished = train.finished_records(workdirs[i])
+          if finished is None:
+            todo.append(i)
+          else:
+            results[i] = finished
+        if len(todo) == 1:
+          results[todo[0]] = train.train_loop(
+              make_run(configs[todo[0]], workdirs[todo[0]]))
+        elif todo:
+          group = make_group([configs[i] for i in todo],
+                             [workdirs[i] for i in todo])
+          for i, records in zip(todo, train.train_group(group)):
+            results[i] = records
   return results

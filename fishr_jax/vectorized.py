@@ -5,8 +5,8 @@ Runs train together when they share every shape and every structural
 choice: dataset, model, algorithm and its non-numeric options, batch size,
 test envs (`group_key`). They may differ in their seeds (hence data and
 initialization) and in every scalar hparam (`ScalarHParams`): the learning
-rate, weight decay, the schedule's anneal step and weights, and the
-algorithm's float options (Fishr's lambda and ema, IRM's lambda, ...). A
+rate, weight decay, dropout rate, the schedule's anneal step and weights,
+and the algorithm's float options (Fishr's lambda and ema, IRM's lambda, ...). A
 value every run of the group shares stays a Python constant of the program,
 as in a run trained alone; one that differs becomes a (K,) array that each
 run's lane of the step reads (`split_hparams`). Each run still gets exactly
@@ -19,9 +19,11 @@ axis and each run's batch over its data axis.
 """
 
 import dataclasses
+import itertools
 from typing import Any, Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fishr_jax import fast_paths
@@ -30,8 +32,8 @@ from fishr_jax import train
 from fishr_jax.algorithms import base
 
 PyTree = Any
-# (the algorithm's Config, the Schedule) -> the algorithm, as one run builds it.
-AlgorithmFactory = Callable[[Any, base.Schedule], base.Algorithm]
+# A run's ScalarHParams -> its algorithm (over its network), as it builds it.
+AlgorithmFactory = Callable[["ScalarHParams"], base.Algorithm]
 # (stacked states, stacked batches, per-run values) -> (states, metrics).
 VectorizedStep = Callable[[train.TrainState, train.Batch, dict[str, jax.Array]],
                           tuple[train.TrainState, train.Metrics]]
@@ -44,12 +46,13 @@ SCHEDULE_SCALARS = ("penalty_anneal_iters", "penalty_warmup_weight",
 
 @dataclasses.dataclass(frozen=True)
 class ScalarHParams:
-  """What one run's step is built from: its algorithm Config, Schedule and
-  optimizer settings."""
+  """What one run's step is built from: its algorithm Config, Schedule,
+  optimizer settings and its network's dropout rate."""
   algorithm: Any  # the algorithm's frozen Config
   schedule: base.Schedule
   lr: float
   weight_decay: float
+  dropout_rate: float = 0.0  # DomainBed's resnet_dropout
 
 
 def scalar_fields(hparams: ScalarHParams) -> dict[str, Any]:
@@ -59,7 +62,8 @@ def scalar_fields(hparams: ScalarHParams) -> dict[str, Any]:
             for f in dataclasses.fields(hparams.algorithm) if f.type is float}
   fields.update({f"schedule.{name}": getattr(hparams.schedule, name)
                  for name in SCHEDULE_SCALARS})
-  fields.update(lr=hparams.lr, weight_decay=hparams.weight_decay)
+  fields.update(lr=hparams.lr, weight_decay=hparams.weight_decay,
+                dropout_rate=hparams.dropout_rate)
   return fields
 
 
@@ -73,14 +77,15 @@ def with_values(hparams: ScalarHParams, values: dict[str, Any]
       algorithm=dataclasses.replace(hparams.algorithm, **part("algorithm.")),
       schedule=dataclasses.replace(hparams.schedule, **part("schedule.")),
       lr=values.get("lr", hparams.lr),
-      weight_decay=values.get("weight_decay", hparams.weight_decay))
+      weight_decay=values.get("weight_decay", hparams.weight_decay),
+      dropout_rate=values.get("dropout_rate", hparams.dropout_rate))
 
 
 def group_key(hparams: ScalarHParams) -> tuple:
   """What runs trained together must share: every non-scalar field, and
   which of the algorithm's scalars are zero (a zero may shape the program:
-  Fishr keeps no moving average at ema 0; base.is_zero). The optimizer's
-  and the schedule's zeros shape nothing."""
+  Fishr keeps no moving average at ema 0; base.is_zero). The optimizer's,
+  the schedule's and the dropout rate's zeros shape nothing."""
   scalars = scalar_fields(hparams)
 
   def fields(prefix: str, obj: Any) -> tuple:
@@ -110,22 +115,39 @@ def split_hparams(runs: list[ScalarHParams]
   for name, value in fields[0].items():
     column = [f[name] for f in fields]
     if any(v != value for v in column):
-      dtype = np.int32 if isinstance(value, int) else np.float32
-      varying[name] = np.asarray(column, dtype)
+      ints = all(isinstance(v, int) and not isinstance(v, bool)
+                 for v in column)
+      varying[name] = np.asarray(column, np.int32 if ints else np.float32)
   return runs[0], varying
+
+
+# How a group's runs take each step (config.group_step): "vmap", one program
+# for all of them; "each", a program of one run (the same for all: one
+# compile) called for each run in turn.
+GROUP_STEPS = ("vmap", "each")
+
+
+def resolve_group_step(group_step: str, platform: str) -> str:
+  """config.group_step's "auto": "each" on CPU, where XLA's batched
+  operations over many runs are slower than the runs one by one
+  (experiments/benchmark.py runs_per_program), "vmap" elsewhere."""
+  if group_step == "auto":
+    return "each" if platform == "cpu" else "vmap"
+  base.check_choices("config", group_step=(group_step, GROUP_STEPS))
+  return group_step
 
 
 def make_train_step(make_algorithm: AlgorithmFactory,
                     shared: ScalarHParams) -> VectorizedStep:
   """The step of K runs: `train.make_train_step` of each run's own
   algorithm and optimizer, built from `shared` and its lane of the values
-  that differ, vmapped over the leading run axis of the state, the batch and
-  the values (jit it, e.g. with `jit_train_step`)."""
+  that differ, vmapped over the leading run axis of the state, the batch
+  and the values (jit it, e.g. with `jit_train_step`)."""
 
   def one_run(state, batch, values):
     hparams = with_values(shared, values)
     tx = train.make_optimizer(hparams.lr, hparams.weight_decay)
-    algorithm = make_algorithm(hparams.algorithm, hparams.schedule)
+    algorithm = make_algorithm(hparams)
     return train.make_train_step(algorithm, tx, hparams.schedule)(state, batch)
 
   return jax.vmap(one_run)
@@ -142,28 +164,72 @@ def jit_train_step(step: VectorizedStep, mesh: jax.sharding.Mesh,
                      platform, xla_cpu_dot_fusion))
 
 
-# (member indices, the start step) -> each step's stacked batches.
-GroupBatches = Callable[[list[int], int], Iterator[train.Batch]]
+# (member indices, the start step, the program's mesh) -> each step's
+# stacked batches, from the start step.
+GroupBatches = Callable[[list[int], int, jax.sharding.Mesh],
+                        Iterator[train.Batch]]
 
 
-def make_group(runs: list[train.Run], step: VectorizedStep,
-               varying: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
-               batches: GroupBatches) -> train.Group:
-  """`runs` (each with its own step-0 state on mesh's first device) as a
-  train.Group that trains any of them with the jitted `step`, reading the
-  values that differ (`split_hparams`) of just those runs."""
-  sharding = parallel.run_sharding(mesh)
+def make_group(runs: list[train.Run],
+               make_step: Callable[[jax.sharding.Mesh], VectorizedStep],
+               varying: dict[str, np.ndarray], num_devices: int,
+               batches: GroupBatches, group_step: str = "vmap"
+               ) -> train.Group:
+  """`runs` (each with its own step-0 state on the first device) as a
+  train.Group, reading the values that differ (`split_hparams`) of just
+  the runs it trains. `group_step` "vmap": any K of them train as one
+  program on `parallel.make_runs_mesh(K, num_devices)` with
+  `make_step(mesh)` (jitted once per K); "each": each run in turn by the
+  program of one run (jitted once), its batch over all the devices."""
+  if group_step not in GROUP_STEPS:
+    raise ValueError(f"group_step must be one of {GROUP_STEPS}, got "
+                     f"{group_step!r}.")
+  programs: dict[int, tuple[jax.sharding.Mesh, VectorizedStep]] = {}
 
-  def program(indices, states, start_step):
-    values = {k: jax.device_put(v[np.asarray(indices)], sharding)
-              for k, v in varying.items()}
+  def program_of(size: int) -> tuple[jax.sharding.Mesh, VectorizedStep]:
+    if size not in programs:
+      mesh = parallel.make_runs_mesh(size, num_devices)
+      programs[size] = mesh, make_step(mesh)
+    return programs[size]
+
+  def values_of(indices, mesh):
+    return {k: jax.device_put(v[np.asarray(indices)],
+                              parallel.run_sharding(mesh))
+            for k, v in varying.items()}
+
+  def together(indices, states, start_step):
+    mesh, step = program_of(len(indices))
+    values = values_of(indices, mesh)
     return (stack(states, mesh), lambda s, b: step(s, b, values),
-            batches(indices, start_step))
+            batches(indices, start_step, mesh))
 
-  device = mesh.devices.flat[0]
-  return train.Group(runs, program,
-                     lane=lambda tree, i: jax.device_put(unstack(tree, i),
-                                                         device))
+  def in_turn(indices, states, start_step):
+    mesh, step = program_of(1)
+    values = [values_of([i], mesh) for i in indices]
+    block = runs[indices[0]].block_each_step
+    iterators = [batches([i], start_step, mesh) for i in indices]
+
+    def each_step(states, step_batches):
+      out = []
+      for state, batch, run_values in zip(states, step_batches, values):
+        out.append(step(state, batch, run_values))
+        if block:  # one run's step at a time (parallel.must_block_each_step)
+          jax.block_until_ready(out[-1])
+      metrics = {k: jnp.concatenate([m[k] for _, m in out]) for k in out[0][1]}
+      return tuple(s for s, _ in out), metrics
+
+    step_batches = (tuple(next(it) for it in iterators)
+                    for _ in itertools.count())
+    return (tuple(stack([s], mesh) for s in states), each_step,
+            step_batches)
+
+  device = jax.devices()[0]  # every mesh's first (parallel.make_runs_mesh)
+  if group_step == "vmap":
+    lane = lambda tree, i: jax.device_put(unstack(tree, i), device)
+  else:
+    lane = lambda tree, i: jax.device_put(unstack(tree[i], 0), device)
+  return train.Group(runs, together if group_step == "vmap" else in_turn,
+                     lane)
 
 
 def stack(trees: list[PyTree], mesh: jax.sharding.Mesh | None = None

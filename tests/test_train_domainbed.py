@@ -143,3 +143,28 @@ def test_killed_run_resumes_bitwise(tmp_path):
 def jax_leaves(tree):
   import jax
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_a_run_that_diverges_in_a_program_stops_alone(tmp_path):
+  """Two Fishr runs, one with a learning rate that blows up, share a
+  program: the diverged one stops at its record, unmarked; the other
+  finishes as it would alone; DivergedError names the diverged one."""
+  from fishr_jax import errors  # pylint: disable=g-import-not-at-top
+  from fishr_jax import train  # pylint: disable=g-import-not-at-top
+  good, bad = _config(algorithm="fishr"), _config(algorithm="fishr", seed=1)
+  bad.hparams.lr = 1e30
+  assert train_domainbed.program_key(good) == train_domainbed.program_key(bad)
+  workdirs = [str(tmp_path / "good"), str(tmp_path / "bad")]
+  with pytest.raises(errors.DivergedError,
+                     match=r"diverged by step (\d+): .* is in .*bad") as caught:
+    train_domainbed.train_runs([good, bad], workdirs)
+  step = int(caught.value.args[0].split("diverged by step ")[1].split(":")[0])
+  assert os.path.exists(os.path.join(workdirs[0], train.DONE))
+  assert not os.path.exists(os.path.join(workdirs[1], train.DONE))
+  assert train.read_records(workdirs[1])[-1]["step"] == step < 4
+  alone = train_domainbed.train_and_evaluate(good, str(tmp_path / "alone"))
+  together = train.read_records(workdirs[0])
+  assert [r["step"] for r in together] == [r["step"] for r in alone]
+  for a, b in zip(alone, together):
+    np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
+    assert b["env0_out_acc"] == pytest.approx(a["env0_out_acc"], abs=1e-9)

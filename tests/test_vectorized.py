@@ -38,9 +38,17 @@ def test_runs_trained_together_equal_the_runs_alone(case):
 def two_device_differences(tmp_path_factory):
   path = tmp_path_factory.mktemp("vectorized") / "differences.json"
   subprocess.run([sys.executable, os.path.join(HERE, "vectorized_run.py"),
-                  str(path)], check=True, cwd=os.path.dirname(HERE),
+                  str(path), str(tmp_path_factory.mktemp("runs"))], check=True, cwd=os.path.dirname(HERE),
                  env={**os.environ, "PYTHONPATH": os.path.dirname(HERE)})
   return json.loads(path.read_text())
+
+
+@pytest.mark.slow
+def test_groups_of_restarts_on_two_devices_equal_the_restarts_alone(
+    two_device_differences):
+  """3 restarts 2 to a program (a program of 2, then of 1) on 2 devices."""
+  for group_step in ("vmap", "each"):
+    _assert_close(two_device_differences[f"colored_mnist {group_step}"])
 
 
 @pytest.mark.slow
@@ -133,8 +141,9 @@ def _restart_records(workdir, restart):
   return train.read_records(os.path.join(workdir, f"restart_{restart}"))
 
 
+@pytest.mark.parametrize("group_step", ["vmap", "each"])
 def test_restarts_in_one_program_write_the_files_of_restarts_alone(
-    tiny_mnist_dir, tmp_path):
+    tiny_mnist_dir, tmp_path, group_step):
   """Each restart of a program has its own folder, records (equal to the
   restart trained alone) and done; one resumes alone afterwards."""
   from fishr_jax import train  # pylint: disable=g-import-not-at-top
@@ -142,7 +151,8 @@ def test_restarts_in_one_program_write_the_files_of_restarts_alone(
   alone, together = str(tmp_path / "alone"), str(tmp_path / "together")
   train_colored_mnist.train_and_evaluate(_colored_mnist(tiny_mnist_dir), alone)
   train_colored_mnist.train_and_evaluate(
-      _colored_mnist(tiny_mnist_dir, runs_per_program=0), together)
+      _colored_mnist(tiny_mnist_dir, runs_per_program=0,
+                     group_step=group_step), together)
   for restart in range(3):
     folder = os.path.join(together, f"restart_{restart}")
     assert os.path.exists(os.path.join(folder, train.DONE))
@@ -167,3 +177,21 @@ def test_restarts_in_one_program_write_the_files_of_restarts_alone(
   for a, b in zip(before, after):
     np.testing.assert_allclose([b[k] for k in a], list(a.values()),
                                rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.1, 0.5])
+def test_dropout_equals_flax_dropout_and_takes_a_traced_rate(rate):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from fishr_jax import models  # pylint: disable=g-import-not-at-top
+  x = jnp.arange(1.0, 201.0).reshape(4, 50)
+  rngs = {"dropout": jax.random.key(3)}
+  expected = nn.Dropout(rate).apply({}, x, deterministic=False, rngs=rngs)
+  np.testing.assert_array_equal(
+      models.Dropout(rate).apply({}, x, deterministic=False, rngs=rngs),
+      expected)
+  traced = jax.vmap(lambda r: models.Dropout(r).apply(
+      {}, x, deterministic=False, rngs=rngs))(jnp.full((2,), rate))
+  np.testing.assert_allclose(traced, np.stack([expected] * 2), rtol=1e-6)
+  if rate:
+    assert 0 < np.mean(np.asarray(expected) == 0) < 1

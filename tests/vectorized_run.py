@@ -1,12 +1,14 @@
 """Trains a few runs one by one and as one vectorized program, for
 tests/test_vectorized.py. On several devices, run it in its own process
 (the device count is fixed when JAX starts):
-  python tests/vectorized_run.py OUT.json
+  python tests/vectorized_run.py OUT.json WORKDIR
 """
 
 import json
+import os
 import sys
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -37,7 +39,10 @@ CASES = {
     "irm": ("irm", {}, {"lambda_": (100.0, 10.0, 1.0)}),
     "groupdro": ("groupdro", {}, {"eta": (1e-2, 1e-1, 5e-2)}),
     "mixup": ("mixup", {}, {"alpha": (0.2, 1.0, 0.5)}),
+    # A network with dropout: each run its own rate (0 among them).
+    "erm_dropout": ("erm", {}, {}),
 }
+DROPOUT_RATES = (0.1, 0.5, 0.0)
 
 
 def run_hparams(case: str, run: int) -> vectorized.ScalarHParams:
@@ -47,8 +52,9 @@ def run_hparams(case: str, run: int) -> vectorized.ScalarHParams:
   schedule = base.Schedule(penalty_anneal_iters=ANNEALS[run],
                            penalty_warmup_weight=WARMUPS[run],
                            reset_optimizer_at_anneal=True)
-  return vectorized.ScalarHParams(config, schedule, LRS[run],
-                                  WEIGHT_DECAYS[run])
+  return vectorized.ScalarHParams(
+      config, schedule, LRS[run], WEIGHT_DECAYS[run],
+      dropout_rate=DROPOUT_RATES[run] if case == "erm_dropout" else 0.0)
 
 
 def make_batch(run: int) -> dict[str, np.ndarray]:
@@ -63,29 +69,61 @@ def make_batch(run: int) -> dict[str, np.ndarray]:
 MODULE = models.MLP(hidden_dims=(16,), num_outputs=4)
 
 
+class DropoutMLP(nn.Module):
+  """A hidden layer, dropout on its features, a linear head."""
+  rate: float = 0.0
+
+  def setup(self):
+    self.hidden = nn.Dense(16)
+    self.dropout = models.Dropout(self.rate)
+    self.head = nn.Dense(4, name=models.HEAD)
+
+  def __call__(self, x, deterministic=True):
+    features = self.dropout(models.relu(self.hidden(x)), deterministic)
+    return features, self.head(features)
+
+  def classify(self, features):
+    return self.head(features)
+
+
+def network(case: str, hparams: vectorized.ScalarHParams) -> algorithms.Network:
+  if case == "erm_dropout":
+    return algorithms.Network.from_module(
+        DropoutMLP(hparams.dropout_rate), stochastic=True)
+  return algorithms.Network.from_module(MODULE)
+
+
 def factory(case: str, mesh=None) -> vectorized.AlgorithmFactory:
   name = CASES[case][0]
-  return lambda config, schedule: algorithms.make_algorithm(
-      name, MODULE, NUM_DOMAINS, config, schedule, mesh)
+  return lambda hparams: algorithms.make_algorithm(
+      name, network(case, hparams), NUM_DOMAINS, hparams.algorithm,
+      hparams.schedule, mesh)
 
 
 def initial_state(case: str, run: int, hparams: vectorized.ScalarHParams
                   ) -> train.TrainState:
   batch = make_batch(run)
-  params = MODULE.init(jax.random.key(100 + run), batch["x"][:1])["params"]
-  algorithm = factory(case)(hparams.algorithm, hparams.schedule)
+  module = DropoutMLP() if case == "erm_dropout" else MODULE
+  params = module.init(jax.random.key(100 + run), batch["x"][:1])["params"]
+  algorithm = factory(case)(hparams)
   tx = train.make_optimizer(hparams.lr, hparams.weight_decay)
   return train.create_train_state(jax.random.key(200 + run), params, algorithm,
                                   tx, batch)
 
 
-def alone(case: str, run: int) -> tuple[train.TrainState, list]:
-  """Run `run` trained by itself (one device, no mesh)."""
+def alone(case: str, run: int, data_shards: int = 1
+          ) -> tuple[train.TrainState, list]:
+  """Run `run` trained by itself (one device, no mesh). With dropout its
+  examples come in the order a program over `data_shards` devices lays them
+  out (parallel.spread_domains), so that its masks fall on the same ones."""
   hparams = run_hparams(case, run)
-  algorithm = factory(case)(hparams.algorithm, hparams.schedule)
+  algorithm = factory(case)(hparams)
   tx = train.make_optimizer(hparams.lr, hparams.weight_decay)
   step = jax.jit(train.make_train_step(algorithm, tx, hparams.schedule))
   state, batch = initial_state(case, run, hparams), make_batch(run)
+  if case == "erm_dropout":
+    order = parallel.spread_domains(batch["domain"], data_shards)
+    batch = {k: v[order] for k, v in batch.items()}
   losses = []
   for _ in range(STEPS):
     state, metrics = step(state, batch)
@@ -99,7 +137,7 @@ def together(case: str, runs: list[int], mesh) -> tuple[train.TrainState, list]:
   shared, varying = vectorized.split_hparams(hparams)
   step = vectorized.jit_train_step(
       vectorized.make_train_step(factory(case, mesh), shared), mesh)
-  algorithm = factory(case, mesh)(shared.algorithm, shared.schedule)
+  algorithm = factory(case, mesh)(shared)
   states = vectorized.stack(
       [initial_state(case, r, h) for r, h in zip(runs, hparams)], mesh)
   batch = parallel.shard_run_batches([make_batch(r) for r in runs], mesh,
@@ -119,7 +157,7 @@ def largest_differences(case: str, runs: list[int], mesh) -> dict[str, float]:
   states, losses = together(case, runs, mesh)
   worst = {"params": 0.0, "alg_state": 0.0, "loss": 0.0, "step": 0.0}
   for i, run in enumerate(runs):
-    state, run_losses = alone(case, run)
+    state, run_losses = alone(case, run, parallel.data_shards(mesh))
     lane = vectorized.unstack(states, i)
     for part in ("params", "alg_state"):
       for a, b in zip(jax.tree.leaves(getattr(state, part)),
@@ -135,13 +173,43 @@ def largest_differences(case: str, runs: list[int], mesh) -> dict[str, float]:
   return worst
 
 
-def main(path: str) -> None:
+def colored_mnist_differences(workdir: str, group_step: str
+                              ) -> dict[str, float]:
+  """3 Colored MNIST restarts (embedded digits, 4 steps) 2 to a program
+  against the restarts alone: the largest relative differences of their
+  records' losses and accuracies."""
+  from configs import colored_mnist  # pylint: disable=g-import-not-at-top
+  from fishr_jax import train_colored_mnist  # pylint: disable=g-import-not-at-top
+  config = colored_mnist.get_config()
+  config.update(restarts=3, steps=4, hidden_dim=8, log_every=2,
+                checkpoint_every=2, penalty_anneal_iters=2)
+  records = {}
+  for per_program in (1, 2):
+    config.update(runs_per_program=per_program, group_step=group_step)
+    folder = os.path.join(workdir, f"{group_step}_{per_program}")
+    train_colored_mnist.train_and_evaluate(config, folder)
+    records[per_program] = [train.read_records(os.path.join(
+        folder, f"restart_{r}")) for r in range(3)]
+  worst = {"loss": 0.0, "step": 0}
+  for alone_runs, group_runs in zip(records[1], records[2]):
+    worst["step"] = max(worst["step"], abs(len(alone_runs) - len(group_runs)))
+    for a, b in zip(alone_runs, group_runs):
+      for key in ("loss", "nll", "train_acc", "test_acc"):
+        worst["loss"] = max(worst["loss"], abs(a[key] - b[key]) /
+                            max(abs(a[key]), 1e-3))
+  return worst
+
+
+def main(path: str, workdir: str) -> None:
   """Every case on 2 devices: runs over devices (2, 1), and each run's batch
-  over devices (1, 2)."""
+  over devices (1, 2); and Colored MNIST restarts in groups."""
   assert len(jax.devices()) == 2, jax.devices()
   out = {f"{case} {shape}": largest_differences(
       case, [0, 1], parallel.make_runs_mesh(2, run_shards=shape[0]))
          for case in CASES for shape in ((2, 1), (1, 2))}
+  for group_step in ("vmap", "each"):
+    out[f"colored_mnist {group_step}"] = colored_mnist_differences(
+        workdir, group_step)
   with open(path, "w") as f:
     json.dump(out, f)
 
@@ -149,4 +217,4 @@ def main(path: str) -> None:
 if __name__ == "__main__":
   import chex  # pylint: disable=g-import-not-at-top
   chex.set_n_cpu_devices(2)
-  main(sys.argv[1])
+  main(sys.argv[1], sys.argv[2])
