@@ -1,5 +1,6 @@
 """The one trainer: train state, the pure train step, checkpoints, records,
-and the loop every experiment trains through.
+and the loop every experiment trains through, for one run or a group of
+runs trained together (vectorized.py).
 
 Sections, in order: optimizer; train state; train step; checkpoints and
 records; the loop (`train_loop`). An experiment (train_colored_mnist.py,
@@ -10,7 +11,9 @@ under the run's workdir:
   config.json    the experiment's config
   results.jsonl  one record per `record_every` steps (and the last step):
                  the step, the epoch, every train metric averaged over the
-                 steps since the last record, `step_time`, the evaluation
+                 steps since the last record, `step_time` (seconds per step
+                 of the program that trains it: a group's covers all its
+                 runs), the evaluation
                  ("<split>_acc"), and the run's `hparams` and `args`
                  (DomainBed's record format)
   checkpoints/   orbax checkpoints of the train state (the last two)
