@@ -99,8 +99,11 @@ def main(argv: Sequence[str]) -> None:
     print(f"benchmarking {setting['description']} ...", flush=True)
     results[name] = benchmark.benchmark_setting(setting)
   print("benchmarking runs per program ...", flush=True)
-  results["runs_per_program"] = benchmark.runs_per_program(
-      counts=(1, 2) if _TINY.value else benchmark.RUNS_PER_PROGRAM)
+  if _TINY.value:
+    results["runs_per_program"] = benchmark.runs_per_program(
+        counts=(1, 2), setups=quick_settings(tiny=True))
+  else:
+    results["runs_per_program"] = benchmark.runs_per_program()
   report = {**benchmark.report(results), "tiny": _TINY.value,
             "tests": tests, "wall_time_s": time.time() - start}
   report["benchmark"] = report.pop("results")

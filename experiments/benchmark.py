@@ -293,14 +293,17 @@ def compile_vectorized_step(setting: dict[str, Any], variant: str,
 
 
 def runs_per_program(variant: str = "fishr_closed_form",
-                     counts: Sequence[int] = RUNS_PER_PROGRAM
+                     counts: Sequence[int] = RUNS_PER_PROGRAM,
+                     setups: dict[str, dict[str, Any]] | None = None
                      ) -> dict[str, Any]:
   """Step time of K runs as one program (K = 1: one run's own step) and
-  the throughput against K runs one after another, for the default Colored
-  MNIST run and DomainBed's MNIST_CNN."""
+  the throughput against K runs one after another, for `setups` (None:
+  the default Colored MNIST run and DomainBed's MNIST_CNN)."""
+  if setups is None:
+    setups = {"colored_mnist_embedded": _embedded_colored_mnist(),
+                 "domainbed_mnist_cnn": domainbed_mnist_cnn()}
   out = {}
-  for name, setting in (("colored_mnist_embedded", _embedded_colored_mnist()),
-                        ("domainbed_mnist_cnn", domainbed_mnist_cnn())):
+  for name, setting in setups.items():
     for k in counts:
       run = (compile_step(setting, variant)[:3] if k == 1 else
              compile_vectorized_step(setting, variant, k))

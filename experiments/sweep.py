@@ -444,7 +444,7 @@ def run(flags: argparse.Namespace) -> int:
       todo = group_jobs(todo, flags.runs_per_program)
       for group in todo:
         group.write_runs_file()
-      print(f"as {len(todo)} launches of up to "
+      print(f"in {len(todo)} launch(es) of up to "
             f"{flags.runs_per_program or 'all'} runs each", flush=True)
     return report(LAUNCHERS[flags.command_launcher](todo))
   if flags.command == "delete_incomplete":

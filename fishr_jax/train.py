@@ -597,15 +597,13 @@ def _train_members(group: Group, indices: list[int], members: list[_Member],
             f"{member.manager.directory}. Try a lower learning rate or "
             "penalty weight.")
         continue
-      if save:
+      if save:  # written before its line is printed (and the run goes on)
         member.manager.save(step + 1, args=ocp.args.StandardSave(
             _to_saveable(run_state)))
+        member.manager.wait_until_finished()
       line = format_record(record, steps, eta if step + 1 < steps else None)
       if primary:
         bar.write((f"{run.name}: " if run.name else "") + line)
-    for member in members:
-      if not member.diverged:
-        member.manager.wait_until_finished()
     last_print = time.time()
     if all(m.diverged for m in members):
       break

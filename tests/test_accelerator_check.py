@@ -26,7 +26,8 @@ def test_accelerator_check_writes_its_report(tmp_path):
   runs = report["benchmark"].pop("runs_per_program")
   assert set(report["benchmark"]) == {"colored_mnist_full_batch",
                                       "domainbed_mnist_cnn"}
-  assert sorted(runs) == ["colored_mnist_embedded@1", "colored_mnist_embedded@2",
+  assert sorted(runs) == ["colored_mnist_full_batch@1",
+                          "colored_mnist_full_batch@2",
                           "domainbed_mnist_cnn@1", "domainbed_mnist_cnn@2"]
   for row in runs.values():
     assert row["step_time_s"] > 0 and row["throughput_vs_one_by_one"] > 0
@@ -36,4 +37,4 @@ def test_accelerator_check_writes_its_report(tmp_path):
   text = (tmp_path / "accelerator_check.md").read_text()
   assert "Device: CPU" in text and "Tests (" + test + "): 1 passed" in text
   assert "| domainbed_mnist_cnn | fishr_closed_form |" in text
-  assert "| DomainBed MNIST_CNN, 3 x 64, 10 classes | 2 |" in text
+  assert "| DomainBed MNIST_CNN, 3 x 8, 10 classes | 2 |" in text

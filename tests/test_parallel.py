@@ -14,6 +14,11 @@ from tests import multi_device_run
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+# One worker runs the subprocess behind `multi_device_results` (with
+# pytest-xdist's --dist loadgroup, pyproject.toml).
+pytestmark = pytest.mark.xdist_group("multi_device_run")
+
+
 @pytest.fixture(scope="module")
 def multi_device_results(tmp_path_factory):
   path = tmp_path_factory.mktemp("multi_device") / "results.npz"

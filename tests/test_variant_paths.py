@@ -18,6 +18,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ACC_TOL = 2.5e-3
 
 
+# One worker runs the subprocesses behind `finals` (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("variant_paths")
+
+
 @pytest.fixture(scope="module")
 def finals(tmp_path_factory):
   folder = tmp_path_factory.mktemp("variant_paths")

@@ -43,7 +43,13 @@ def two_device_differences(tmp_path_factory):
   return json.loads(path.read_text())
 
 
+# One worker runs the subprocess behind `two_device_differences`
+# (--dist loadgroup, pyproject.toml).
+TWO_DEVICES = pytest.mark.xdist_group("vectorized_two_devices")
+
+
 @pytest.mark.slow
+@TWO_DEVICES
 def test_groups_of_restarts_on_two_devices_equal_the_restarts_alone(
     two_device_differences):
   """3 restarts 2 to a program (a program of 2, then of 1) on 2 devices."""
@@ -52,6 +58,7 @@ def test_groups_of_restarts_on_two_devices_equal_the_restarts_alone(
 
 
 @pytest.mark.slow
+@TWO_DEVICES
 @pytest.mark.parametrize("shape", ["(2, 1)", "(1, 2)"])
 @pytest.mark.parametrize("case", sorted(vectorized_run.CASES))
 def test_runs_together_on_two_devices_equal_the_runs_alone(
