@@ -3,7 +3,7 @@ axis, so small models fill an accelerator instead of idling it.
 
 Runs train together when they share every shape and every structural
 choice: dataset, model, algorithm and its non-numeric options, batch size,
-test envs (`group_key`). They may differ in their seeds (hence data and
+number of test envs (`group_key`; DomainBed's `program_key`). They may differ in their seeds (hence data and
 initialization) and in every scalar hparam (`ScalarHParams`): the learning
 rate, weight decay, dropout rate, the schedule's anneal step and weights,
 and the algorithm's float options (Fishr's lambda and ema, IRM's lambda, ...). A
@@ -15,7 +15,9 @@ the step it would get alone: the same algorithm factory and
 equal to the runs made one by one, to float32 rounding, on 1 and 2 devices).
 
 On a mesh from `parallel.make_runs_mesh` the runs are split over its run
-axis and each run's batch over its data axis.
+axis and each run's batch over its data axis. `make_group` makes such runs
+a train.Group, trained by one program for all of them ("vmap") or by the
+program of one run called for each in turn ("each": faster on CPU).
 """
 
 import dataclasses
@@ -129,7 +131,7 @@ GROUP_STEPS = ("vmap", "each")
 
 def resolve_group_step(group_step: str, platform: str) -> str:
   """config.group_step's "auto": "each" on CPU, where XLA's batched
-  operations over many runs are slower than the runs one by one
+  operations over several runs are slower than the runs one by one
   (experiments/benchmark.py runs_per_program), "vmap" elsewhere."""
   if group_step == "auto":
     return "each" if platform == "cpu" else "vmap"

@@ -1,4 +1,6 @@
+import fcntl
 import os
+import shutil
 
 import jax
 import pytest
@@ -38,3 +40,21 @@ def tiny_mnist_dir(tmp_path_factory):
   write_idx(folder / "t10k-images-idx3-ubyte", pools.test_images[:60])
   write_idx(folder / "t10k-labels-idx1-ubyte", pools.test_digits[:60])
   return str(folder)
+
+
+def made_once(tmp_path_factory, name: str, make) -> "os.PathLike":
+  """A folder that `make(folder)` fills once per test session: pytest-xdist
+  workers share it (the first to ask makes it, the others wait on a lock),
+  so an expensive subprocess behind a module fixture runs once."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # this session's folder, shared by its workers
+  folder = root / name
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (folder / "made").exists():
+      shutil.rmtree(folder, ignore_errors=True)
+      folder.mkdir()
+      make(folder)
+      (folder / "made").write_text("")
+  return folder

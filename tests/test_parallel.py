@@ -9,24 +9,21 @@ import numpy as np
 import pytest
 
 from fishr_jax import parallel
+from tests import conftest
 from tests import multi_device_run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-# One worker runs the subprocess behind `multi_device_results` (with
-# pytest-xdist's --dist loadgroup, pyproject.toml).
-pytestmark = pytest.mark.xdist_group("multi_device_run")
-
-
 @pytest.fixture(scope="module")
 def multi_device_results(tmp_path_factory):
-  path = tmp_path_factory.mktemp("multi_device") / "results.npz"
   env = {**os.environ, "PYTHONPATH": os.path.dirname(HERE)}
   env.pop("XLA_FLAGS", None)
-  subprocess.run([sys.executable, os.path.join(HERE, "multi_device_run.py"),
-                  str(path)], check=True, env=env, timeout=600)
-  return dict(np.load(path))
+  folder = conftest.made_once(tmp_path_factory, "multi_device", lambda f: (
+      subprocess.run([sys.executable, os.path.join(HERE, "multi_device_run.py"),
+                      str(f / "results.npz")], check=True, env=env,
+                     timeout=600)))
+  return dict(np.load(folder / "results.npz"))
 
 
 def _assert_close(got, want, what):

@@ -50,10 +50,12 @@ def test_short_sweep_then_collect_results(tmp_path, tiny_mnist_dir):
   _fake_pacs(tmp_path / "data")
   output_dir = tmp_path / "sweep"
   # Small batches keep it quick; the other hparams are DomainBed's defaults.
+  # Each dataset's runs of one algorithm go to one process (their shapes
+  # agree): 3 launches in place of 10.
   common = lambda n_hparams: [
       "--algorithms", "ERM", "Fishr", "--n_hparams", str(n_hparams),
       "--n_trials", "1", "--single_test_envs", "--steps", "3",
-      "--skip_confirmation"]
+      "--runs_per_program", "0", "--skip_confirmation"]
   mnist = ["--datasets", "ColoredMNIST", "--output_dir", str(output_dir),
            "--data_dir", tiny_mnist_dir, "--config.digits_source=idx",
            "--config.eval_batch_size=64", "--hparams", '{"batch_size": 8}', *common(1)]

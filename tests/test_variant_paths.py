@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from tests import conftest
 from tests import variant_paths_run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -18,18 +19,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ACC_TOL = 2.5e-3
 
 
-# One worker runs the subprocesses behind `finals` (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("variant_paths")
-
-
 @pytest.fixture(scope="module")
 def finals(tmp_path_factory):
-  folder = tmp_path_factory.mktemp("variant_paths")
   env = {**os.environ, "PYTHONPATH": os.path.dirname(HERE)}
   env.pop("XLA_FLAGS", None)
-  subprocess.run([sys.executable, os.path.join(HERE, "variant_paths_run.py"),
-                  str(folder / "finals.json"), str(folder / "runs")],
-                 check=True, env=env, timeout=900)
+  folder = conftest.made_once(tmp_path_factory, "variant_paths", lambda f: (
+      subprocess.run([sys.executable, os.path.join(HERE, "variant_paths_run.py"),
+                      str(f / "finals.json"), str(f / "runs")],
+                     check=True, env=env, timeout=900)))
   return json.loads((folder / "finals.json").read_text())
 
 

@@ -16,6 +16,7 @@ from fishr_jax import parallel
 from fishr_jax import vectorized
 from fishr_jax.algorithms import base
 from fishr_jax.algorithms import fishr
+from tests import conftest
 from tests import vectorized_run
 
 HERE = os.path.dirname(__file__)
@@ -36,20 +37,15 @@ def test_runs_trained_together_equal_the_runs_alone(case):
 
 @pytest.fixture(scope="module")
 def two_device_differences(tmp_path_factory):
-  path = tmp_path_factory.mktemp("vectorized") / "differences.json"
-  subprocess.run([sys.executable, os.path.join(HERE, "vectorized_run.py"),
-                  str(path), str(tmp_path_factory.mktemp("runs"))], check=True, cwd=os.path.dirname(HERE),
-                 env={**os.environ, "PYTHONPATH": os.path.dirname(HERE)})
-  return json.loads(path.read_text())
-
-
-# One worker runs the subprocess behind `two_device_differences`
-# (--dist loadgroup, pyproject.toml).
-TWO_DEVICES = pytest.mark.xdist_group("vectorized_two_devices")
+  folder = conftest.made_once(tmp_path_factory, "vectorized", lambda f: (
+      subprocess.run([sys.executable, os.path.join(HERE, "vectorized_run.py"),
+                      str(f / "differences.json"), str(f / "runs")],
+                     check=True, cwd=os.path.dirname(HERE),
+                     env={**os.environ, "PYTHONPATH": os.path.dirname(HERE)})))
+  return json.loads((folder / "differences.json").read_text())
 
 
 @pytest.mark.slow
-@TWO_DEVICES
 def test_groups_of_restarts_on_two_devices_equal_the_restarts_alone(
     two_device_differences):
   """3 restarts 2 to a program (a program of 2, then of 1) on 2 devices."""
@@ -58,7 +54,6 @@ def test_groups_of_restarts_on_two_devices_equal_the_restarts_alone(
 
 
 @pytest.mark.slow
-@TWO_DEVICES
 @pytest.mark.parametrize("shape", ["(2, 1)", "(1, 2)"])
 @pytest.mark.parametrize("case", sorted(vectorized_run.CASES))
 def test_runs_together_on_two_devices_equal_the_runs_alone(
