@@ -546,9 +546,13 @@ def _train_members(group: Group, indices: list[int], members: list[_Member],
   if first.announce_compile:
     _say(f"{prefix}compiling the train step...", flush=True)
 
-  def evaluate() -> list[dict[str, float] | None]:
-    return [None if m.diverged else m.run.evaluate(lane(state, k).params)
+  def run_states() -> list[TrainState | None]:  # each live member's state
+    return [None if m.diverged else lane(state, k)
             for k, m in zip(lanes, members)]
+
+  def evaluate(states: list[TrainState | None]) -> list[dict | None]:
+    return [None if s is None else m.run.evaluate(s.params)
+            for m, s in zip(members, states)]
 
   pending: list[Metrics] = []
   started = window_start = last_print = time.time()
@@ -556,7 +560,7 @@ def _train_members(group: Group, indices: list[int], members: list[_Member],
     batch = next(batches)
     record_now = step % record_every == 0 or step == steps - 1
     if record_now and first.evaluate_before_update:
-      accs = evaluate()
+      accs = evaluate(run_states())
     state, metrics = train_step(state, batch)
     if first.block_each_step:
       jax.block_until_ready(state)
@@ -570,13 +574,14 @@ def _train_members(group: Group, indices: list[int], members: list[_Member],
              flush=True)
         last_print = now
       continue
+    states = run_states()
     if not first.evaluate_before_update:
-      accs = evaluate()
+      accs = evaluate(states)
     values = jax.device_get(pending)  # waits for the step: times are real
     step_time = (time.time() - window_start) / len(pending)
     pending, window_start = [], time.time()
     save = step % checkpoint_every == 0 or step == steps - 1
-    for k, member, run_accs in zip(lanes, members, accs):
+    for k, member, run_accs, run_state in zip(lanes, members, accs, states):
       if member.diverged:
         continue
       run = member.run
@@ -586,7 +591,6 @@ def _train_members(group: Group, indices: list[int], members: list[_Member],
       member.records.append(record)
       if primary:
         _write_records(run.workdir, member.records)
-      run_state = lane(state, k)
       diverged = _divergence(means, run_state.params)
       if diverged:
         member.manager.close()

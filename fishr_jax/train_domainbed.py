@@ -320,13 +320,20 @@ def make_group(configs: list[ml_collections.ConfigDict],
                                configs[0].num_devices, batches, group_step)
 
 
+def _finished_or_resumable(config: ml_collections.ConfigDict, workdir: str
+                           ) -> list[dict[str, Any]] | None:
+  """A locked run folder's records if it is done, else None; a folder made
+  with another config is refused (before any data is loaded)."""
+  train.check_same_config(
+      workdir, resolve_config(config).to_json_best_effort(indent=2))
+  return train.finished_records(workdir)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> list[dict[str, Any]]:
   """Runs (or resumes) one DomainBed run; returns its records."""
   with train.folder_lock(workdir):  # before loading any data
-    train.check_same_config(
-        workdir, resolve_config(config).to_json_best_effort(indent=2))
-    finished = train.finished_records(workdir)
+    finished = _finished_or_resumable(config, workdir)
     if finished is not None:
       return finished
     return train.train_loop(make_run(config, workdir))
@@ -361,9 +368,7 @@ def train_runs(configs: list[ml_collections.ConfigDict], workdirs: list[str],
           except errors.WorkdirBusyError as e:
             print(f"skipped: {e}", flush=True)
             continue
-          train.check_same_config(workdirs[i], resolve_config(
-              configs[i]).to_json_best_effort(indent=2))
-          finished = train.finished_records(workdirs[i])
+          finished = _finished_or_resumable(configs[i], workdirs[i])
           if finished is None:
             todo.append(i)
           else:
