@@ -27,7 +27,6 @@ from typing import Any, Sequence
 
 from absl import app
 from absl import flags
-import jax
 
 from experiments import benchmark
 

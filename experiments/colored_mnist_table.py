@@ -20,8 +20,8 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from configs import colored_mnist as cmnist_config
-from fishr_jax import train
 from fishr_jax import train_colored_mnist
+from fishr_jax import workdir as workdir_lib
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/colored_mnist_table",
                                   "Where the table, plot and runs go.")
@@ -51,7 +51,7 @@ def markdown_table(results: dict[str, dict[str, Any]], caption: str) -> str:
 def read_curves(workdir: str, restarts: int) -> dict[str, np.ndarray]:
   """steps (S,) and per-restart train/test accuracies (R, S), from each
   restart's records."""
-  runs = [train.read_records(os.path.join(workdir, f"restart_{r}"))
+  runs = [workdir_lib.read_records(os.path.join(workdir, f"restart_{r}"))
           for r in range(restarts)]
   curves = {"steps": np.array([r["step"] for r in runs[0]])}
   for key in ("train_acc", "test_acc"):

@@ -1,5 +1,5 @@
 """Runs per hour of the default Colored MNIST run, end to end: K restarts in
-one process (a train.Group: one vectorized program, or each run's step in
+one process (a vectorized.Group: one vectorized program, or each run's step in
 turn; --group_steps), against K separate processes of one restart each
 (what a sweep launcher does), one after another.
 

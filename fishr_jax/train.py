@@ -1,21 +1,22 @@
-"""The one trainer: train state, the pure train step, checkpoints, records,
-and the loop every experiment trains through, for one run or a group of
-runs trained together (vectorized.py).
+"""The trainer: train state, the pure train step, and the loop of one run.
 
-Sections, in order: optimizer; train state; train step; checkpoints and
-records; the loop (`train_loop`). An experiment (train_colored_mnist.py,
+Sections, in order: optimizer; train state; train step; records and
+progress; the loop (`train_loop`). An experiment (train_colored_mnist.py,
 train_domainbed.py) builds a `Run` (the state at step 0, the jitted step,
-its batches, its evaluation) and hands it to `train_loop`, which writes,
-under the run's workdir:
+its batches, its evaluation) and hands it to `train_loop`; runs trained
+together as one program go through vectorized.train_group instead, which
+writes each run's folder exactly as this loop would. The loop writes, under
+the run's workdir (workdir.RunFolder):
 
   config.json    the experiment's config
   results.jsonl  one record per `record_every` steps (and the last step):
                  the step, the epoch, every train metric averaged over the
-                 steps since the last record, `step_time` (seconds per step
-                 of the program that trains it: a group's covers all its
-                 runs), the evaluation
-                 ("<split>_acc"), and the run's `hparams` and `args`
-                 (DomainBed's record format)
+                 steps since the last record (a schedule value such as
+                 `penalty_weight`: its value at the record's step),
+                 `step_time` (seconds per update, evaluation and compile
+                 excluded, as DomainBed times it; a group's covers all its
+                 runs), the evaluation ("<split>_acc"), and the run's
+                 `hparams` and `args` (DomainBed's record format)
   checkpoints/   orbax checkpoints of the train state (the last two)
   done           written at the end; a finished run is not run again.
 
@@ -27,9 +28,8 @@ dropped and recomputed.
 
 import contextlib
 import dataclasses
-import json
+import itertools
 import math
-import os
 import sys
 import time
 from typing import Any, Callable, Iterator
@@ -39,7 +39,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import tqdm
 
 from fishr_jax import algorithms
@@ -54,9 +53,10 @@ Metrics = dict[str, jax.Array]
 Record = dict[str, Any]
 TrainStep = Callable[["TrainState", Batch], tuple["TrainState", Metrics]]
 
-RECORDS = "results.jsonl"
-DONE = "done"
-CHECKPOINTS = "checkpoints"
+RECORDS = workdir_lib.RECORDS
+DONE = workdir_lib.DONE
+CHECKPOINTS = workdir_lib.CHECKPOINTS
+CORRUPT_CHECKPOINTS = workdir_lib.CORRUPT_CHECKPOINTS
 
 # ----------------------------------------------------------------- optimizer
 
@@ -141,135 +141,49 @@ def jit_train_step(train_step: TrainStep, mesh: jax.sharding.Mesh,
                      platform, xla_cpu_dot_fusion))
 
 
-# -------------------------------------------------- checkpoints and records
+# ------------------------------------------------------ records and progress
 
-# Config fields a resume may change: where and how fast the step runs, not
-# what it computes.
-MAY_CHANGE_ON_RESUME = ("num_devices", "distributed", "worker_count",
-                        "eval_batch_size", "xla_cpu_dot_fusion", "group_step")
-CORRUPT_CHECKPOINTS = "corrupt_checkpoints"
+# Metrics that are schedule values, not per-batch measurements: a record
+# holds their value at its step, not their mean over the window.
+SCHEDULE_METRICS = ("penalty_weight",)
 
 
-def _to_saveable(state: TrainState) -> TrainState:
-  return state.replace(rng=jax.random.key_data(state.rng))
+def itstime(step: int, every: int, steps: int) -> bool:
+  """Whether a periodic action (every `every` steps, and at the last of
+  `steps`) happens after `step`."""
+  return step % every == 0 or step == steps - 1
 
 
-def checkpoint_manager(directory: str) -> ocp.CheckpointManager:
-  """The run's checkpoints (the last two are kept). Every process of a job
-  makes it (orbax synchronizes them), whether or not `directory` exists."""
-  return ocp.CheckpointManager(
-      os.path.abspath(directory),
-      options=ocp.CheckpointManagerOptions(max_to_keep=2))
-
-
-def restore_checkpoint(manager: ocp.CheckpointManager, template: TrainState
-                       ) -> TrainState | None:
-  """The newest readable checkpoint of `manager`, laid out like `template`
-  (its shardings too); None if there is none. A checkpoint that cannot be
-  read is moved to <workdir>/corrupt_checkpoints/ with a message, and the
-  one before it is tried; errors.WorkdirError if none can be read."""
-  directory = str(manager.directory)
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(template))
-  steps = sorted(manager.all_steps(), reverse=True)
-  for step in steps:
-    try:
-      restored = manager.restore(step, args=ocp.args.StandardRestore(target))
-    except Exception as e:  # pylint: disable=broad-except
-      _raise_unless_unreadable(e, step, directory)
-      aside = os.path.join(os.path.dirname(directory), CORRUPT_CHECKPOINTS,
-                           f"{step}-{int(time.time())}")
-      if parallel.is_primary():
-        os.makedirs(os.path.dirname(aside), exist_ok=True)
-        os.rename(os.path.join(directory, str(step)), aside)
-      reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-      print(f"warning: the checkpoint of step {step} cannot be read "
-            f"({type(e).__name__}: {reason}); moved it to {aside} and "
-            "trying the one before.", file=sys.stderr, flush=True)
-      manager.reload()
-      continue
-    return restored.replace(rng=jax.random.wrap_key_data(restored.rng))
-  if steps:
-    raise errors.WorkdirError(
-        f"None of the {len(steps)} checkpoints in {directory} can be read "
-        f"(moved to {os.path.join(os.path.dirname(directory), CORRUPT_CHECKPOINTS)}"
-        "); run again to start from step 0, or pass --fresh to move the "
-        "whole run aside first.")
-  return None
-
-
-# Restore errors that say the checkpoint is fine but this run differs from it
-# (or the machine is short of memory): the files stay where they are.
-_NOT_CORRUPTION = ("Structure mismatch", "tree structure", "RESOURCE_EXHAUSTED",
-                   "out of memory", "shape mismatch", "Shape mismatch")
-
-
-def _raise_unless_unreadable(error: Exception, step: int,
-                             directory: str) -> None:
-  if isinstance(error, MemoryError) or any(
-      text in str(error) for text in _NOT_CORRUPTION):
-    raise errors.WorkdirError(
-        f"The checkpoint of step {step} in {directory} does not fit this run "
-        f"({type(error).__name__}: {str(error).strip()[:300]}). The code or "
-        "the model changed since it was written, or memory ran out; nothing "
-        "was moved. Use the code that wrote it, another --workdir, or "
-        "--fresh.") from error
-
-
-def read_records(workdir: str, up_to_step: int | None = None) -> list[Record]:
-  """The run's records (those of steps <= up_to_step, if given)."""
-  path = os.path.join(workdir, RECORDS)
-  if not os.path.exists(path):
-    return []
-  return [r for r in workdir_lib.read_jsonl(path)
-          if up_to_step is None or r["step"] <= up_to_step]
-
-
-def finished_records(workdir: str) -> list[Record] | None:
-  """A finished run's records (it has a `done` file; says so), else None."""
-  if not os.path.exists(os.path.join(workdir, DONE)):
-    return None
-  records = read_records(workdir)
-  if not records:
-    raise errors.WorkdirError(
-        f"{workdir} is marked done but has no records in {RECORDS}; pass "
-        "--fresh to move it aside and train it again.")
-  print(f"{workdir} is done; pass --fresh to train it again (the old run is "
-        "moved aside).", flush=True)
-  return records
-
-
-def _write_records(workdir: str, records: list[Record]) -> None:
-  workdir_lib.write_text(os.path.join(workdir, RECORDS),
-                         "".join(json.dumps(r) + "\n" for r in records))
-
-
-def check_same_config(workdir: str, config_json: str) -> None:
-  """A run resumes (or is reported done) only with the config it was
-  started with; errors.WorkdirError lists the differences."""
-  path = os.path.join(workdir, workdir_lib.CONFIG)
-  started = any(os.path.exists(os.path.join(workdir, name))
-                for name in (RECORDS, CHECKPOINTS, DONE))
-  if not (started and os.path.exists(path)):
-    return
-  with open(path) as f:
-    recorded = f.read()
-  try:
-    changes = workdir_lib.config_changes(recorded, config_json,
-                                         MAY_CHANGE_ON_RESUME)
-  except json.JSONDecodeError as e:
-    raise errors.WorkdirError(
-        f"{path} is not valid JSON ({e.msg}), so this run's config is "
-        "unknown; pass --fresh to move the run aside and start over.") from e
-  if changes:
-    raise errors.WorkdirError(
-        f"{workdir} holds a run made with another config, so it cannot be "
-        f"resumed: {'; '.join(changes)}. Use another --workdir, or pass "
-        "--fresh to move the old run aside and start over.")
+def window_means(values: list[Metrics], lane: int | None = None
+                 ) -> dict[str, float]:
+  """Each metric over the steps since the last record (host values): its
+  mean, or its last value for SCHEDULE_METRICS. `lane`: that run's part of
+  a group's stacked metrics."""
+  pick = (lambda v: v) if lane is None else (lambda v: v[lane])
+  return {k: float(pick(values[-1][k])) if k in SCHEDULE_METRICS
+          else float(np.mean([float(pick(m[k])) for m in values]))
+          for k in values[0]}
 
 
 _all_finite = jax.jit(lambda tree: jnp.all(jnp.stack(
     [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
      if jnp.issubdtype(x.dtype, jnp.inexact)] or [jnp.bool_(True)])))
+
+
+def divergence(means: dict[str, float], params: PyTree) -> str | None:
+  """What is non-finite at a record (a metric, the parameters), or None."""
+  bad = [f"{k}={v}" for k, v in means.items() if not math.isfinite(v)]
+  if not bool(_all_finite(params)):
+    bad.append("non-finite parameters")
+  return ", ".join(bad) or None
+
+
+def diverged_message(name: str, step: int, what: str,
+                     folder: workdir_lib.RunFolder) -> str:
+  return (f"{name} diverged by step {step}: {what}. Not marked done; its "
+          f"last good checkpoint ({folder.latest_checkpoint_step()} steps "
+          f"trained) is in {folder.checkpoints}. Try a lower learning rate "
+          "or penalty weight.")
 
 
 def format_record(record: Record, steps: int, eta_s: float | None) -> str:
@@ -290,6 +204,97 @@ def _duration(seconds: float) -> str:
   return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+class Progress:
+  """Where a run stands, for a person: on a terminal a tqdm bar with rate
+  and ETA; elsewhere a line with the ETA at least every `every_s` seconds
+  (and the record lines). Only the primary process prints. The ETA counts
+  from `start()` (after the compile)."""
+
+  def __init__(self, name: str, steps: int, start_step: int,
+               every_s: float = 30.0):
+    self.name, self.steps, self.every_s = name, steps, every_s
+    self.primary = parallel.is_primary()
+    self.interactive = self.primary and sys.stderr.isatty()
+    self.bar = tqdm.tqdm(total=steps, initial=start_step, unit="step",
+                         desc=name or None, disable=not self.interactive,
+                         dynamic_ncols=True)
+    self.prefix = f"{name}: " if name else ""
+    self.start_step = start_step
+    self.started = self.last_line = time.time()
+
+  def say(self, text: str) -> None:
+    if self.primary:
+      self.bar.write(self.prefix + text)
+      sys.stdout.flush()
+
+  def start(self) -> None:
+    self.started = self.last_line = time.time()
+
+  def eta(self, step: int) -> float | None:
+    """Seconds left after `step`; None after the last step."""
+    if step + 1 >= self.steps:
+      return None
+    elapsed = time.time() - self.started
+    return elapsed / (step + 1 - self.start_step) * (self.steps - step - 1)
+
+  def update(self, step: int) -> None:
+    """After `step`: the bar, or a line if `every_s` have passed."""
+    self.bar.update()
+    now = time.time()
+    if not self.interactive and now - self.last_line >= self.every_s:
+      self.say(f"step {step + 1}/{self.steps}  eta "
+               f"{_duration(self.eta(step) or 0.0)}")
+
+  def record(self, record: Record, name: str = "") -> None:
+    """A record's line (`name`: the run's, in a group)."""
+    line = format_record(record, self.steps, self.eta(record["step"]))
+    if self.primary:
+      self.bar.write((f"{name}: " if name else self.prefix) + line)
+      sys.stdout.flush()
+    self.last_line = time.time()
+
+  def close(self) -> None:
+    self.bar.close()
+
+
+class UpdateClock:
+  """Seconds per update over a record's window: wall time from `restart` to
+  the last update's end, less what `paused` covers (an evaluation before
+  the update). A record's evaluation, its writes and the compile fall
+  outside it, as in DomainBed's `step_time`."""
+
+  def __init__(self):
+    self.restart()
+
+  def restart(self) -> None:
+    self.start, self.excluded, self.updates = time.perf_counter(), 0.0, 0
+
+  @contextlib.contextmanager
+  def paused(self, state: PyTree) -> Iterator[None]:
+    """Time in this context is not counted (the updates that compute
+    `state` are finished first, so they are)."""
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    yield
+    self.excluded += time.perf_counter() - start
+
+  def per_update(self, state: PyTree) -> float:
+    """Seconds per update since `restart`, once `state` is computed."""
+    jax.block_until_ready(state)
+    elapsed = time.perf_counter() - self.start - self.excluded
+    return elapsed / max(self.updates, 1)
+
+
+def compile_step(train_step: Callable, state: PyTree, batch: Batch,
+                 progress: Progress) -> None:
+  """Compiles a jitted step for (state, batch) before the first update (a
+  cached compile is not redone), so that neither the step's time nor the
+  ETA counts it."""
+  if hasattr(train_step, "lower"):
+    progress.say("compiling the train step...")
+    train_step.lower(state, batch).compile()
+
+
 # ----------------------------------------------------------------- the loop
 
 
@@ -299,9 +304,9 @@ class Run:
 
   state: the train state at step 0 (replicated on the mesh), also the
     template a checkpoint is restored into.
-  train_step: the jitted step (None for a member of a `Group`).
+  train_step: the jitted step (None for a member of a vectorized group).
   batches: start_step -> iterator of the step's (sharded) batches (None for
-    a member of a `Group`).
+    a member of a vectorized group).
   evaluate: params -> {"<split>_acc": float, ...}.
   evaluate_before_update: True (Colored MNIST, as the IRM script): a record
     evaluates the parameters the step's forward pass sees; False
@@ -311,8 +316,6 @@ class Run:
   fields: what every record carries besides its numbers (hparams, args).
   checkpoint_every: steps between checkpoints, a multiple of record_every
     (None: at every record); the last step always saves one.
-  announce_compile: print that the first step compiles (False for runs
-    that share an already compiled step).
   block_each_step: wait for each step before the next
     (parallel.must_block_each_step).
   """
@@ -328,291 +331,93 @@ class Run:
   epoch: Callable[[int], float] = float
   fields: dict[str, Any] = dataclasses.field(default_factory=dict)
   checkpoint_every: int | None = None
-  announce_compile: bool = True
   block_each_step: bool = False
   name: str = ""  # shown on the progress bar
 
   def __post_init__(self):
-    every = self.checkpoint_every or self.record_every
-    if self.record_every < 1 or every % self.record_every:
+    if self.record_every < 1 or self.checkpoint_every_step % self.record_every:
       raise ValueError(
           f"record_every={self.record_every} must be >= 1 and divide "
           f"checkpoint_every={self.checkpoint_every}.")
 
+  @property
+  def checkpoint_every_step(self) -> int:
+    return self.checkpoint_every or self.record_every
 
-# (member indices, their states at the start step, the start step) ->
-# (the program's state, its jitted step, its batches from the start step).
-ProgramFn = Callable[[list[int], list[TrainState], int],
-                     tuple[PyTree, TrainStep, Iterator[Batch]]]
-
-
-@dataclasses.dataclass
-class Group:
-  """Runs that train as one vectorized program (vectorized.py), each in its
-  own folder exactly as if it trained alone (`train_loop`'s files).
-
-  runs: the members. They share `steps`, `record_every`,
-    `checkpoint_every`, `evaluate_before_update` and `block_each_step`;
-    each one's `state` is its own step-0 state (on one device), the
-    template its checkpoints are restored into.
-  program: how any of them train together, from one start step; its state,
-    batches and metrics have a leading run axis, one index per member
-    given, in that order.
-  lane: (a pytree of the program's, i) -> the i-th member's part, on the
-    device its `evaluate` and `state` use.
-  """
-  runs: list[Run]
-  program: ProgramFn
-  lane: Callable[[PyTree, int], PyTree]
-  stacked: bool = True  # False: one run's own step (train_loop)
-
-  @classmethod
-  def alone(cls, run: Run) -> "Group":
-    """`run` trained by its own step, as `train_loop` trains it."""
-    if run.train_step is None or run.batches is None:
-      raise ValueError(f"{run.workdir}: a run trained alone needs its own "
-                       "train_step and batches (a Group member has none).")
-    return cls([run], lambda members, states, start: (
-        states[0], run.train_step, run.batches(start)),
-               lane=lambda tree, i: tree, stacked=False)
-
-  def __post_init__(self):
-    folders = [os.path.abspath(run.workdir) for run in self.runs]
-    twice = sorted({f for f in folders if folders.count(f) > 1})
-    if twice:
-      raise errors.ConfigError(f"A group lists these run folders twice: "
-                               f"{twice}.")
-    shared = ("steps", "record_every", "checkpoint_every",
-              "evaluate_before_update", "block_each_step")
-    for field in shared:
-      if len({getattr(run, field) for run in self.runs}) > 1:
-        raise ValueError(f"The runs of a group must share {field}.")
-
-
-def _mean_metrics(values: list[dict[str, np.ndarray]], lane: int | None
-                  ) -> dict[str, float]:
-  """Each metric's mean over the steps since the last record (of the run
-  at `lane`, None: unstacked)."""
-  pick = (lambda v: v) if lane is None else (lambda v: v[lane])
-  return {k: float(np.mean([float(pick(m[k])) for m in values]))
-          for k in values[0]}
-
-
-def _divergence(means: dict[str, float], params: PyTree) -> str | None:
-  """What is non-finite at a record (a metric, the parameters), or None."""
-  bad = [f"{k}={v}" for k, v in means.items() if not math.isfinite(v)]
-  if not bool(_all_finite(params)):
-    bad.append("non-finite parameters")
-  return ", ".join(bad) or None
+  def folder(self) -> workdir_lib.RunFolder:
+    return workdir_lib.RunFolder(self.workdir, self.config_json)
 
 
 def train_loop(run: Run, progress_every_s: float = 30.0) -> list[Record]:
   """Trains (or resumes, or skips when done) one run; returns its records.
 
-  The run's folder is locked for the whole call (workdir.lock). A run
-  resumes only with the config it was made with. A non-finite loss term or
-  parameter at a record stops the run (errors.DivergedError): that record is
-  kept, no checkpoint or `done` is written after it.
-  Metrics stay on the device between records (dispatch stays asynchronous).
-  On a terminal a tqdm bar shows the rate and ETA; elsewhere a line with the
-  ETA is printed at every record and at least every `progress_every_s`.
+  The run's folder is locked for the whole call. A run resumes from its
+  newest readable checkpoint, only with the config it was made with. A
+  non-finite loss term or parameter at a record stops the run
+  (errors.DivergedError): that record is kept, no checkpoint or `done` is
+  written after it. Metrics stay on the device between records (dispatch
+  stays asynchronous).
   """
-  return train_group(Group.alone(run), progress_every_s)[0]
-
-
-def train_group(group: Group, progress_every_s: float = 30.0
-                ) -> list[list[Record]]:
-  """Trains (or resumes, or skips) every run of `group` as one program, as
-  `train_loop` trains one; returns each run's records.
-
-  Every run's folder is locked for the whole call. Runs that resume from
-  different steps train as one program per start step. A run that diverges
-  stops alone (nothing is written for it after that record) while the others
-  go on; errors.DivergedError then names it.
-  """
-  with contextlib.ExitStack() as locks:
-    for run in group.runs:
-      locks.enter_context(folder_lock(run.workdir))
-    return _train_locked(group, progress_every_s)
-
-
-def folder_lock(workdir: str) -> contextlib.AbstractContextManager:
-  """The run folder's lock, held by the process that writes the folder's
-  files: process 0 of a multi-process job (all of them train, and orbax
-  has every one write its part of a checkpoint); a no-op elsewhere."""
-  if parallel.is_primary():
-    return workdir_lib.lock(workdir)
-  return contextlib.nullcontext()
-
-
-@dataclasses.dataclass
-class _Member:
-  """One run's side of the loop: where it starts and what it wrote."""
-  run: Run
-  manager: ocp.CheckpointManager
-  state: TrainState
-  start_step: int
-  records: list[Record]
-  diverged: str | None = None  # the DivergedError's message
-
-
-def _say(*args, **kwargs) -> None:
-  if parallel.is_primary():
-    print(*args, **kwargs)
-
-
-def _write(path: str, text: str) -> None:
-  if parallel.is_primary():
-    workdir_lib.write_text(path, text)
-
-
-def _prepare(run: Run) -> _Member | list[Record]:
-  """A run's records if it is done (or has nothing left to train), else
-  where it starts: its config checked and written, its newest readable
-  checkpoint restored, its records past that checkpoint dropped."""
-  check_same_config(run.workdir, run.config_json)
-  finished = finished_records(run.workdir)
-  if finished is not None:
-    return finished
-  _write(os.path.join(run.workdir, workdir_lib.CONFIG), run.config_json + "\n")
-  manager = checkpoint_manager(os.path.join(run.workdir, CHECKPOINTS))
-  state, start_step, records = run.state, 0, []
-  restored = restore_checkpoint(manager, run.state)
-  if restored is not None:
-    state = restored  # laid out as run.state (the restore target)
-    start_step = int(restored.step)
-    records = read_records(run.workdir, start_step - 1)
-    _say(f"Resuming {run.workdir} from step {start_step}.", flush=True)
-  if parallel.is_primary():
-    _write_records(run.workdir, records)  # drop records past the checkpoint
-  if start_step >= run.steps:
-    _say(f"{run.workdir}: its checkpoint is at the last step ({run.steps}), "
-         "so nothing is left to train; marking it done. Pass --fresh to "
-         "train it again.", flush=True)
-    manager.close()
-    _write(os.path.join(run.workdir, DONE), "done\n")
-    return records
-  return _Member(run, manager, state, start_step, records)
-
-
-def _train_locked(group: Group, progress_every_s: float
-                  ) -> list[list[Record]]:
-  results: list[list[Record] | None] = [None] * len(group.runs)
-  members: dict[int, _Member] = {}
-  by_start: dict[int, list[int]] = {}
-  for i, run in enumerate(group.runs):
-    prepared = _prepare(run)
-    if isinstance(prepared, _Member):
-      members[i] = prepared
-      by_start.setdefault(prepared.start_step, []).append(i)
-    else:
-      results[i] = prepared
-  for start_step in sorted(by_start):
-    _train_members(group, by_start[start_step],
-                   [members[i] for i in by_start[start_step]], start_step,
-                   progress_every_s)
-  for i, member in members.items():
-    results[i] = member.records
-  diverged = [m.diverged for m in members.values() if m.diverged]
-  if diverged:
-    raise errors.DivergedError("\n".join(diverged))
-  return results
-
-
-def _program_name(members: list[_Member]) -> str:
-  if len(members) == 1:
-    return members[0].run.name
-  return f"{members[0].run.name} .. {members[-1].run.name} ({len(members)} runs)"
-
-
-def _train_members(group: Group, indices: list[int], members: list[_Member],
-                   start_step: int, progress_every_s: float) -> None:
-  """Trains `members` (group.runs[indices]) from `start_step` as one
-  program, writing each one's records, checkpoints and `done`."""
-  primary = parallel.is_primary()
-  first = members[0].run
-  steps, record_every = first.steps, first.record_every
-  checkpoint_every = first.checkpoint_every or record_every
-  lanes = list(range(len(members))) if group.stacked else [None]
-  lane = lambda tree, k: tree if k is None else group.lane(tree, k)
-  state, train_step, batches = group.program(
-      indices, [m.state for m in members], start_step)
-  name = _program_name(members)
-  interactive = primary and sys.stderr.isatty()
-  bar = tqdm.tqdm(total=steps, initial=start_step, unit="step",
-                  desc=name or None, disable=not interactive,
-                  dynamic_ncols=True)
-  prefix = f"{name}: " if name else ""
-  if first.announce_compile:
-    _say(f"{prefix}compiling the train step...", flush=True)
-
-  def run_states() -> list[TrainState | None]:  # each live member's state
-    return [None if m.diverged else lane(state, k)
-            for k, m in zip(lanes, members)]
-
-  def evaluate(states: list[TrainState | None]) -> list[dict | None]:
-    return [None if s is None else m.run.evaluate(s.params)
-            for m, s in zip(members, states)]
-
-  pending: list[Metrics] = []
-  started = window_start = last_print = time.time()
-  for step in range(start_step, steps):
-    batch = next(batches)
-    record_now = step % record_every == 0 or step == steps - 1
-    if record_now and first.evaluate_before_update:
-      accs = evaluate(run_states())
-    state, metrics = train_step(state, batch)
-    if first.block_each_step:
-      jax.block_until_ready(state)
-    pending.append(metrics)
-    bar.update()
-    now = time.time()
-    eta = (now - started) / (step + 1 - start_step) * (steps - step - 1)
-    if not record_now:
-      if not interactive and now - last_print >= progress_every_s:
-        _say(f"{prefix}step {step + 1}/{steps}  eta {_duration(eta)}",
-             flush=True)
-        last_print = now
-      continue
-    states = run_states()
-    if not first.evaluate_before_update:
-      accs = evaluate(states)
-    values = jax.device_get(pending)  # waits for the step: times are real
-    step_time = (time.time() - window_start) / len(pending)
-    pending, window_start = [], time.time()
-    save = step % checkpoint_every == 0 or step == steps - 1
-    for k, member, run_accs, run_state in zip(lanes, members, accs, states):
-      if member.diverged:
+  folder = run.folder()
+  with folder.lock():
+    finished = folder.finished_records()
+    if finished is not None:
+      return finished
+    state, records = folder.resume(run.state)
+    start_step = int(state.step)
+    if start_step >= run.steps:
+      return nothing_left(folder, records)
+    progress = Progress(run.name, run.steps, start_step, progress_every_s)
+    batches = run.batches(start_step)
+    first = next(batches)
+    compile_step(run.train_step, state, first, progress)
+    progress.start()
+    clock, window = UpdateClock(), []
+    for step, batch in zip(range(start_step, run.steps),
+                           itertools.chain([first], batches)):
+      record_now = itstime(step, run.record_every, run.steps)
+      if record_now and run.evaluate_before_update:
+        with clock.paused(state):
+          accs = run.evaluate(state.params)
+      state, metrics = run.train_step(state, batch)
+      if run.block_each_step:
+        jax.block_until_ready(state)
+      window.append(metrics)
+      clock.updates += 1
+      progress.update(step)
+      if not record_now:
         continue
-      run = member.run
-      means = _mean_metrics(values, k)
+      step_time = clock.per_update(state)
+      if not run.evaluate_before_update:
+        accs = run.evaluate(state.params)
+      means = window_means(jax.device_get(window))
       record = {"step": step, "epoch": run.epoch(step), **means,
-                "step_time": step_time, **run_accs, **run.fields}
-      member.records.append(record)
-      if primary:
-        _write_records(run.workdir, member.records)
-      diverged = _divergence(means, run_state.params)
+                "step_time": step_time, **accs, **run.fields}
+      folder.append(record)
+      records.append(record)
+      diverged = divergence(means, state.params)
       if diverged:
-        member.manager.close()
-        member.diverged = (
-            f"{run.name or run.workdir} diverged by step {step}: {diverged}. "
-            "Not marked done; its last good checkpoint "
-            f"({member.manager.latest_step() or 0} steps trained) is in "
-            f"{member.manager.directory}. Try a lower learning rate or "
-            "penalty weight.")
-        continue
-      if save:  # written before its line is printed (and the run goes on)
-        member.manager.save(step + 1, args=ocp.args.StandardSave(
-            _to_saveable(run_state)))
-        member.manager.wait_until_finished()
-      line = format_record(record, steps, eta if step + 1 < steps else None)
-      if primary:
-        bar.write((f"{run.name}: " if run.name else "") + line)
-    last_print = time.time()
-    if all(m.diverged for m in members):
-      break
-  bar.close()
-  for member in members:
-    if not member.diverged:
-      member.manager.close()
-      _write(os.path.join(member.run.workdir, DONE), "done\n")
+        message = diverged_message(run.name or run.workdir, step, diverged,
+                                   folder)
+        folder.close()
+        raise errors.DivergedError(message)
+      if itstime(step, run.checkpoint_every_step, run.steps):
+        folder.save(step + 1, state)  # before its line: the run goes on
+      progress.record(record)
+      clock.restart()
+      window = []
+    progress.close()
+    folder.mark_done()
+  return records
+
+
+def nothing_left(folder: workdir_lib.RunFolder, records: list[Record]
+                 ) -> list[Record]:
+  """A run whose checkpoint is at its last step (its `done` was lost):
+  marked done, with a message."""
+  if parallel.is_primary():
+    print(f"{folder.path}: its checkpoint is at the last step, so nothing is "
+          "left to train; marking it done. Pass --fresh to train it again.",
+          flush=True)
+  folder.mark_done()
+  return records

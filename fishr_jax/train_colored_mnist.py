@@ -52,11 +52,11 @@ def record_args(config: ml_collections.ConfigDict, restart: int) -> dict:
 
 
 def make_groups(config: ml_collections.ConfigDict, workdir: str
-                ) -> Iterator[train.Group]:
+                ) -> Iterator[train.Run | vectorized.Group]:
   """The restarts, `config.runs_per_program` at a time (0: all of them), as
-  train.Groups made as they are asked for (each holds its full batches on
-  the devices); one restart alone trains by its own step, shared by every
-  restart (one compile)."""
+  vectorized.Groups made as they are asked for (each holds its full batches
+  on the devices); with one at a time, each restart is a train.Run trained
+  by its own step, shared by every restart (one compile)."""
   pools = mnist.load_digit_pools(config.data.source, config.data.data_dir)
   model = make_model(config)
   num_domains = len(config.data.train_color_flip_probs)
@@ -124,7 +124,6 @@ def make_groups(config: ml_collections.ConfigDict, workdir: str
         evaluate_before_update=True,
         fields={"hparams": fields, "args": record_args(config, restart)},
         checkpoint_every=config.checkpoint_every,
-        announce_compile=restart == 0,
         block_each_step=parallel.must_block_each_step(mesh),
         name=f"restart {restart}")
     return run, host_batch
@@ -133,7 +132,7 @@ def make_groups(config: ml_collections.ConfigDict, workdir: str
     made = [restart_run(r) for r in
             range(first, min(first + per_program, config.restarts))]
     if per_program == 1:
-      yield train.Group.alone(made[0][0])
+      yield made[0][0]
       continue
     batches = _fixed_batches([b for _, b in made],
                              algorithm.needs_domain_blocks, num_domains)
@@ -165,13 +164,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains (or resumes) every restart; returns and writes the results."""
   primary = parallel.is_primary()
-  with train.folder_lock(workdir):
+  with workdir_lib.RunFolder(workdir, "").lock():
     if primary:
       workdir_lib.write_text(os.path.join(workdir, workdir_lib.CONFIG),
                              config.to_json_best_effort(indent=2) + "\n")
     start = time.time()
-    final = [records[-1] for group in make_groups(config, workdir)
-             for records in train.train_group(group)]
+    final = []
+    for runs in make_groups(config, workdir):
+      if isinstance(runs, train.Run):
+        final.append(train.train_loop(runs)[-1])
+      else:
+        final += [records[-1] for records in vectorized.train_group(runs)]
     results = summarize(config, final, time.time() - start)
     if primary:
       workdir_lib.write_json(os.path.join(workdir, "results.json"), results)

@@ -28,6 +28,7 @@ from fishr_jax import models
 from fishr_jax import parallel
 from fishr_jax import train
 from fishr_jax import vectorized
+from fishr_jax import workdir as workdir_lib
 from fishr_jax.algorithms import registry
 from fishr_jax.algorithms import settings
 from fishr_jax.data import domainbed
@@ -272,8 +273,8 @@ def program_key(config: ml_collections.ConfigDict) -> str:
 
 
 def make_group(configs: list[ml_collections.ConfigDict],
-               workdirs: list[str]) -> train.Group:
-  """Runs with one `program_key` as a train.Group: one vectorized step, each
+               workdirs: list[str]) -> vectorized.Group:
+  """Runs with one `program_key` as a vectorized.Group: one vectorized step, each
   run in its own folder. They share the first run's module (each with its
   own dropout rate), whose frozen batch statistics must be theirs too, and
   its evaluation."""
@@ -320,20 +321,20 @@ def make_group(configs: list[ml_collections.ConfigDict],
                                configs[0].num_devices, batches, group_step)
 
 
-def _finished_or_resumable(config: ml_collections.ConfigDict, workdir: str
-                           ) -> list[dict[str, Any]] | None:
-  """A locked run folder's records if it is done, else None; a folder made
-  with another config is refused (before any data is loaded)."""
-  train.check_same_config(
+def run_folder(config: ml_collections.ConfigDict, workdir: str
+               ) -> workdir_lib.RunFolder:
+  """The run's folder, with the config it records (checked before any data
+  is loaded)."""
+  return workdir_lib.RunFolder(
       workdir, resolve_config(config).to_json_best_effort(indent=2))
-  return train.finished_records(workdir)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> list[dict[str, Any]]:
   """Runs (or resumes) one DomainBed run; returns its records."""
-  with train.folder_lock(workdir):  # before loading any data
-    finished = _finished_or_resumable(config, workdir)
+  folder = run_folder(config, workdir)
+  with folder.lock():  # before loading any data
+    finished = folder.finished_records()
     if finished is not None:
       return finished
     return train.train_loop(make_run(config, workdir))
@@ -342,7 +343,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 def train_runs(configs: list[ml_collections.ConfigDict], workdirs: list[str],
                runs_per_program: int = 0) -> list[list[dict[str, Any]] | None]:
   """Runs (or resumes) several DomainBed runs, those with one `program_key`
-  `runs_per_program` at a time (0: all) as one train.Group; returns each
+  `runs_per_program` at a time (0: all) as one vectorized.Group; returns each
   run's records, in order (None for a run another process holds: it is
   skipped with a message). Each run's folder is locked and its config
   checked before any data is loaded."""
@@ -363,12 +364,13 @@ def train_runs(configs: list[ml_collections.ConfigDict], workdirs: list[str],
       with contextlib.ExitStack() as locks:
         todo = []
         for i in indices[first:first + size]:
+          folder = run_folder(configs[i], workdirs[i])
           try:
-            locks.enter_context(train.folder_lock(workdirs[i]))
+            locks.enter_context(folder.lock())
           except errors.WorkdirBusyError as e:
             print(f"skipped: {e}", flush=True)
             continue
-          finished = _finished_or_resumable(configs[i], workdirs[i])
+          finished = folder.finished_records()
           if finished is None:
             todo.append(i)
           else:
@@ -379,6 +381,6 @@ def train_runs(configs: list[ml_collections.ConfigDict], workdirs: list[str],
         elif todo:
           group = make_group([configs[i] for i in todo],
                              [workdirs[i] for i in todo])
-          for i, records in zip(todo, train.train_group(group)):
+          for i, records in zip(todo, vectorized.train_group(group)):
             results[i] = records
   return results

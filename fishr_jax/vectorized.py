@@ -16,21 +16,27 @@ equal to the runs made one by one, to float32 rounding, on 1 and 2 devices).
 
 On a mesh from `parallel.make_runs_mesh` the runs are split over its run
 axis and each run's batch over its data axis. `make_group` makes such runs
-a train.Group, trained by one program for all of them ("vmap") or by the
+a `Group`, trained by one program for all of them ("vmap") or by the
 program of one run called for each in turn ("each": faster on CPU).
+`train_group` is the loop of a group: train.train_loop's, with each run's
+lane of the state, its own records, checkpoints and divergence.
 """
 
+import contextlib
 import dataclasses
 import itertools
-from typing import Any, Callable, Iterator
+import os
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fishr_jax import errors
 from fishr_jax import fast_paths
 from fishr_jax import parallel
 from fishr_jax import train
+from fishr_jax import workdir as workdir_lib
 from fishr_jax.algorithms import base
 
 PyTree = Any
@@ -176,9 +182,9 @@ def make_group(runs: list[train.Run],
                make_step: Callable[[jax.sharding.Mesh], VectorizedStep],
                varying: dict[str, np.ndarray], num_devices: int,
                batches: GroupBatches, group_step: str = "vmap"
-               ) -> train.Group:
+               ) -> "Group":
   """`runs` (each with its own step-0 state on the first device) as a
-  train.Group, reading the values that differ (`split_hparams`) of just
+  Group, reading the values that differ (`split_hparams`) of just
   the runs it trains. `group_step` "vmap": any K of them train as one
   program on `parallel.make_runs_mesh(K, num_devices)` with
   `make_step(mesh)` (jitted once per K); "each": each run in turn by the
@@ -202,8 +208,9 @@ def make_group(runs: list[train.Run],
   def together(indices, states, start_step):
     mesh, step = program_of(len(indices))
     values = values_of(indices, mesh)
-    return (stack(states, mesh), lambda s, b: step(s, b, values),
-            batches(indices, start_step, mesh))
+    return Program(stack(states, mesh), lambda s, b: step(s, b, values),
+                   batches(indices, start_step, mesh),
+                   compile=lambda s, b: step.lower(s, b, values).compile())
 
   def in_turn(indices, states, start_step):
     mesh, step = program_of(1)
@@ -222,16 +229,193 @@ def make_group(runs: list[train.Run],
 
     step_batches = (tuple(next(it) for it in iterators)
                     for _ in itertools.count())
-    return (tuple(stack([s], mesh) for s in states), each_step,
-            step_batches)
+    return Program(tuple(stack([s], mesh) for s in states), each_step,
+                   step_batches,
+                   compile=lambda s, b: step.lower(s[0], b[0],
+                                                   values[0]).compile())
 
   device = jax.devices()[0]  # every mesh's first (parallel.make_runs_mesh)
   if group_step == "vmap":
     lane = lambda tree, i: jax.device_put(unstack(tree, i), device)
   else:
     lane = lambda tree, i: jax.device_put(unstack(tree[i], 0), device)
-  return train.Group(runs, together if group_step == "vmap" else in_turn,
-                     lane)
+  return Group(runs, together if group_step == "vmap" else in_turn, lane)
+
+
+# ----------------------------------------------------------- a group's loop
+
+
+class Program(NamedTuple):
+  """Some of a group's runs, trained together from one start step."""
+  state: PyTree  # their states, as the step takes them
+  step: Callable[[PyTree, Any], tuple[PyTree, train.Metrics]]
+  batches: Iterator[Any]  # each step's batches, from the start step
+  compile: Callable[[PyTree, Any], Any]  # (state, batch) -> compiled step
+
+
+# (member indices, their states at the start step, the start step) -> the
+# program that trains them.
+ProgramFn = Callable[[list[int], list[train.TrainState], int], Program]
+
+
+@dataclasses.dataclass
+class Group:
+  """Runs that train as one vectorized program, each in its own folder
+  exactly as if it trained alone (train.train_loop's files).
+
+  runs: the members (train.Runs without train_step or batches). They share
+    `steps`, `record_every`, `checkpoint_every`, `evaluate_before_update`
+    and `block_each_step`; each one's `state` is its own step-0 state (on
+    one device), the template its checkpoints are restored into.
+  program: how any of them train together, from one start step; its state,
+    batches and metrics have a leading run axis, one index per member
+    given, in that order.
+  lane: (a pytree of the program's, i) -> the i-th member's part, on the
+    device its `evaluate` and `state` use.
+  """
+  runs: list[train.Run]
+  program: ProgramFn
+  lane: Callable[[PyTree, int], PyTree]
+
+  def __post_init__(self):
+    folders = [os.path.abspath(run.workdir) for run in self.runs]
+    twice = sorted({f for f in folders if folders.count(f) > 1})
+    if twice:
+      raise errors.ConfigError(f"A group lists these run folders twice: "
+                               f"{twice}.")
+    shared = ("steps", "record_every", "checkpoint_every",
+              "evaluate_before_update", "block_each_step")
+    for field in shared:
+      if len({getattr(run, field) for run in self.runs}) > 1:
+        raise ValueError(f"The runs of a group must share {field}.")
+
+
+@dataclasses.dataclass
+class _Member:
+  """One run's side of a group's loop."""
+  run: train.Run
+  folder: workdir_lib.RunFolder
+  state: train.TrainState  # at its start step
+  records: list[train.Record]
+  diverged: str | None = None  # the DivergedError's message
+
+
+def train_group(group: Group, progress_every_s: float = 30.0
+                ) -> list[list[train.Record]]:
+  """Trains (or resumes, or skips) every run of `group`, as train.train_loop
+  trains one; returns each run's records.
+
+  Every run's folder is locked for the whole call. Runs that resume from
+  different steps train as one program per start step. A run that diverges
+  stops alone (nothing is written for it after that record) while the others
+  go on; errors.DivergedError then names it.
+  """
+  folders = [run.folder() for run in group.runs]
+  with contextlib.ExitStack() as locks:
+    for folder in folders:
+      locks.enter_context(folder.lock())
+    results = [folder.finished_records() for folder in folders]
+    members: dict[int, _Member] = {}
+    for i, (run, folder) in enumerate(zip(group.runs, folders)):
+      if results[i] is not None:
+        continue
+      state, records = folder.resume(run.state)
+      if int(state.step) >= run.steps:
+        results[i] = train.nothing_left(folder, records)
+      else:
+        members[i] = _Member(run, folder, state, records)
+    by_start: dict[int, list[int]] = {}
+    for i, member in members.items():
+      by_start.setdefault(int(member.state.step), []).append(i)
+    for start_step in sorted(by_start):
+      indices = by_start[start_step]
+      _train_together(group, indices, [members[i] for i in indices],
+                      start_step, progress_every_s)
+  for i, member in members.items():
+    results[i] = member.records
+  diverged = [m.diverged for m in members.values() if m.diverged]
+  if diverged:
+    raise errors.DivergedError("\n".join(diverged))
+  return results
+
+
+def _train_together(group: Group, indices: list[int], members: list[_Member],
+                    start_step: int, progress_every_s: float) -> None:
+  """Trains `members` (group.runs[indices]) from `start_step` as one
+  program, writing each one's records, checkpoints and `done`."""
+  first = members[0].run
+  steps = first.steps
+  program = group.program(indices, [m.state for m in members], start_step)
+  name = (first.name if len(members) == 1 else
+          f"{first.name} .. {members[-1].run.name} ({len(members)} runs)")
+  progress = train.Progress(name, steps, start_step, progress_every_s)
+  batches = program.batches
+  batch = next(batches)
+  progress.say("compiling the train step...")
+  program.compile(program.state, batch)
+  progress.start()
+
+  def live_states():
+    return [None if m.diverged else group.lane(state, k)
+            for k, m in enumerate(members)]
+
+  def evaluate(states):
+    return [None if s is None else m.run.evaluate(s.params)
+            for m, s in zip(members, states)]
+
+  state, clock, window = program.state, train.UpdateClock(), []
+  for step, batch in zip(range(start_step, steps),
+                         itertools.chain([batch], batches)):
+    record_now = train.itstime(step, first.record_every, steps)
+    if record_now and first.evaluate_before_update:
+      with clock.paused(state):
+        accs = evaluate(live_states())
+    state, metrics = program.step(state, batch)
+    if first.block_each_step:
+      jax.block_until_ready(state)
+    window.append(metrics)
+    clock.updates += 1
+    progress.update(step)
+    if not record_now:
+      continue
+    step_time = clock.per_update(state)
+    states = live_states()
+    if not first.evaluate_before_update:
+      accs = evaluate(states)
+    values = jax.device_get(window)
+    for k, (member, run_accs, run_state) in enumerate(
+        zip(members, accs, states)):
+      if not member.diverged:
+        _record(member, step, train.window_means(values, k), step_time,
+                run_accs, run_state, progress)
+    clock.restart()
+    window = []
+    if all(m.diverged for m in members):
+      break
+  progress.close()
+  for member in members:
+    if not member.diverged:
+      member.folder.mark_done()
+
+
+def _record(member: _Member, step: int, means: dict[str, float],
+            step_time: float, accs: dict[str, float],
+            state: train.TrainState, progress: train.Progress) -> None:
+  """One member's record at `step`: written, checked, checkpointed."""
+  run, folder = member.run, member.folder
+  record = {"step": step, "epoch": run.epoch(step), **means,
+            "step_time": step_time, **accs, **run.fields}
+  folder.append(record)
+  member.records.append(record)
+  diverged = train.divergence(means, state.params)
+  if diverged:
+    member.diverged = train.diverged_message(run.name or run.workdir, step,
+                                             diverged, folder)
+    folder.close()
+    return
+  if train.itstime(step, run.checkpoint_every_step, run.steps):
+    folder.save(step + 1, state)
+  progress.record(record, run.name)
 
 
 def stack(trees: list[PyTree], mesh: jax.sharding.Mesh | None = None

@@ -1,5 +1,10 @@
-"""A run folder's files, written so that a killed process or a second one
-never corrupts them.
+"""A run folder, and its files written so that a killed process or a second
+one never corrupts them.
+
+- `RunFolder`: everything a run folder is, for the train loop: the lock, the
+  recorded config and the resume check, the newest readable checkpoint,
+  records appended one at a time, checkpoint saves, `done`; only the
+  primary process of a multi-process job writes.
 
 - `write_text`: write to a temporary name, then rename (readers see the old
   file or the new one, never half of one).
@@ -24,10 +29,26 @@ import sys
 import time
 from typing import Any, Iterator
 
+import jax
+import orbax.checkpoint as ocp
+
 from fishr_jax import errors
+from fishr_jax import parallel
 
 LOCK = "lock"
 CONFIG = "config.json"
+RECORDS = "results.jsonl"
+DONE = "done"
+CHECKPOINTS = "checkpoints"
+CORRUPT_CHECKPOINTS = "corrupt_checkpoints"
+
+# Config fields a resume may change: where and how fast the step runs, not
+# what it computes.
+MAY_CHANGE_ON_RESUME = ("num_devices", "distributed", "worker_count",
+                        "eval_batch_size", "xla_cpu_dot_fusion", "group_step")
+
+PyTree = Any
+Record = dict[str, Any]
 
 # How long lock() waits for a flock held for a moment (is_locked's probe).
 _BUSY_RETRY_S = 2.0
@@ -222,3 +243,214 @@ def move_aside(workdir: str) -> str | None:
         f"{e} It cannot be moved aside while it runs.") from None
   print(f"Moved the previous run to {target}.", flush=True)
   return target
+
+
+# --------------------------------------------------------------- run folder
+
+
+def read_records(workdir: str, up_to_step: int | None = None) -> list[Record]:
+  """A run folder's records (those of steps <= up_to_step, if given)."""
+  path = os.path.join(workdir, RECORDS)
+  if not os.path.exists(path):
+    return []
+  return [r for r in read_jsonl(path)
+          if up_to_step is None or r["step"] <= up_to_step]
+
+
+class RunFolder:
+  """A run's folder, as the train loop uses it:
+
+    folder = RunFolder(workdir, config_json)
+    with folder.lock():
+      records = folder.finished_records()   # None unless it is done
+      state, records = folder.resume(state_at_step_0)
+      ... folder.append(record) ... folder.save(step, state) ...
+      folder.mark_done()
+
+  Files: config.json (the config it was started with), results.jsonl (one
+  record per line), checkpoints/ (orbax, the last two), done. A run resumes
+  only with the config it was started with (fields in
+  MAY_CHANGE_ON_RESUME aside). Only the primary process writes files;
+  every process takes part in checkpoint saves and restores, as orbax asks.
+  """
+
+  def __init__(self, path: str, config_json: str):
+    self.path = path
+    self.config_json = config_json
+    self._manager: ocp.CheckpointManager | None = None
+
+  def file(self, name: str) -> str:
+    return os.path.join(self.path, name)
+
+  def lock(self) -> contextlib.AbstractContextManager:
+    """The folder's lock (`lock`), held by the primary process; the others
+    write nothing but their part of a checkpoint."""
+    if parallel.is_primary():
+      return lock(self.path)
+    return contextlib.nullcontext()
+
+  def check_config(self) -> None:
+    """errors.WorkdirError, listing the differences, if the folder holds a
+    run started with another config."""
+    path = self.file(CONFIG)
+    started = any(os.path.exists(self.file(name))
+                  for name in (RECORDS, CHECKPOINTS, DONE))
+    if not (started and os.path.exists(path)):
+      return
+    with open(path) as f:
+      recorded = f.read()
+    try:
+      changes = config_changes(recorded, self.config_json,
+                               MAY_CHANGE_ON_RESUME)
+    except json.JSONDecodeError as e:
+      raise errors.WorkdirError(
+          f"{path} is not valid JSON ({e.msg}), so this run's config is "
+          "unknown; pass --fresh to move the run aside and start over.") from e
+    if changes:
+      raise errors.WorkdirError(
+          f"{self.path} holds a run made with another config, so it cannot "
+          f"be resumed: {'; '.join(changes)}. Use another --workdir, or pass "
+          "--fresh to move the old run aside and start over.")
+
+  def records(self, up_to_step: int | None = None) -> list[Record]:
+    return read_records(self.path, up_to_step)
+
+  def finished_records(self) -> list[Record] | None:
+    """A finished run's records (says so), else None; checks the config
+    first."""
+    self.check_config()
+    if not os.path.exists(self.file(DONE)):
+      return None
+    records = self.records()
+    if not records:
+      raise errors.WorkdirError(
+          f"{self.path} is marked done but has no records in {RECORDS}; pass "
+          "--fresh to move it aside and train it again.")
+    print(f"{self.path} is done; pass --fresh to train it again (the old "
+          "run is moved aside).", flush=True)
+    return records
+
+  def resume(self, template: PyTree) -> tuple[PyTree, list[Record]]:
+    """(the state to train from, the records up to it): the newest readable
+    checkpoint restored into `template` (laid out as it is), else
+    `template`. Writes the config and drops records past the checkpoint."""
+    self.check_config()
+    self._write(CONFIG, self.config_json + "\n")
+    self._manager = ocp.CheckpointManager(
+        os.path.abspath(self.file(CHECKPOINTS)),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2))
+    state, records = template, []
+    restored = self._restore(template)
+    if restored is not None:
+      state, start_step = restored
+      records = self.records(start_step - 1)
+      if parallel.is_primary():
+        print(f"Resuming {self.path} from step {start_step}.", flush=True)
+    self._write(RECORDS, "".join(json.dumps(r) + "\n" for r in records))
+    return state, records
+
+  def append(self, record: Record) -> None:
+    """Adds one record (a line, written and synced at once: a process
+    killed mid-line leaves a torn last line, which read_jsonl drops)."""
+    if not parallel.is_primary():
+      return
+    fd = os.open(self.file(RECORDS), os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                 0o644)
+    try:
+      os.write(fd, (json.dumps(record) + "\n").encode())
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+
+  def save(self, step: int, state: PyTree) -> None:
+    """A checkpoint of `state` after `step` steps, on disk when it returns."""
+    self._manager.save(step, args=ocp.args.StandardSave(_key_data(state)))
+    self._manager.wait_until_finished()
+
+  def latest_checkpoint_step(self) -> int:
+    return self._manager.latest_step() or 0
+
+  @property
+  def checkpoints(self) -> str:
+    return self.file(CHECKPOINTS)
+
+  def close(self) -> None:
+    if self._manager is not None:
+      self._manager.close()
+      self._manager = None
+
+  def mark_done(self) -> None:
+    """Writes `done`: a finished run is not trained again."""
+    self.close()
+    self._write(DONE, "done\n")
+
+  def _write(self, name: str, text: str) -> None:
+    if parallel.is_primary():
+      write_text(self.file(name), text)
+
+  def _restore(self, template: PyTree) -> tuple[PyTree, int] | None:
+    """(the newest readable checkpoint, its step); None if there is none.
+    One that cannot be read is moved to corrupt_checkpoints/ with a
+    message, and the one before it is tried; errors.WorkdirError if none
+    can be read."""
+    manager = self._manager
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _key_data(template))
+    steps = sorted(manager.all_steps(), reverse=True)
+    for step in steps:
+      try:
+        restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+      except Exception as e:  # pylint: disable=broad-except
+        _raise_unless_unreadable(e, step, self.checkpoints)
+        aside = os.path.join(self.file(CORRUPT_CHECKPOINTS),
+                             f"{step}-{int(time.time())}")
+        if parallel.is_primary():
+          os.makedirs(os.path.dirname(aside), exist_ok=True)
+          os.rename(os.path.join(self.checkpoints, str(step)), aside)
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        print(f"warning: the checkpoint of step {step} cannot be read "
+              f"({type(e).__name__}: {reason}); moved it to {aside} and "
+              "trying the one before.", file=sys.stderr, flush=True)
+        manager.reload()
+        continue
+      return _wrap_keys(restored, template), step
+    if steps:
+      raise errors.WorkdirError(
+          f"None of the {len(steps)} checkpoints in {self.checkpoints} can be "
+          f"read (moved to {self.file(CORRUPT_CHECKPOINTS)}); run again to "
+          "start from step 0, or pass --fresh to move the whole run aside "
+          "first.")
+    return None
+
+
+def _is_key(x: Any) -> bool:
+  return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
+def _key_data(tree: PyTree) -> PyTree:
+  """`tree` with its PRNG keys as their raw data (what orbax can save)."""
+  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x,
+                      tree)
+
+
+def _wrap_keys(restored: PyTree, template: PyTree) -> PyTree:
+  return jax.tree.map(
+      lambda x, t: jax.random.wrap_key_data(x, impl=jax.random.key_impl(t))
+      if _is_key(t) else x, restored, template)
+
+
+# Restore errors that say the checkpoint is fine but this run differs from it
+# (or the machine is short of memory): the files stay where they are.
+_NOT_CORRUPTION = ("Structure mismatch", "tree structure", "RESOURCE_EXHAUSTED",
+                   "out of memory", "shape mismatch", "Shape mismatch")
+
+
+def _raise_unless_unreadable(error: Exception, step: int,
+                             directory: str) -> None:
+  if isinstance(error, MemoryError) or any(
+      text in str(error) for text in _NOT_CORRUPTION):
+    raise errors.WorkdirError(
+        f"The checkpoint of step {step} in {directory} does not fit this run "
+        f"({type(error).__name__}: {str(error).strip()[:300]}). The code or "
+        "the model changed since it was written, or memory ran out; nothing "
+        "was moved. Use the code that wrote it, another --workdir, or "
+        "--fresh.") from error

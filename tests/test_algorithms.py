@@ -11,7 +11,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from configs import colored_mnist as cmnist_config
@@ -34,7 +33,7 @@ def _make_run(experiment, name, digits_dir, workdir):
     config.update(algorithm=name, restarts=1, steps=1, hidden_dim=8,
                   log_every=1, checkpoint_every=1)
     config.data.update(source="idx", data_dir=digits_dir)
-    return next(train_colored_mnist.make_groups(config, workdir)).runs[0]
+    return next(train_colored_mnist.make_groups(config, workdir))
   config = domainbed_config.get_config()
   config.update(algorithm=name, steps=1, checkpoint_freq=1,
                 digits_source="idx", data_dir=digits_dir, eval_batch_size=512)
@@ -59,9 +58,7 @@ def test_every_algorithm_trains_and_checkpoints(experiment, name,
   assert np.isfinite(records[0]["loss"]) and np.isfinite(records[0]["nll"])
   assert os.path.exists(os.path.join(run.workdir, train.DONE))
 
-  restored = train.restore_checkpoint(
-      train.checkpoint_manager(os.path.join(run.workdir, train.CHECKPOINTS)),
-      template)
+  restored, _ = run.folder().resume(template)
   assert int(restored.step) == 1
   chex.assert_trees_all_equal(_host(restored), _host(expected))
 

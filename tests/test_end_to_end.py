@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from configs import colored_mnist as cmnist_config
-from fishr_jax import train
 from fishr_jax import train_colored_mnist
+from fishr_jax import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +32,7 @@ def test_cli_one_step_smoke(tmp_path):
   assert config["algorithm"] == "irm" and config["hidden_dim"] == 16
   # Each restart is a run of the train loop: its records, checkpoints, done.
   runs = [workdir / f"restart_{r}" for r in range(2)]
-  records = [train.read_records(str(run)) for run in runs]
+  records = [workdir_lib.read_records(str(run)) for run in runs]
   assert [[r["step"] for r in run] for run in records] == [[0, 2], [0, 2]]
   assert all((run / "done").exists() and (run / "checkpoints").is_dir()
              for run in runs)

@@ -187,7 +187,7 @@ def _records_by_run(output_dir):
     if os.path.exists(os.path.join(folder, train.RECORDS)):
       out[name] = [{k: v for k, v in r.items()
                     if isinstance(v, float) and k != "step_time"}
-                   for r in train.read_records(folder)]
+                   for r in workdir.read_records(folder)]
   return out
 
 

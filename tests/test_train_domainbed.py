@@ -14,6 +14,7 @@ import pytest
 from configs import domainbed as domainbed_config
 from fishr_jax import hparams as hparams_lib
 from fishr_jax import train_domainbed
+from fishr_jax import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING_KEYS = ("step_time",)
@@ -161,9 +162,9 @@ def test_a_run_that_diverges_in_a_program_stops_alone(tmp_path):
   step = int(caught.value.args[0].split("diverged by step ")[1].split(":")[0])
   assert os.path.exists(os.path.join(workdirs[0], train.DONE))
   assert not os.path.exists(os.path.join(workdirs[1], train.DONE))
-  assert train.read_records(workdirs[1])[-1]["step"] == step < 4
+  assert workdir_lib.read_records(workdirs[1])[-1]["step"] == step < 4
   alone = train_domainbed.train_and_evaluate(good, str(tmp_path / "alone"))
-  together = train.read_records(workdirs[0])
+  together = workdir_lib.read_records(workdirs[0])
   assert [r["step"] for r in together] == [r["step"] for r in alone]
   for a, b in zip(alone, together):
     np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)

@@ -141,7 +141,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     train.train_loop(_run(tmp_path, nan_at=3))
   assert not os.path.exists(tmp_path / train.DONE)
   assert _checkpoint_steps(tmp_path) == [1, 3]  # none after the NaN
-  records = train.read_records(str(tmp_path))
+  records = workdir.read_records(str(tmp_path))
   assert [r["step"] for r in records] == [0, 2, 4]  # the evidence is kept
   assert model_selection.non_finite(records) == ["step 4: loss=nan",
                                                  "step 4: nll=nan"]

@@ -14,6 +14,7 @@ import pytest
 
 from fishr_jax import parallel
 from fishr_jax import vectorized
+from fishr_jax import workdir as workdir_lib
 from fishr_jax.algorithms import base
 from fishr_jax.algorithms import fishr
 from tests import conftest
@@ -139,8 +140,7 @@ def _numbers(records):
 
 
 def _restart_records(workdir, restart):
-  from fishr_jax import train  # pylint: disable=g-import-not-at-top
-  return train.read_records(os.path.join(workdir, f"restart_{restart}"))
+  return workdir_lib.read_records(os.path.join(workdir, f"restart_{restart}"))
 
 
 @pytest.mark.parametrize("group_step", ["vmap", "each"])

@@ -56,3 +56,57 @@ def test_config_changes_lists_each_field_but_the_allowed_ones():
                     "extra": 1})
   assert workdir.config_changes(old, new, ("num_devices",)) == [
       "fishr.ema: recorded 0.9, now 0.5"]  # a field on one side only is not
+
+
+# --------------------------------------------------------------- RunFolder
+
+
+def _state(step):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return {"step": jnp.asarray(step, jnp.int32), "w": jnp.arange(3.0) + step,
+          "rng": jax.random.key(step)}
+
+
+def test_run_folder_resumes_from_its_newest_checkpoint_with_its_records(
+    tmp_path, capsys):
+  import jax  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "run")
+  folder = workdir.RunFolder(path, '{"lr": 0.1}')
+  with folder.lock():
+    assert folder.finished_records() is None
+    state, records = folder.resume(_state(0))  # nothing yet: the template
+    assert int(state["step"]) == 0 and records == []
+    for step in range(4):
+      folder.append({"step": step})
+      if step in (1, 2):
+        folder.save(step + 1, _state(step + 1))
+    folder.close()
+  assert json.loads((tmp_path / "run" / workdir.CONFIG).read_text()) == {
+      "lr": 0.1}
+  again = workdir.RunFolder(path, '{"lr": 0.1}')
+  state, records = again.resume(_state(0))
+  again.close()
+  assert "Resuming" in capsys.readouterr().out
+  assert int(state["step"]) == 3 and state["w"].tolist() == [3.0, 4.0, 5.0]
+  assert (jax.random.key_data(state["rng"]).tolist()
+          == jax.random.key_data(jax.random.key(3)).tolist())
+  assert records == [{"step": 0}, {"step": 1}, {"step": 2}]  # not 3
+  assert workdir.read_records(path) == records  # cut on disk too
+  with pytest.raises(errors.WorkdirError, match="lr: recorded 0.1, now 0.2"):
+    workdir.RunFolder(path, '{"lr": 0.2}').resume(_state(0))
+
+
+def test_run_folder_done_returns_its_records_and_refuses_a_new_config(
+    tmp_path, capsys):
+  path = str(tmp_path)
+  folder = workdir.RunFolder(path, '{"lr": 0.1}')
+  folder.resume(_state(0))
+  folder.append({"step": 0, "loss": 1.0})
+  folder.mark_done()
+  assert os.path.exists(tmp_path / workdir.DONE)
+  again = workdir.RunFolder(path, '{"lr": 0.1, "num_devices": 4}')
+  assert again.finished_records() == [{"step": 0, "loss": 1.0}]
+  assert "is done" in capsys.readouterr().out
+  with pytest.raises(errors.WorkdirError, match="another config"):
+    workdir.RunFolder(path, '{"lr": 0.2}').finished_records()

@@ -45,8 +45,8 @@ def run(variant: str, path: str, num_devices: int, workdir: str) -> dict:
                 num_devices=num_devices)
   config.fishr.update(PATHS[path])
   config.fishr.update(VARIANTS[variant])
-  (group,) = list(train_colored_mnist.make_groups(config, workdir))
-  return train.train_group(group)[0][-1]
+  (run,) = list(train_colored_mnist.make_groups(config, workdir))
+  return train.train_loop(run)[-1]
 
 
 def main(out_path: str, workdir: str) -> None:

@@ -17,6 +17,7 @@ from fishr_jax import models
 from fishr_jax import parallel
 from fishr_jax import train
 from fishr_jax import vectorized
+from fishr_jax import workdir as workdir_lib
 from fishr_jax.algorithms import base
 from fishr_jax.algorithms import registry
 
@@ -188,7 +189,7 @@ def colored_mnist_differences(workdir: str, group_step: str
     config.update(runs_per_program=per_program, group_step=group_step)
     folder = os.path.join(workdir, f"{group_step}_{per_program}")
     train_colored_mnist.train_and_evaluate(config, folder)
-    records[per_program] = [train.read_records(os.path.join(
+    records[per_program] = [workdir_lib.read_records(os.path.join(
         folder, f"restart_{r}")) for r in range(3)]
   worst = {"loss": 0.0, "step": 0}
   for alone_runs, group_runs in zip(records[1], records[2]):
