@@ -62,7 +62,7 @@ def algorithm_name(name: str) -> str:
 
 
 def check_dataset(name: str) -> None:
-  if name not in domainbed.ENVIRONMENTS:
+  if name not in domainbed.DATASETS:
     raise errors.ConfigError(
         f"Unknown dataset {name!r}; known: {', '.join(domainbed.DATASETS)}."
         + config_checks.suggest(name, domainbed.DATASETS))
@@ -180,9 +180,9 @@ def group_jobs(jobs: Sequence[Job], runs_per_program: int) -> list[GroupJob]:
 # --config.X fields that only some datasets read (a run refuses them
 # elsewhere, config_checks.py): {field: whether a dataset reads it}.
 _DATASET_FIELDS = {
-    "pretrained_checkpoint": lambda d: d in domainbed.FOLDER_DATASETS,
-    "image_size": lambda d: d in domainbed.FOLDER_DATASETS,
-    "digits_source": lambda d: d not in domainbed.FOLDER_DATASETS,
+    "pretrained_checkpoint": lambda d: domainbed.DATASETS[d].is_image_folder,
+    "image_size": lambda d: domainbed.DATASETS[d].is_image_folder,
+    "digits_source": lambda d: not domainbed.DATASETS[d].is_image_folder,
 }
 
 
@@ -215,7 +215,7 @@ def make_jobs(flags: argparse.Namespace) -> list[Job]:
         f"{', '.join(sorted(names))}."
         + config_checks.suggest(unknown[0], names))
   for dataset in flags.datasets:
-    num_envs = len(domainbed.ENVIRONMENTS[dataset])
+    num_envs = len(domainbed.DATASETS[dataset].environments)
     for algorithm in flags.algorithms:
       ours = algorithm_name(algorithm)
       for test_envs in test_env_sets(num_envs, flags.single_test_envs):

@@ -150,7 +150,7 @@ def check_domainbed(config: ml_collections.ConfigDict) -> None:
   """configs/domainbed.py's fields."""
   _check_choice("dataset", config.dataset, domainbed.DATASETS)
   _check_choice("algorithm", config.algorithm, registry.names())
-  environments = domainbed.ENVIRONMENTS[config.dataset]
+  environments = domainbed.DATASETS[config.dataset].environments
   test_envs = tuple(config.test_envs)
   valid = f"0..{len(environments) - 1} ({', '.join(environments)})"
   if not all(_is_int(e) and 0 <= e < len(environments) for e in test_envs):
@@ -171,7 +171,7 @@ def check_domainbed(config: ml_collections.ConfigDict) -> None:
            lambda v: _finite_at_least(0.0, strict=True)(v) and v < 1.0,
            "must be in (0, 1): the part of each env held out for validation")
   _check_device_fields(config)
-  is_mnist = config.dataset not in domainbed.FOLDER_DATASETS
+  is_mnist = not domainbed.DATASETS[config.dataset].is_image_folder
   if is_mnist and config.pretrained_checkpoint:
     _fail("pretrained_checkpoint", config.pretrained_checkpoint,
           f"is ignored by {config.dataset}, whose MNIST CNN has no "
