@@ -177,24 +177,15 @@ def group_jobs(jobs: Sequence[Job], runs_per_program: int) -> list[GroupJob]:
   return groups
 
 
-# --config.X fields that only some datasets read (a run refuses them
-# elsewhere, config_checks.py): {field: whether a dataset reads it}.
-_DATASET_FIELDS = {
-    "pretrained_checkpoint": lambda d: domainbed.DATASETS[d].is_image_folder,
-    "image_size": lambda d: domainbed.DATASETS[d].is_image_folder,
-    "digits_source": lambda d: not domainbed.DATASETS[d].is_image_folder,
-}
-
-
 def _applies(flag: str, algorithm: str, dataset: str) -> bool:
   """Whether --config.X flag `flag` is for a job of `algorithm` on
   `dataset`: a flag of an algorithm's block (--config.fishr.params=all)
-  goes to that algorithm's jobs only, a dataset-specific field to the
-  datasets that read it."""
+  goes to that algorithm's jobs only, a dataset-specific field
+  (config_fields.DATASET_FIELDS) to the datasets that read it."""
   field = flag[len("--config."):].split("=")[0].split(".")[0]
   if field in registry.names():
     return field == algorithm
-  return _DATASET_FIELDS.get(field, lambda d: True)(dataset)
+  return config_checks.dataset_reads(dataset, field)
 
 
 def make_jobs(flags: argparse.Namespace) -> list[Job]:
