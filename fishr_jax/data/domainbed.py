@@ -59,7 +59,8 @@ Source = ArraySource | image_folder.ImageFolderSource
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-  """A DomainBed dataset: one random-access source per environment."""
+  """A DomainBed dataset, as its DatasetSpec loads it: one random-access
+  source per environment."""
   name: str
   environments: list[str]
   num_classes: int
