@@ -55,9 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.holdout_fraction = 0.2
   config.data_dir = ""
-  config.digits_source = "embedded"
-  config.image_size = 224
-  config.pretrained_checkpoint = ""
+  # digits_source, image_size, pretrained_checkpoint: read by some datasets.
+  common.add_dataset_fields(config)
   config.eval_batch_size = 256
   config.worker_count = 0
   common.add_device_fields(config)

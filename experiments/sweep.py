@@ -62,7 +62,7 @@ def algorithm_name(name: str) -> str:
 
 
 def check_dataset(name: str) -> None:
-  if name not in domainbed.ENVIRONMENTS:
+  if name not in domainbed.DATASETS:
     raise errors.ConfigError(
         f"Unknown dataset {name!r}; known: {', '.join(domainbed.DATASETS)}."
         + config_checks.suggest(name, domainbed.DATASETS))
@@ -177,24 +177,15 @@ def group_jobs(jobs: Sequence[Job], runs_per_program: int) -> list[GroupJob]:
   return groups
 
 
-# --config.X fields that only some datasets read (a run refuses them
-# elsewhere, config_checks.py): {field: whether a dataset reads it}.
-_DATASET_FIELDS = {
-    "pretrained_checkpoint": lambda d: d in domainbed.FOLDER_DATASETS,
-    "image_size": lambda d: d in domainbed.FOLDER_DATASETS,
-    "digits_source": lambda d: d not in domainbed.FOLDER_DATASETS,
-}
-
-
 def _applies(flag: str, algorithm: str, dataset: str) -> bool:
   """Whether --config.X flag `flag` is for a job of `algorithm` on
   `dataset`: a flag of an algorithm's block (--config.fishr.params=all)
-  goes to that algorithm's jobs only, a dataset-specific field to the
-  datasets that read it."""
+  goes to that algorithm's jobs only, a dataset-specific field
+  (config_fields.DATASET_FIELDS) to the datasets that read it."""
   field = flag[len("--config."):].split("=")[0].split(".")[0]
   if field in registry.names():
     return field == algorithm
-  return _DATASET_FIELDS.get(field, lambda d: True)(dataset)
+  return config_checks.dataset_reads(dataset, field)
 
 
 def make_jobs(flags: argparse.Namespace) -> list[Job]:
@@ -215,7 +206,7 @@ def make_jobs(flags: argparse.Namespace) -> list[Job]:
         f"{', '.join(sorted(names))}."
         + config_checks.suggest(unknown[0], names))
   for dataset in flags.datasets:
-    num_envs = len(domainbed.ENVIRONMENTS[dataset])
+    num_envs = len(domainbed.DATASETS[dataset].environments)
     for algorithm in flags.algorithms:
       ours = algorithm_name(algorithm)
       for test_envs in test_env_sets(num_envs, flags.single_test_envs):

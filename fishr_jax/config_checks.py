@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable
 
 import ml_collections
 
+from fishr_jax import config_fields
 from fishr_jax import errors
 from fishr_jax import hparams as hparams_lib
 from fishr_jax import models
@@ -150,7 +151,7 @@ def check_domainbed(config: ml_collections.ConfigDict) -> None:
   """configs/domainbed.py's fields."""
   _check_choice("dataset", config.dataset, domainbed.DATASETS)
   _check_choice("algorithm", config.algorithm, registry.names())
-  environments = domainbed.ENVIRONMENTS[config.dataset]
+  environments = domainbed.DATASETS[config.dataset].environments
   test_envs = tuple(config.test_envs)
   valid = f"0..{len(environments) - 1} ({', '.join(environments)})"
   if not all(_is_int(e) and 0 <= e < len(environments) for e in test_envs):
@@ -171,23 +172,29 @@ def check_domainbed(config: ml_collections.ConfigDict) -> None:
            lambda v: _finite_at_least(0.0, strict=True)(v) and v < 1.0,
            "must be in (0, 1): the part of each env held out for validation")
   _check_device_fields(config)
-  is_mnist = config.dataset not in domainbed.FOLDER_DATASETS
-  if is_mnist and config.pretrained_checkpoint:
-    _fail("pretrained_checkpoint", config.pretrained_checkpoint,
-          f"is ignored by {config.dataset}, whose MNIST CNN has no "
-          "pretrained weights (only the ResNets of the image-folder datasets "
-          "use it); drop it")
-  if is_mnist:
+  spec = domainbed.DATASETS[config.dataset]
+  for name, field in config_fields.DATASET_FIELDS.items():
+    if not field.read_by(spec) and config[name] != field.default:
+      _fail(name, config[name], f"is ignored by {config.dataset}, "
+            f"{field.unread_because}; drop it")
+  if spec.reads_digits:
     _check_choice("digits_source", config.digits_source, mnist.SOURCES)
-  elif config.digits_source != "embedded":
-    _fail("digits_source", config.digits_source,
-          f"is ignored by {config.dataset}, an image-folder dataset; drop it")
-  else:
+  if spec.is_image_folder:
     _require(config, "image_size", _at_least(32), "must be an integer >= 32")
   check_hparam_overrides(config)
   values = hparams_lib.default_hparams(config.algorithm, config.dataset)
   settings.from_domainbed(config.algorithm, values,
                           config.get(config.algorithm))
+
+
+def dataset_reads(dataset: str, field: str) -> bool:
+  """Whether a DomainBed run on `dataset` reads config field `field`: all
+  do but those of config_fields.DATASET_FIELDS, which depend on the
+  dataset's spec."""
+  if field not in config_fields.DATASET_FIELDS:
+    return True
+  return config_fields.DATASET_FIELDS[field].read_by(
+      domainbed.dataset_spec(dataset))
 
 
 def check_overrides(config: ml_collections.ConfigDict,

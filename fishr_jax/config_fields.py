@@ -1,14 +1,18 @@
-"""Config fields shared by every experiment config (configs/*.py).
+"""Config fields shared by the experiment configs (configs/*.py), and the
+DomainBed fields that only some datasets read.
 
 In the library, not in configs/, so that a config file loaded by path (the
 `fishr-jax` console script) imports it without configs/ on sys.path.
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import ml_collections
 
 from fishr_jax.algorithms import settings
+
+if TYPE_CHECKING:  # the configs need not load the data pipeline
+  from fishr_jax.data import domainbed
 
 
 def add_device_fields(config: ml_collections.ConfigDict) -> None:
@@ -36,3 +40,39 @@ def add_algorithm_blocks(config: ml_collections.ConfigDict,
   """One block per registered algorithm (config.fishr, config.irm, ...)."""
   for name, block in settings.config_blocks(overrides, only_unset).items():
     config[name] = block
+
+
+class DatasetField(NamedTuple):
+  """A DomainBed config field that only some datasets read."""
+  default: Any  # the one value a dataset that does not read it accepts
+  read_by: Callable[["domainbed.DatasetSpec"], bool]
+  unread_because: str  # why a dataset ignores it: "ignored by PACS, <this>"
+
+
+# What each dataset reads follows from its spec (data/domainbed.py): a run on
+# a dataset that does not read one of these refuses any value but the
+# default (config_checks.py); a sweep passes the flag only to the datasets
+# that read it.
+DATASET_FIELDS = {
+    # MNIST's digits: embedded|tfds|idx.
+    "digits_source": DatasetField(
+        "embedded", lambda spec: spec.reads_digits,
+        "which is not made from MNIST digits"),
+    # The side the image-folder datasets' images are resized to.
+    "image_size": DatasetField(
+        224, lambda spec: spec.is_image_folder,
+        "which is not read from image folders (only their images are "
+        "resized)"),
+    # torchvision's ImageNet weights, a local file. The backbones are
+    # "mnist_cnn" and "resnet", so a dataset without a ResNet has the CNN.
+    "pretrained_checkpoint": DatasetField(
+        "", lambda spec: spec.backbone == "resnet",
+        "whose MNIST CNN has no pretrained weights (only the ResNet backbone "
+        "loads them)"),
+}
+
+
+def add_dataset_fields(config: ml_collections.ConfigDict) -> None:
+  """DATASET_FIELDS, at their defaults."""
+  for name, field in DATASET_FIELDS.items():
+    config[name] = field.default

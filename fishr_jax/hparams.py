@@ -13,16 +13,17 @@ from typing import Any, Callable
 import numpy as np
 
 from fishr_jax.algorithms import registry
+from fishr_jax.data import domainbed
 from fishr_jax.data.domainbed import seed_hash  # pylint: disable=unused-import
 
 Sampler = Callable[[np.random.RandomState], Any]
 HParamSpecs = dict[str, tuple[Any, Sampler]]
 
-SMALL_IMAGES = ("Debug28", "RotatedMNIST", "ColoredMNIST")
-
 
 def shared_specs(algorithm: str, dataset: str) -> HParamSpecs:
-  small = dataset in SMALL_IMAGES
+  """The hparams every algorithm has; their ranges depend on the dataset's
+  spec (small_images, batch_size_log2_high)."""
+  spec = domainbed.dataset_spec(dataset)
   specs: HParamSpecs = {
       "data_augmentation": (True, lambda r: True),
       "resnet18": (False, lambda r: False),
@@ -30,14 +31,18 @@ def shared_specs(algorithm: str, dataset: str) -> HParamSpecs:
       "class_balanced": (False, lambda r: False),
       "nonlinear_classifier": (False, lambda r: bool(r.choice([False, False]))),
   }
-  if small:
+  # log2 of the largest batch size the random search draws: DomainBed's for
+  # the image size unless the spec sets its own (DomainNet's is lower).
+  high = spec.batch_size_log2_high
+  if spec.small_images:
+    high = 9 if high is None else high
     specs["lr"] = (1e-3, lambda r: 10**r.uniform(-4.5, -2.5))
     specs["weight_decay"] = (0.0, lambda r: 0.0)
-    specs["batch_size"] = (64, lambda r: int(2**r.uniform(3, 9)))
+    specs["batch_size"] = (64, lambda r: int(2**r.uniform(3, high)))
   else:
+    high = 5.5 if high is None else high
     specs["lr"] = (5e-5, lambda r: 10**r.uniform(-5, -3.5))
     specs["weight_decay"] = (0.0, lambda r: 10**r.uniform(-6, -2))
-    high = 5 if dataset == "DomainNet" else 5.5
     specs["batch_size"] = (32, lambda r: int(2**r.uniform(3, high)))
   del algorithm  # (DomainBed's ARM/DANN-specific shared entries: not ported)
   return specs

@@ -32,6 +32,7 @@ import numpy as np
 
 from fishr_jax import errors
 from fishr_jax import workdir
+from fishr_jax.data import domainbed
 
 Record = dict[str, Any]
 # (trial_seed, dataset, algorithm, test_env), DomainBed's grouping.
@@ -45,20 +46,14 @@ ALGORITHMS = (
     "SANDMask", "IGA", "SelfReg", "Fishr", "TRM", "IB_ERM", "IB_IRM", "CAD",
     "CondCAD", "Transfer", "CausIRL_CORAL", "CausIRL_MMD", "EQRM")
 
+# DomainBed's datasets that fishr-jax does not build, with their ENVIRONMENTS
+# (domainbed/datasets.py): DomainBed's own records get its column labels. Its
+# table order puts its debug datasets before those of domainbed.DATASETS and
+# the others after them.
+_DOMAINBED_DEBUG_DATASETS = {"Debug28": ("0", "1", "2"),
+                             "Debug224": ("0", "1", "2")}
 _SPAWRIOUS_ENVS = ("Test", "SC_group_1", "SC_group_2")
-# DomainBed's datasets in its table order (domainbed/datasets.py DATASETS) with
-# their ENVIRONMENTS, the column labels. Other datasets follow, sorted by
-# name, with columns env0, env1, ...
-DATASET_ENVIRONMENTS = {
-    "Debug28": ("0", "1", "2"),
-    "Debug224": ("0", "1", "2"),
-    "ColoredMNIST": ("+90%", "+80%", "-90%"),
-    "RotatedMNIST": ("0", "15", "30", "45", "60", "75"),
-    "VLCS": ("C", "L", "S", "V"),
-    "PACS": ("A", "C", "P", "S"),
-    "OfficeHome": ("A", "C", "P", "R"),
-    "TerraIncognita": ("L100", "L38", "L43", "L46"),
-    "DomainNet": ("clip", "info", "paint", "quick", "real", "sketch"),
+_DOMAINBED_LATER_DATASETS = {
     "SVIRO": ("aclass", "escape", "hilux", "i3", "lexus", "tesla", "tiguan",
               "tucson", "x5", "zoe"),
     "WILDSCamelyon": tuple(f"hospital_{i}" for i in range(5)),
@@ -66,6 +61,18 @@ DATASET_ENVIRONMENTS = {
     **{f"Spawrious{kind}_{level}": _SPAWRIOUS_ENVS
        for kind in ("O2O", "M2M") for level in ("easy", "medium", "hard")},
 }
+
+
+def dataset_environments() -> dict[str, tuple[str, ...]]:
+  """The column labels of every dataset the tables know, in table order:
+  DomainBed's debug datasets, domainbed.DATASETS in its order (a dataset
+  added there comes after DomainNet), DomainBed's later datasets. Other
+  datasets follow them, sorted by name, with columns env0, env1, ..."""
+  return {**_DOMAINBED_DEBUG_DATASETS,
+          **{name: spec.environments
+             for name, spec in domainbed.DATASETS.items()},
+          **_DOMAINBED_LATER_DATASETS}
+
 
 _REQUIRED_ARGS = ("dataset", "algorithm", "test_envs", "hparams_seed",
                   "trial_seed")
@@ -372,17 +379,18 @@ def algorithm_names(records: Sequence[Record]) -> list[str]:
 
 
 def dataset_names(records: Sequence[Record]) -> list[str]:
-  """DomainBed's datasets in its order, then the others sorted (DomainBed
-  itself drops datasets it does not know)."""
+  """The known datasets (dataset_environments) in table order, then the
+  others sorted (DomainBed itself drops datasets it does not know)."""
   names = {r["args"]["dataset"] for r in records}
-  return ([n for n in DATASET_ENVIRONMENTS if n in names]
-          + sorted(names - set(DATASET_ENVIRONMENTS)))
+  known = dataset_environments()
+  return [n for n in known if n in names] + sorted(names - set(known))
 
 
 def environment_names(dataset: str, records: Sequence[Record]) -> list[str]:
   """Column labels of a dataset's test envs."""
-  if dataset in DATASET_ENVIRONMENTS:
-    return list(DATASET_ENVIRONMENTS[dataset])
+  known = dataset_environments()
+  if dataset in known:
+    return list(known[dataset])
   n = max(_num_envs(r) for r in records if r["args"]["dataset"] == dataset)
   return [f"env{i}" for i in range(n)]
 

@@ -57,7 +57,7 @@ def resolve_config(config: ml_collections.ConfigDict
   the dataset's default when unset."""
   config = config.copy_and_resolve_references()
   if config.checkpoint_freq is None:
-    config.checkpoint_freq = domainbed.CHECKPOINT_FREQ[config.dataset]
+    config.checkpoint_freq = domainbed.DATASETS[config.dataset].checkpoint_freq
   return config
 
 
@@ -82,7 +82,7 @@ def make_network(dataset: domainbed.Dataset, hparams: dict[str, Any],
   """(module, its frozen collections, initial trainable params) for the
   dataset's backbone."""
   dtype = models.compute_dtype(config.compute_dtype)
-  if not dataset.is_image_folder:
+  if domainbed.dataset_spec(dataset.name).backbone == "mnist_cnn":
     module = models.MNISTCNN(num_outputs=dataset.num_classes, dtype=dtype)
     return module, {}, jax.jit(module.init)(rng, sample_x)["params"]
   from fishr_jax import resnet  # pylint: disable=g-import-not-at-top

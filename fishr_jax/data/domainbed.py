@@ -1,11 +1,15 @@
-"""DomainBed's datasets, in/out splits and batch iterators (SPEC.md, "DomainBed
-protocol"; reference: facebookresearch/DomainBed datasets.py, lib/misc.py,
-lib/fast_data_loader.py, scripts/train.py).
+"""DomainBed's datasets, in/out splits and batch iterators (reference:
+facebookresearch/DomainBed datasets.py, lib/misc.py, lib/fast_data_loader.py,
+scripts/train.py).
 
   dataset = get_dataset("PACS", data_dir)          # environments, sources
   splits = split_environments(dataset, 0.2, trial_seed)   # (in, out) per env
   train = train_batches(dataset, splits, train_envs, batch_size, seed)
   evals = eval_batches(dataset, splits, 64)        # "env0_in" -> fresh pass
+
+Everything about a dataset is its `DatasetSpec` in `DATASETS`: the config
+checks, hparams, sweeps, model selection and the choice of network read it
+there, so a new dataset is one entry (docs/recipes/add_a_dataset.md).
 
 Images are channels last (H, W, C), float32. ColoredMNIST and RotatedMNIST
 are built in memory from a digit source of `fishr_jax.data.mnist`; the folder
@@ -15,7 +19,8 @@ datasets are decoded with Pillow by `image_folder.ImageFolderSource`.
 import dataclasses
 import hashlib
 import os
-from typing import Callable, Iterator, NamedTuple, Sequence
+import typing
+from typing import Callable, Iterator, Literal, NamedTuple, Sequence
 
 from grain import python as grain
 import numpy as np
@@ -54,7 +59,8 @@ Source = ArraySource | image_folder.ImageFolderSource
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-  """A DomainBed dataset: one random-access source per environment."""
+  """A DomainBed dataset, as its DatasetSpec loads it: one random-access
+  source per environment."""
   name: str
   environments: list[str]
   num_classes: int
@@ -70,39 +76,11 @@ class Dataset:
     return self.sources[env]
 
 
-class FolderLayout(NamedTuple):
-  folder: str  # under data_dir
-  environments: tuple[str, ...]  # DomainBed's names
-  domains: tuple[str, ...]  # the domain folders, same order
-
-
-# DomainBed's environment order is its sorted list of domain folders.
-FOLDER_DATASETS = {
-    "VLCS": FolderLayout("VLCS", ("C", "L", "S", "V"),
-                         ("Caltech101", "LabelMe", "SUN09", "VOC2007")),
-    "PACS": FolderLayout("PACS", ("A", "C", "P", "S"),
-                         ("art_painting", "cartoon", "photo", "sketch")),
-    "OfficeHome": FolderLayout("office_home", ("A", "C", "P", "R"),
-                               ("Art", "Clipart", "Product", "Real World")),
-    "TerraIncognita": FolderLayout(
-        "terra_incognita", ("L100", "L38", "L43", "L46"),
-        ("location_100", "location_38", "location_43", "location_46")),
-    "DomainNet": FolderLayout(
-        "domain_net", ("clip", "info", "paint", "quick", "real", "sketch"),
-        ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")),
-}
-COLORED_MNIST_ENVIRONMENTS = ("+90%", "+80%", "-90%")
+# DomainBed's ColoredMNIST: its environments' color flip probabilities and
+# label noise; RotatedMNIST: its environments' angles, in degrees.
 COLOR_FLIP_PROBS = (0.1, 0.2, 0.9)
 LABEL_NOISE = 0.25
-ROTATED_MNIST_ENVIRONMENTS = ("0", "15", "30", "45", "60", "75")
-DATASETS = ("ColoredMNIST", "RotatedMNIST") + tuple(FOLDER_DATASETS)
-# Environment names of every dataset, without loading it.
-ENVIRONMENTS = {"ColoredMNIST": COLORED_MNIST_ENVIRONMENTS,
-                "RotatedMNIST": ROTATED_MNIST_ENVIRONMENTS,
-                **{name: layout.environments for name, layout in FOLDER_DATASETS.items()}}
-CHECKPOINT_FREQ = {"ColoredMNIST": 100, "RotatedMNIST": 100, "VLCS": 300,
-                   "PACS": 300, "OfficeHome": 300, "TerraIncognita": 300,
-                   "DomainNet": 1000}
+ROTATION_ANGLES = (0, 15, 30, 45, 60, 75)
 
 # Leading words of the per-step seeds: they keep the sampling and the
 # augmentation streams apart (numpy's SeedSequence pads with zeros, so seeds
@@ -113,6 +91,146 @@ _AUGMENTATION_STREAM = 2
 _MAX_STEPS = 2**62
 _IDX_TEST_FILES = {"images": "t10k-images-idx3-ubyte",
                    "labels": "t10k-labels-idx1-ubyte"}
+
+
+# ------------------------------------------------------------------ specs ---
+
+Backbone = Literal["mnist_cnn", "resnet"]
+BACKBONES: tuple[str, ...] = typing.get_args(Backbone)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+  """A run's choices about its data: get_dataset's arguments."""
+  data_dir: str
+  digits_source: str
+  image_size: int
+  seed: int
+
+
+class LoadedEnvironments(NamedTuple):
+  sources: list[Source]  # one per environment, in the spec's order
+  num_classes: int
+  input_shape: tuple[int, int, int]  # (H, W, C)
+
+
+@dataclasses.dataclass(frozen=True)
+class MNISTDigits:
+  """Environments made in memory from MNIST's digits (DomainBed's
+  MultipleEnvironmentMNIST): every digit of options.digits_source, shuffled
+  by options.seed, goes to make_environments(images, digits, rng), `rng`
+  being the generator that shuffled them (DomainBed draws ColoredMNIST's
+  noise and colors from that stream)."""
+  num_classes: int
+  input_shape: tuple[int, int, int]  # (H, W, C)
+  make_environments: Callable[
+      [np.ndarray, np.ndarray, np.random.Generator], list[ArraySource]]
+
+  def load(self, name: str, options: LoadOptions) -> LoadedEnvironments:
+    del name  # the digits' errors name their files
+    images, digits = load_all_digits(options.digits_source,
+                                     options.data_dir or None)
+    rng = np.random.default_rng(options.seed)
+    perm = rng.permutation(len(digits))
+    return LoadedEnvironments(
+        self.make_environments(images[perm], digits[perm], rng),
+        self.num_classes, self.input_shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class InMemory:
+  """Environments made in memory by make_environments(options) from
+  anything but MNIST's digits, so a run refuses config.digits_source."""
+  num_classes: int
+  input_shape: tuple[int, int, int]  # (H, W, C)
+  make_environments: Callable[[LoadOptions], list[ArraySource]]
+
+  def load(self, name: str, options: LoadOptions) -> LoadedEnvironments:
+    del name
+    return LoadedEnvironments(self.make_environments(options),
+                              self.num_classes, self.input_shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderLayout:
+  """DomainBed's folders, <data_dir>/<folder>/<domain>/<class>/<image>: one
+  domain folder per environment, one class per class folder; images are
+  resized to options.image_size and augmented in training."""
+  folder: str  # under data_dir
+  domains: tuple[str, ...]  # the domain folders, in environment order
+
+  def load(self, name: str, options: LoadOptions) -> LoadedEnvironments:
+    if not options.data_dir:
+      raise errors.ConfigError(f"{name} needs data_dir: the folder holding "
+                               f"{self.folder}/ (DomainBed's --data_dir).")
+    root = os.path.join(options.data_dir, self.folder)
+    domain_dirs = [os.path.join(root, domain) for domain in self.domains]
+    missing = [d for d in domain_dirs if not os.path.isdir(d)]
+    if missing:
+      where = (f"there is no {root}" if not os.path.isdir(root)
+               else f"{root} lacks {len(missing)} of them")
+      raise errors.DataError(
+          f"{name} expects DomainBed's layout <data_dir>/{self.folder}/"
+          f"<domain>/<class>/<image> with the domain folders "
+          f"{', '.join(domain_dirs)}; {where}: missing {', '.join(missing)}. "
+          "(domainbed/scripts/download.py makes this layout.)")
+    # DomainBed lets each domain number its own class folders; the sorted
+    # union is the same when every domain has every class, and stays
+    # consistent when one does not.
+    classes = sorted(set().union(*(image_folder.find_classes(d)
+                                   for d in domain_dirs)))
+    sources = [image_folder.ImageFolderSource(d, classes, options.image_size)
+               for d in domain_dirs]
+    return LoadedEnvironments(sources, len(classes),
+                              (options.image_size, options.image_size, 3))
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """Everything about one dataset; the config checks, hparams, sweeps, model
+  selection and the network read it here."""
+  name: str
+  environments: tuple[str, ...]  # DomainBed's names: the tables' columns
+  # How the environments are made, which decides the config fields the
+  # dataset reads: digits_source (MNISTDigits), image_size (FolderLayout).
+  data: MNISTDigits | InMemory | FolderLayout
+  # "mnist_cnn": models.MNISTCNN; "resnet": resnet.ResNet (ResNet-18 or 50
+  # by hparams), which alone reads config.pretrained_checkpoint.
+  backbone: Backbone
+  # DomainBed's SMALL_IMAGES hparam ranges (lr, weight decay, batch size).
+  small_images: bool
+  checkpoint_freq: int  # DomainBed's default steps between evaluations
+  # The random search's batch sizes are int(2**uniform(3, this)); None:
+  # DomainBed's bound for the image size (hparams.py).
+  batch_size_log2_high: float | None = None
+
+  def __post_init__(self):
+    if self.backbone not in BACKBONES:
+      raise ValueError(f"Dataset {self.name!r}: backbone {self.backbone!r} "
+                       f"is not one of {', '.join(BACKBONES)}.")
+    if (isinstance(self.data, FolderLayout)
+        and len(self.data.domains) != len(self.environments)):
+      raise ValueError(f"Dataset {self.name!r}: {len(self.data.domains)} "
+                       f"domain folders for {len(self.environments)} "
+                       "environments.")
+
+  @property
+  def reads_digits(self) -> bool:
+    return isinstance(self.data, MNISTDigits)
+
+  @property
+  def is_image_folder(self) -> bool:
+    return isinstance(self.data, FolderLayout)
+
+  def load(self, options: LoadOptions) -> Dataset:
+    loaded = self.data.load(self.name, options)
+    if len(loaded.sources) != len(self.environments):
+      raise ValueError(
+          f"Dataset {self.name!r} made {len(loaded.sources)} environments "
+          f"for its {len(self.environments)} names.")
+    return Dataset(self.name, list(self.environments), loaded.num_classes,
+                   loaded.input_shape, self.is_image_folder, loaded.sources,
+                   self.checkpoint_freq)
 
 
 # ----------------------------------------------------------------- digits ---
@@ -194,65 +312,67 @@ def _colored_mnist(images: np.ndarray, digits: np.ndarray,
   return sources
 
 
-def _rotated_mnist(images: np.ndarray, digits: np.ndarray) -> list[ArraySource]:
-  num_envs = len(ROTATED_MNIST_ENVIRONMENTS)
+def _rotated_mnist(images: np.ndarray, digits: np.ndarray,
+                   rng: np.random.Generator) -> list[ArraySource]:
+  del rng  # the shuffle is all the randomness
+  num_envs = len(ROTATION_ANGLES)
   sources = []
-  for env, angle in enumerate(ROTATED_MNIST_ENVIRONMENTS):
+  for env, angle in enumerate(ROTATION_ANGLES):
     rotated = rotate_digits(images[env::num_envs], float(angle))
     sources.append(ArraySource(rotated[..., None],
                                digits[env::num_envs].astype(np.int32)))
   return sources
 
 
-def _mnist_dataset(name: str, data_dir: str, digits_source: str,
-                   seed: int) -> Dataset:
-  images, digits = load_all_digits(digits_source, data_dir or None)
-  # DomainBed shuffles with the global torch seed (its --seed) and then draws
-  # ColoredMNIST's label noise and colors from the same stream.
-  rng = np.random.default_rng(seed)
-  perm = rng.permutation(len(digits))
-  images, digits = images[perm], digits[perm]
-  if name == "ColoredMNIST":
-    return Dataset(name, list(COLORED_MNIST_ENVIRONMENTS), 2, (28, 28, 2),
-                   False, _colored_mnist(images, digits, rng),
-                   CHECKPOINT_FREQ[name])
-  return Dataset(name, list(ROTATED_MNIST_ENVIRONMENTS), 10, (28, 28, 1),
-                 False, _rotated_mnist(images, digits), CHECKPOINT_FREQ[name])
+# ---------------------------------------------------------------- registry ---
+
+# The datasets, in DomainBed's table order (domainbed/datasets.py DATASETS).
+# A folder dataset's environments are DomainBed's sorted domain folders.
+DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
+    DatasetSpec("ColoredMNIST", ("+90%", "+80%", "-90%"),
+                MNISTDigits(2, (28, 28, 2), _colored_mnist),
+                backbone="mnist_cnn", small_images=True, checkpoint_freq=100),
+    DatasetSpec("RotatedMNIST", tuple(str(a) for a in ROTATION_ANGLES),
+                MNISTDigits(10, (28, 28, 1), _rotated_mnist),
+                backbone="mnist_cnn", small_images=True, checkpoint_freq=100),
+    DatasetSpec("VLCS", ("C", "L", "S", "V"),
+                FolderLayout("VLCS", ("Caltech101", "LabelMe", "SUN09",
+                                      "VOC2007")),
+                backbone="resnet", small_images=False, checkpoint_freq=300),
+    DatasetSpec("PACS", ("A", "C", "P", "S"),
+                FolderLayout("PACS", ("art_painting", "cartoon", "photo",
+                                      "sketch")),
+                backbone="resnet", small_images=False, checkpoint_freq=300),
+    DatasetSpec("OfficeHome", ("A", "C", "P", "R"),
+                FolderLayout("office_home", ("Art", "Clipart", "Product",
+                                             "Real World")),
+                backbone="resnet", small_images=False, checkpoint_freq=300),
+    DatasetSpec("TerraIncognita", ("L100", "L38", "L43", "L46"),
+                FolderLayout("terra_incognita", (
+                    "location_100", "location_38", "location_43",
+                    "location_46")),
+                backbone="resnet", small_images=False, checkpoint_freq=300),
+    DatasetSpec("DomainNet",
+                ("clip", "info", "paint", "quick", "real", "sketch"),
+                FolderLayout("domain_net", (
+                    "clipart", "infograph", "painting", "quickdraw", "real",
+                    "sketch")),
+                backbone="resnet", small_images=False, checkpoint_freq=1000,
+                batch_size_log2_high=5.0),
+)}
 
 
-# ----------------------------------------------------------- image folders ---
-
-def _folder_dataset(name: str, data_dir: str, image_size: int) -> Dataset:
-  layout = FOLDER_DATASETS[name]
-  if not data_dir:
-    raise errors.ConfigError(f"{name} needs data_dir: the folder holding "
-                             f"{layout.folder}/ (DomainBed's --data_dir).")
-  root = os.path.join(data_dir, layout.folder)
-  domain_dirs = [os.path.join(root, domain) for domain in layout.domains]
-  missing = [d for d in domain_dirs if not os.path.isdir(d)]
-  if missing:
-    where = (f"there is no {root}" if not os.path.isdir(root)
-             else f"{root} lacks {len(missing)} of them")
-    raise errors.DataError(
-        f"{name} expects DomainBed's layout <data_dir>/{layout.folder}/"
-        f"<domain>/<class>/<image> with the domain folders "
-        f"{', '.join(domain_dirs)}; {where}: missing {', '.join(missing)}. "
-        "(domainbed/scripts/download.py makes this layout.)")
-  # DomainBed lets each domain number its own class folders; the sorted union
-  # is the same when every domain has every class, and stays consistent when
-  # one does not.
-  classes = sorted(set().union(*(image_folder.find_classes(d)
-                                 for d in domain_dirs)))
-  sources = [image_folder.ImageFolderSource(d, classes, image_size)
-             for d in domain_dirs]
-  return Dataset(name, list(layout.environments), len(classes),
-                 (image_size, image_size, 3), True, sources,
-                 CHECKPOINT_FREQ[name])
+def dataset_spec(name: str) -> DatasetSpec:
+  """DATASETS[name]; an unknown name is a ConfigError listing the known."""
+  if name not in DATASETS:
+    raise errors.ConfigError(
+        f"Unknown dataset {name!r}; known: {', '.join(DATASETS)}.")
+  return DATASETS[name]
 
 
 def get_dataset(name: str, data_dir: str = "", digits_source: str = "embedded",
                 image_size: int = 224, seed: int = 0) -> Dataset:
-  """The dataset `name` (one of DATASETS).
+  """The dataset `name` (a key of DATASETS).
 
   data_dir: for the folder datasets, the folder holding DomainBed's dataset
     folders (PACS/, VLCS/, office_home/, terra_incognita/, domain_net/); for
@@ -262,12 +382,8 @@ def get_dataset(name: str, data_dir: str = "", digits_source: str = "embedded",
   seed: the MNIST datasets' shuffle and ColoredMNIST's noise and colors
     (DomainBed draws them from its --seed).
   """
-  if name in ("ColoredMNIST", "RotatedMNIST"):
-    return _mnist_dataset(name, data_dir, digits_source, seed)
-  if name in FOLDER_DATASETS:
-    return _folder_dataset(name, data_dir, image_size)
-  raise errors.ConfigError(
-      f"Unknown dataset {name!r}; known: {', '.join(DATASETS)}.")
+  return dataset_spec(name).load(
+      LoadOptions(data_dir, digits_source, image_size, seed))
 
 
 # ----------------------------------------------------------------- splits ---
