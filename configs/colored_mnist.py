@@ -52,6 +52,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
 
   # Optimizer: Adam, explicit L2 in the loss (biases included, not halved),
   # coupled weight decay off.
+  common.add_optimizer_field(config)
   config.lr = LR
   config.weight_decay = 0.0
 

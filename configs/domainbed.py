@@ -60,6 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 256
   config.worker_count = 0
   common.add_device_fields(config)
+  # The learning rate and weight decay are the sampled hparams (hparams.lr,
+  # hparams.weight_decay).
+  common.add_optimizer_field(config)
   config.hparams = _hparam_overrides()
   # Each algorithm's options that no DomainBed hparam sets, unset (None: the
   # algorithm's default): --config.fishr.params=all

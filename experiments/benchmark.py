@@ -46,6 +46,7 @@ from fishr_jax import algorithms
 from fishr_jax import hparams as hparams_lib
 from fishr_jax import models
 from fishr_jax import parallel
+from fishr_jax import steps
 from fishr_jax import train
 from fishr_jax.algorithms import settings
 
@@ -148,6 +149,12 @@ SETTINGS: dict[str, Callable[[], dict[str, Any]]] = {
 }
 
 
+def _factory(name: str, network: algorithms.Network, num_domains: int
+             ) -> train.AlgorithmFactory:
+  return lambda spec, mesh: algorithms.make_algorithm(
+      name, network, num_domains, spec.algorithm, spec.schedule, mesh)
+
+
 def compile_step(setting: dict[str, Any], variant: str, mesh=None):
   """The jitted step of one variant (sharded over `mesh`; None: one device),
   its start state and batch, its peak memory (bytes) and its floating-point
@@ -161,17 +168,13 @@ def compile_step(setting: dict[str, Any], variant: str, mesh=None):
   network = algorithms.Network.from_module(
       model, frozen=variables, stochastic=setting.get("stochastic", False))
   # One device is a mesh of one: the batch keeps its order there.
-  mesh = mesh or parallel.make_mesh(1)
-  algorithm = algorithms.make_algorithm(name, network, setting["num_domains"],
-                                        alg_config, schedule, mesh)
-  tx = train.make_optimizer(lr)
-  batch = parallel.shard_batch(setting["batch"], mesh,
-                               algorithm.needs_domain_blocks,
-                               setting["num_domains"])
-  step = train.jit_train_step(train.make_train_step(algorithm, tx, schedule),
-                              mesh, _XLA_CPU_DOT_FUSION.value)
-  state = parallel.replicate(train.create_train_state(
-      jax.random.key(0), params, algorithm, tx, batch), mesh)
+  built = steps.build(_factory(name, network, setting["num_domains"]),
+                      train.StepSpec(alg_config, schedule, lr),
+                      mesh or parallel.make_mesh(1), setting["num_domains"],
+                      xla_cpu_dot_fusion=_XLA_CPU_DOT_FUSION.value)
+  batch = built.shard(setting["batch"])
+  state = built.init_state(jax.random.key(0), params, batch)
+  step = built.step
   compiled = step.lower(state, batch).compile()
   memory = compiled.memory_analysis()
   peak = None
@@ -262,30 +265,25 @@ def compile_vectorized_step(setting: dict[str, Any], variant: str,
   alg_config, schedule, lr = setting["algorithm"](name, fishr_options)
   model = setting["model"]
   mesh = parallel.make_runs_mesh(num_runs, 1)
-  runs, states = [], []
+  specs, states = [], []
   for run in range(num_runs):
     variables = dict(jax.jit(model.init)(jax.random.key(run),
                                          setting["batch"]["x"][:1]))
     params = variables.pop("params")
     network = algorithms.Network.from_module(
         model, frozen=variables, stochastic=setting.get("stochastic", False))
-    hparams = vectorized.ScalarHParams(alg_config, schedule,
-                                       lr * (1 + 0.1 * run), 0.0)
-    algorithm = algorithms.make_algorithm(name, network, setting["num_domains"],
-                                          alg_config, schedule, mesh)
-    tx = train.make_optimizer(hparams.lr)
-    states.append(train.create_train_state(jax.random.key(run), params,
-                                           algorithm, tx, setting["batch"]))
-    runs.append(hparams)
-  shared, varying = vectorized.split_hparams(runs)
-  step = vectorized.jit_train_step(vectorized.make_train_step(
-      lambda h: algorithms.make_algorithm(name, network,
-                                          setting["num_domains"], h.algorithm,
-                                          h.schedule, mesh), shared),
-                                   mesh, _XLA_CPU_DOT_FUSION.value)
-  batch = parallel.shard_run_batches([setting["batch"]] * num_runs, mesh,
-                                     algorithm.needs_domain_blocks,
-                                     setting["num_domains"])
+    specs.append(train.StepSpec(alg_config, schedule, lr * (1 + 0.1 * run)))
+    built = steps.build(_factory(name, network, setting["num_domains"]),
+                        specs[-1], mesh, setting["num_domains"], runs=True,
+                        xla_cpu_dot_fusion=_XLA_CPU_DOT_FUSION.value)
+    states.append(built.init_state(jax.random.key(run), params,
+                                   setting["batch"]))
+  shared, varying = vectorized.split_hparams(specs)
+  built = steps.build(_factory(name, network, setting["num_domains"]), shared,
+                      mesh, setting["num_domains"], runs=True,
+                      xla_cpu_dot_fusion=_XLA_CPU_DOT_FUSION.value)
+  step = built.step
+  batch = built.shard([setting["batch"]] * num_runs)
   values = jax.device_put(varying, parallel.run_sharding(mesh))
   state = vectorized.stack(states, mesh)
   compiled = step.lower(state, batch, values).compile()

@@ -17,6 +17,7 @@ from fishr_jax import config_fields
 from fishr_jax import errors
 from fishr_jax import hparams as hparams_lib
 from fishr_jax import models
+from fishr_jax import optimizers
 from fishr_jax import vectorized
 from fishr_jax.algorithms import registry
 from fishr_jax.algorithms import settings
@@ -87,6 +88,7 @@ def _check_device_fields(config: ml_collections.ConfigDict) -> None:
             "trains its runs in one process; with distributed=True set it "
             "to 1")
   _check_choice("compute_dtype", config.compute_dtype, models.COMPUTE_DTYPES)
+  optimizers.parse(config.optimizer)
   _check_choice("group_step", config.group_step,
                 ("auto",) + vectorized.GROUP_STEPS)
 

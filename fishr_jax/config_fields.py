@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import ml_collections
 
+from fishr_jax import optimizers
 from fishr_jax.algorithms import settings
 
 if TYPE_CHECKING:  # the configs need not load the data pipeline
@@ -31,6 +32,14 @@ def add_device_fields(config: ml_collections.ConfigDict) -> None:
   # called for each in turn (CPU, where batched operations over many runs
   # are slower); "auto" picks by backend.
   config.group_step = "auto"
+
+
+def add_optimizer_field(config: ml_collections.ConfigDict) -> None:
+  """The optimizer, an optax call (fishr_jax/optimizers.py), with the run's
+  learning rate and coupled weight decay. Default: torch.optim.Adam's
+  defaults, as DomainBed and the IRM script use them;
+  --config.optimizer='sgd(momentum=0.9)' switches to SGD with momentum."""
+  config.optimizer = optimizers.ADAM
 
 
 def add_algorithm_blocks(config: ml_collections.ConfigDict,

@@ -1,6 +1,6 @@
 """The trainer: train state, the pure train step, and the loop of one run.
 
-Sections, in order: optimizer; train state; train step; records and
+Sections, in order: what a step is; train state; train step; records and
 progress; the loop (`train_loop`). An experiment (train_colored_mnist.py,
 train_domainbed.py) builds a `Run` (the state at step 0, the jitted step,
 its batches, its evaluation) and hands it to `train_loop`; runs trained
@@ -44,6 +44,7 @@ import tqdm
 from fishr_jax import algorithms
 from fishr_jax import errors
 from fishr_jax import fast_paths
+from fishr_jax import optimizers
 from fishr_jax import parallel
 from fishr_jax import workdir as workdir_lib
 
@@ -58,19 +59,26 @@ DONE = workdir_lib.DONE
 CHECKPOINTS = workdir_lib.CHECKPOINTS
 CORRUPT_CHECKPOINTS = workdir_lib.CORRUPT_CHECKPOINTS
 
-# ----------------------------------------------------------------- optimizer
+# ------------------------------------------------------------ what a step is
 
 
-def make_optimizer(lr: float, weight_decay: float = 0.0
-                   ) -> optax.GradientTransformation:
-  """torch.optim.Adam(lr, weight_decay): the decay is COUPLED (added to the
-  gradient before Adam's moments), hence add_decayed_weights before
-  scale_by_adam and not adamw."""
-  return optax.chain(
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
-      optax.scale(-lr),
-  )
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """What a run's step is built from besides its network: the algorithm's
+  frozen Config and its Schedule, the optimizer (an optax call,
+  optimizers.py) with the run's learning rate and coupled weight decay, and
+  its network's dropout rate (DomainBed's resnet_dropout)."""
+  algorithm: Any
+  schedule: algorithms.Schedule
+  lr: float
+  weight_decay: float = 0.0
+  dropout_rate: float = 0.0
+  optimizer: str = optimizers.ADAM
+
+
+# (a run's StepSpec, the mesh) -> its algorithm, over its network.
+AlgorithmFactory = Callable[[StepSpec, jax.sharding.Mesh],
+                            algorithms.Algorithm]
 
 
 # --------------------------------------------------------------- train state

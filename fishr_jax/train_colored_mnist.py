@@ -27,6 +27,7 @@ from fishr_jax import algorithms
 from fishr_jax import evaluation
 from fishr_jax import models
 from fishr_jax import parallel
+from fishr_jax import steps
 from fishr_jax import train
 from fishr_jax import vectorized
 from fishr_jax import workdir as workdir_lib
@@ -61,30 +62,28 @@ def make_groups(config: ml_collections.ConfigDict, workdir: str
   model = make_model(config)
   num_domains = len(config.data.train_color_flip_probs)
   per_program = config.runs_per_program or config.restarts
+  alone = per_program == 1  # each restart its own step, on the data mesh
   alg_config, schedule = settings.from_config_dict(config)
-  tx = train.make_optimizer(config.lr, config.weight_decay)
-  if per_program == 1:  # each restart its own step, on the data mesh
+  spec = train.StepSpec(alg_config, schedule, config.lr, config.weight_decay,
+                        optimizer=config.optimizer)
+
+  def build(mesh, runs):
+    return steps.build(
+        lambda s, m: algorithms.make_algorithm(config.algorithm, model,
+                                               num_domains, s.algorithm,
+                                               s.schedule, m),
+        spec, mesh, num_domains, runs=runs,
+        xla_cpu_dot_fusion=config.xla_cpu_dot_fusion)
+
+  if alone:
     mesh = parallel.make_mesh(config.num_devices)
     place = lambda tree: parallel.replicate(tree, mesh)
   else:  # each restart on the first device; a group stacks them
     mesh = parallel.make_runs_mesh(per_program, config.num_devices)
     place = lambda tree: jax.device_put(tree, mesh.devices.flat[0])
-  algorithm = algorithms.make_algorithm(config.algorithm, model, num_domains,
-                                        alg_config, schedule, mesh)
-  train_step = train.jit_train_step(
-      train.make_train_step(algorithm, tx, schedule), mesh,
-      config.xla_cpu_dot_fusion) if per_program == 1 else None
-  hparams = vectorized.ScalarHParams(alg_config, schedule, config.lr,
-                                     config.weight_decay)
+  built = build(mesh, runs=not alone)
   group_step = vectorized.resolve_group_step(config.group_step,
                                              mesh.devices.flat[0].platform)
-
-  def make_group_step(group_mesh):  # a program of restarts on group_mesh
-    return vectorized.jit_train_step(vectorized.make_train_step(
-        lambda h: algorithms.make_algorithm(config.algorithm, model,
-                                            num_domains, h.algorithm,
-                                            h.schedule, group_mesh),
-        hparams), group_mesh, config.xla_cpu_dot_fusion)
 
   accuracy = evaluation.make_accuracy_fn(model)
   # What one restart depends on: a resume may ask for more restarts, or
@@ -103,21 +102,18 @@ def make_groups(config: ml_collections.ConfigDict, workdir: str
     envs = colored_mnist.make_environments(
         pools, config.data, np.random.default_rng([config.seed, restart]))
     host_batch = parallel.process_part(envs.train)
-    batch = (parallel.shard_batch(host_batch, mesh,
-                                  algorithm.needs_domain_blocks, num_domains)
-             if per_program == 1 else place(host_batch))
+    batch = built.shard(host_batch) if alone else place(host_batch)
     evals = {"train": batch, **place(envs.evals)}
     init_rng, rng = jax.random.split(
         jax.random.fold_in(jax.random.key(config.seed), restart))
     params = model.init(init_rng, batch["x"][:1])["params"]
-    state = place(train.create_train_state(rng, params, algorithm, tx, batch))
+    state = built.init_state(rng, params, batch)
     run = train.Run(
         workdir=os.path.join(workdir, f"restart_{restart}"),
         config_json=run_config_json,
         steps=config.steps, record_every=config.log_every, state=state,
-        train_step=train_step,
-        batches=((lambda start: itertools.repeat(batch))
-                 if per_program == 1 else None),
+        train_step=built.step if alone else None,
+        batches=(lambda start: itertools.repeat(batch)) if alone else None,
         evaluate=lambda params: {
             f"{name}_acc": float(accuracy(params, env))
             for name, env in evals.items()},
@@ -131,24 +127,15 @@ def make_groups(config: ml_collections.ConfigDict, workdir: str
   for first in range(0, config.restarts, per_program):
     made = [restart_run(r) for r in
             range(first, min(first + per_program, config.restarts))]
-    if per_program == 1:
+    if alone:
       yield made[0][0]
-      continue
-    batches = _fixed_batches([b for _, b in made],
-                             algorithm.needs_domain_blocks, num_domains)
-    yield vectorized.make_group([run for run, _ in made], make_group_step,
-                                {}, config.num_devices, batches, group_step)
-
-
-def _fixed_batches(host_batches: list[dict[str, np.ndarray]],
-                   domain_blocks: bool, num_domains: int
-                   ) -> vectorized.GroupBatches:
-  """A group's batches when each run trains on one fixed full batch."""
-  def batches(indices, start_step, mesh):
-    del start_step
-    return itertools.repeat(parallel.shard_run_batches(
-        [host_batches[i] for i in indices], mesh, domain_blocks, num_domains))
-  return batches
+    else:
+      hosts = [host_batch for _, host_batch in made]
+      yield vectorized.make_group(
+          [run for run, _ in made], lambda m: build(m, runs=True), {},
+          config.num_devices,
+          lambda indices, start, built, hosts=hosts: itertools.repeat(
+              built.shard([hosts[i] for i in indices])), group_step)
 
 
 def summarize(config: ml_collections.ConfigDict,

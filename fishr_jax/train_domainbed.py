@@ -26,6 +26,7 @@ from fishr_jax import hparams as hparams_lib
 from fishr_jax import losses
 from fishr_jax import models
 from fishr_jax import parallel
+from fishr_jax import steps
 from fishr_jax import train
 from fishr_jax import vectorized
 from fishr_jax import workdir as workdir_lib
@@ -145,7 +146,7 @@ def make_accuracy_fn(network: algorithms.Network):
 class _RunParts(NamedTuple):
   """One run's pieces, before they become a train.Run alone or in a group."""
   run: train.Run  # its train_step and batches: None in a group
-  hparams: vectorized.ScalarHParams
+  spec: train.StepSpec
   module: nn.Module
   frozen: PyTree
   num_domains: int
@@ -182,16 +183,13 @@ def _make_parts(config: ml_collections.ConfigDict, workdir: str,
                                         config.seed))
   module, frozen, params = make_network(dataset, hparams, config, init_rng,
                                         sample["x"][:1])
-  network = as_network(module, frozen)
-  algorithm = algorithms.make_algorithm(config.algorithm, network,
-                                        len(train_envs), alg_config, schedule,
-                                        mesh)
-  tx = train.make_optimizer(hparams["lr"], hparams["weight_decay"])
-  accuracy = accuracy or make_accuracy_fn(network)
-  state = train.create_train_state(state_rng, params, algorithm, tx,
-                                   jax.device_put(sample))
-  state = (parallel.replicate(state, mesh) if alone
-           else jax.device_put(state, mesh.devices.flat[0]))
+  spec = _step_spec(config, hparams, alg_config, schedule)
+  built = steps.build(
+      algorithm_factory(config.algorithm, module, frozen, len(train_envs)),
+      spec, mesh, len(train_envs), runs=not alone,
+      xla_cpu_dot_fusion=config.xla_cpu_dot_fusion)
+  accuracy = accuracy or make_accuracy_fn(as_network(module, frozen))
+  state = built.init_state(state_rng, params, jax.device_put(sample))
 
   def host_batches(start_step):
     return domainbed.train_batches(
@@ -200,16 +198,9 @@ def _make_parts(config: ml_collections.ConfigDict, workdir: str,
         worker_count=config.worker_count,
         process_shard=(jax.process_index(), jax.process_count()))
 
-  train_step = batches = None
+  batches = None
   if alone:
-    train_step = train.jit_train_step(
-        train.make_train_step(algorithm, tx, schedule), mesh,
-        config.xla_cpu_dot_fusion)
-
-    def batches(start_step):
-      for batch in host_batches(start_step):
-        yield parallel.shard_batch(batch, mesh, algorithm.needs_domain_blocks,
-                                   len(train_envs))
+    batches = lambda start_step: map(built.shard, host_batches(start_step))
 
   def evaluate(params):
     return {f"{name}_acc": accuracy(params, make_pass())
@@ -218,13 +209,13 @@ def _make_parts(config: ml_collections.ConfigDict, workdir: str,
   run = train.Run(
       workdir=workdir, config_json=config.to_json_best_effort(indent=2),
       steps=config.steps, record_every=config.checkpoint_freq, state=state,
-      train_step=train_step, batches=batches, evaluate=evaluate,
+      train_step=built.step if alone else None, batches=batches,
+      evaluate=evaluate,
       evaluate_before_update=False, epoch=lambda s: s / steps_per_epoch,
       fields={"hparams": hparams, "args": record_args(config)},
       block_each_step=parallel.must_block_each_step(mesh),
       name=f"{config.dataset} {config.algorithm}")
-  return _RunParts(run, _scalars(hparams, alg_config, schedule), module, frozen,
-                   len(train_envs), host_batches)
+  return _RunParts(run, spec, module, frozen, len(train_envs), host_batches)
 
 
 def make_run(config: ml_collections.ConfigDict, workdir: str) -> train.Run:
@@ -238,11 +229,21 @@ def make_run(config: ml_collections.ConfigDict, workdir: str) -> train.Run:
 SCALAR_HPARAMS = ("lr", "weight_decay", "resnet_dropout")
 
 
-def _scalars(hparams: dict[str, Any], alg_config: Any,
-             schedule: algorithms.Schedule) -> vectorized.ScalarHParams:
-  return vectorized.ScalarHParams(
+def _step_spec(config: ml_collections.ConfigDict, hparams: dict[str, Any],
+               alg_config: Any, schedule: algorithms.Schedule
+               ) -> train.StepSpec:
+  return train.StepSpec(
       alg_config, schedule, hparams["lr"], hparams["weight_decay"],
-      dropout_rate=float(hparams["resnet_dropout"]))
+      dropout_rate=float(hparams["resnet_dropout"]),
+      optimizer=config.optimizer)
+
+
+def algorithm_factory(name: str, module: nn.Module, frozen: PyTree,
+                      num_domains: int) -> train.AlgorithmFactory:
+  """A run's algorithm over `module`, with its StepSpec's dropout rate."""
+  return lambda spec, mesh: algorithms.make_algorithm(
+      name, as_network(module, frozen, spec.dropout_rate), num_domains,
+      spec.algorithm, spec.schedule, mesh)
 
 
 # Config fields in which the runs of one program may differ (with the
@@ -260,7 +261,7 @@ def program_key(config: ml_collections.ConfigDict) -> str:
   hparams = resolve_hparams(config)
   alg_config, schedule = settings.from_domainbed(
       config.algorithm, hparams, config.get(config.algorithm))
-  scalars = _scalars(hparams, alg_config, schedule)
+  scalars = _step_spec(config, hparams, alg_config, schedule)
   shared = config.to_dict()
   for field in PER_RUN_FIELDS:
     shared.pop(field)
@@ -295,29 +296,23 @@ def make_group(configs: list[ml_collections.ConfigDict],
           f"{part.run.workdir} and {parts[0].run.workdir} start from "
           "different frozen batch statistics, so they cannot train as one "
           "program; launch them with runs_per_program=1.")
-  shared, varying = vectorized.split_hparams([p.hparams for p in parts])
-  name, num_domains = configs[0].algorithm, parts[0].num_domains
+  shared, varying = vectorized.split_hparams([p.spec for p in parts])
+  make_algorithm = algorithm_factory(configs[0].algorithm, module, frozen,
+                                     parts[0].num_domains)
 
-  def make_step(program_mesh):  # a program of runs on program_mesh
-    return vectorized.jit_train_step(vectorized.make_train_step(
-        lambda h: algorithms.make_algorithm(
-            name, as_network(module, frozen, h.dropout_rate), num_domains,
-            h.algorithm, h.schedule, program_mesh), shared),
-        program_mesh, configs[0].xla_cpu_dot_fusion)
+  def build(program_mesh):  # a program of runs on program_mesh
+    return steps.build(make_algorithm, shared, program_mesh,
+                       parts[0].num_domains, runs=True,
+                       xla_cpu_dot_fusion=configs[0].xla_cpu_dot_fusion)
 
-  needs_blocks = algorithms.make_algorithm(
-      name, as_network(module, frozen), num_domains, shared.algorithm,
-      shared.schedule, mesh).needs_domain_blocks
-
-  def batches(indices, start_step, program_mesh):
+  def batches(indices, start_step, built):
     iterators = [parts[i].host_batches(start_step) for i in indices]
     while True:
-      yield parallel.shard_run_batches([next(it) for it in iterators],
-                                       program_mesh, needs_blocks, num_domains)
+      yield built.shard([next(it) for it in iterators])
 
   group_step = vectorized.resolve_group_step(configs[0].group_step,
                                              mesh.devices.flat[0].platform)
-  return vectorized.make_group([p.run for p in parts], make_step, varying,
+  return vectorized.make_group([p.run for p in parts], build, varying,
                                configs[0].num_devices, batches, group_step)
 
 

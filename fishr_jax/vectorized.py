@@ -2,12 +2,12 @@
 axis, so small models fill an accelerator instead of idling it.
 
 Runs train together when they share every shape and every structural
-choice: dataset, model, algorithm and its non-numeric options, batch size,
-number of test envs (`group_key`; DomainBed's `program_key`). They may differ in their seeds (hence data and
-initialization) and in every scalar hparam (`ScalarHParams`): the learning
-rate, weight decay, dropout rate, the schedule's anneal step and weights,
-and the algorithm's float options (Fishr's lambda and ema, IRM's lambda, ...). A
-value every run of the group shares stays a Python constant of the program,
+choice: dataset, model, algorithm and its non-numeric options, optimizer,
+batch size, number of test envs (`group_key`; DomainBed's `program_key`).
+They may differ in their seeds (hence data and initialization) and in every
+scalar of their `train.StepSpec`: the learning rate, weight decay, dropout
+rate, the schedule's anneal step and weights, and the algorithm's float
+options (Fishr's lambda and ema, IRM's lambda, ...). A value every run of the group shares stays a Python constant of the program,
 as in a run trained alone; one that differs becomes a (K,) array that each
 run's lane of the step reads (`split_hparams`). Each run still gets exactly
 the step it would get alone: the same algorithm factory and
@@ -34,14 +34,13 @@ import numpy as np
 
 from fishr_jax import errors
 from fishr_jax import fast_paths
+from fishr_jax import optimizers
 from fishr_jax import parallel
 from fishr_jax import train
 from fishr_jax import workdir as workdir_lib
 from fishr_jax.algorithms import base
 
 PyTree = Any
-# A run's ScalarHParams -> its algorithm (over its network), as it builds it.
-AlgorithmFactory = Callable[["ScalarHParams"], base.Algorithm]
 # (stacked states, stacked batches, per-run values) -> (states, metrics).
 VectorizedStep = Callable[[train.TrainState, train.Batch, dict[str, jax.Array]],
                           tuple[train.TrainState, train.Metrics]]
@@ -52,18 +51,7 @@ SCHEDULE_SCALARS = ("penalty_anneal_iters", "penalty_warmup_weight",
                     "l2_regularizer_weight")
 
 
-@dataclasses.dataclass(frozen=True)
-class ScalarHParams:
-  """What one run's step is built from: its algorithm Config, Schedule,
-  optimizer settings and its network's dropout rate."""
-  algorithm: Any  # the algorithm's frozen Config
-  schedule: base.Schedule
-  lr: float
-  weight_decay: float
-  dropout_rate: float = 0.0  # DomainBed's resnet_dropout
-
-
-def scalar_fields(hparams: ScalarHParams) -> dict[str, Any]:
+def scalar_fields(hparams: train.StepSpec) -> dict[str, Any]:
   """Every per-run scalar of `hparams`, by dotted name: the algorithm
   Config's float fields, SCHEDULE_SCALARS and the optimizer's."""
   fields = {f"algorithm.{f.name}": getattr(hparams.algorithm, f.name)
@@ -75,13 +63,14 @@ def scalar_fields(hparams: ScalarHParams) -> dict[str, Any]:
   return fields
 
 
-def with_values(hparams: ScalarHParams, values: dict[str, Any]
-                ) -> ScalarHParams:
+def with_values(hparams: train.StepSpec, values: dict[str, Any]
+                ) -> train.StepSpec:
   """`hparams` with the per-run scalars in `values` (dotted names)."""
   def part(prefix: str) -> dict[str, Any]:
     return {name[len(prefix):]: v for name, v in values.items()
             if name.startswith(prefix)}
-  return ScalarHParams(
+  return dataclasses.replace(
+      hparams,
       algorithm=dataclasses.replace(hparams.algorithm, **part("algorithm.")),
       schedule=dataclasses.replace(hparams.schedule, **part("schedule.")),
       lr=values.get("lr", hparams.lr),
@@ -89,11 +78,12 @@ def with_values(hparams: ScalarHParams, values: dict[str, Any]
       dropout_rate=values.get("dropout_rate", hparams.dropout_rate))
 
 
-def group_key(hparams: ScalarHParams) -> tuple:
-  """What runs trained together must share: every non-scalar field, and
-  which of the algorithm's scalars are zero (a zero may shape the program:
-  Fishr keeps no moving average at ema 0; base.is_zero). The optimizer's,
-  the schedule's and the dropout rate's zeros shape nothing."""
+def group_key(hparams: train.StepSpec) -> tuple:
+  """What runs trained together must share: every non-scalar field (the
+  optimizer too), and which of the algorithm's scalars are zero (a zero may
+  shape the program: Fishr keeps no moving average at ema 0;
+  base.is_zero). The learning rate's, weight decay's, schedule's and
+  dropout rate's zeros shape nothing."""
   scalars = scalar_fields(hparams)
 
   def fields(prefix: str, obj: Any) -> tuple:
@@ -107,11 +97,11 @@ def group_key(hparams: ScalarHParams) -> tuple:
     return tuple(key)
 
   return (type(hparams.algorithm), fields("algorithm.", hparams.algorithm),
-          fields("schedule.", hparams.schedule))
+          fields("schedule.", hparams.schedule), hparams.optimizer)
 
 
-def split_hparams(runs: list[ScalarHParams]
-                  ) -> tuple[ScalarHParams, dict[str, np.ndarray]]:
+def split_hparams(runs: list[train.StepSpec]
+                  ) -> tuple[train.StepSpec, dict[str, np.ndarray]]:
   """(what the runs share, {name: (K,) values} of the scalars that differ).
   Raises ValueError unless the runs share a `group_key`."""
   keys = {group_key(h) for h in runs}
@@ -145,18 +135,19 @@ def resolve_group_step(group_step: str, platform: str) -> str:
   return group_step
 
 
-def make_train_step(make_algorithm: AlgorithmFactory,
-                    shared: ScalarHParams) -> VectorizedStep:
-  """The step of K runs: `train.make_train_step` of each run's own
-  algorithm and optimizer, built from `shared` and its lane of the values
-  that differ, vmapped over the leading run axis of the state, the batch
-  and the values (jit it, e.g. with `jit_train_step`)."""
+def make_train_step(make_algorithm: train.AlgorithmFactory,
+                    shared: train.StepSpec, mesh: jax.sharding.Mesh) -> VectorizedStep:
+  """The step of K runs on `mesh`: `train.make_train_step` of each run's
+  own algorithm and optimizer, built from `shared` and its lane of the
+  values that differ, vmapped over the leading run axis of the state, the
+  batch and the values (jit it, e.g. with `jit_train_step`; steps.build
+  does both)."""
 
   def one_run(state, batch, values):
-    hparams = with_values(shared, values)
-    tx = train.make_optimizer(hparams.lr, hparams.weight_decay)
-    algorithm = make_algorithm(hparams)
-    return train.make_train_step(algorithm, tx, hparams.schedule)(state, batch)
+    spec = with_values(shared, values)
+    tx = optimizers.make(spec.optimizer, spec.lr, spec.weight_decay)
+    algorithm = make_algorithm(spec, mesh)
+    return train.make_train_step(algorithm, tx, spec.schedule)(state, batch)
 
   return jax.vmap(one_run)
 
@@ -172,32 +163,32 @@ def jit_train_step(step: VectorizedStep, mesh: jax.sharding.Mesh,
                      platform, xla_cpu_dot_fusion))
 
 
-# (member indices, the start step, the program's mesh) -> each step's
-# stacked batches, from the start step.
-GroupBatches = Callable[[list[int], int, jax.sharding.Mesh],
-                        Iterator[train.Batch]]
+# (member indices, the start step, the program's steps.BuiltStep) -> each
+# step's batches of those runs (built.shard of their host batches), from
+# the start step.
+GroupBatches = Callable[[list[int], int, Any], Iterator[train.Batch]]
 
 
-def make_group(runs: list[train.Run],
-               make_step: Callable[[jax.sharding.Mesh], VectorizedStep],
+def make_group(runs: list[train.Run], build: Callable[[jax.sharding.Mesh], Any],
                varying: dict[str, np.ndarray], num_devices: int,
                batches: GroupBatches, group_step: str = "vmap"
                ) -> "Group":
   """`runs` (each with its own step-0 state on the first device) as a
-  Group, reading the values that differ (`split_hparams`) of just
-  the runs it trains. `group_step` "vmap": any K of them train as one
-  program on `parallel.make_runs_mesh(K, num_devices)` with
-  `make_step(mesh)` (jitted once per K); "each": each run in turn by the
-  program of one run (jitted once), its batch over all the devices."""
+  Group, reading the values that differ (`split_hparams`) of just the runs
+  it trains. `build(mesh)`: the steps.BuiltStep of a program of runs on
+  `mesh` (built once per program size). `group_step` "vmap": any K of them
+  train as one program on `parallel.make_runs_mesh(K, num_devices)`;
+  "each": each run in turn by the program of one run, its batch over all
+  the devices."""
   if group_step not in GROUP_STEPS:
     raise ValueError(f"group_step must be one of {GROUP_STEPS}, got "
                      f"{group_step!r}.")
-  programs: dict[int, tuple[jax.sharding.Mesh, VectorizedStep]] = {}
+  programs: dict[int, tuple[jax.sharding.Mesh, Any]] = {}
 
-  def program_of(size: int) -> tuple[jax.sharding.Mesh, VectorizedStep]:
+  def program_of(size: int) -> tuple[jax.sharding.Mesh, Any]:
     if size not in programs:
       mesh = parallel.make_runs_mesh(size, num_devices)
-      programs[size] = mesh, make_step(mesh)
+      programs[size] = mesh, build(mesh)
     return programs[size]
 
   def values_of(indices, mesh):
@@ -206,22 +197,23 @@ def make_group(runs: list[train.Run],
             for k, v in varying.items()}
 
   def together(indices, states, start_step):
-    mesh, step = program_of(len(indices))
+    mesh, built = program_of(len(indices))
     values = values_of(indices, mesh)
-    return Program(stack(states, mesh), lambda s, b: step(s, b, values),
-                   batches(indices, start_step, mesh),
-                   compile=lambda s, b: step.lower(s, b, values).compile())
+    return Program(
+        stack(states, mesh), lambda s, b: built.step(s, b, values),
+        batches(indices, start_step, built),
+        compile=lambda s, b: built.step.lower(s, b, values).compile())
 
   def in_turn(indices, states, start_step):
-    mesh, step = program_of(1)
+    mesh, built = program_of(1)
     values = [values_of([i], mesh) for i in indices]
     block = runs[indices[0]].block_each_step
-    iterators = [batches([i], start_step, mesh) for i in indices]
+    iterators = [batches([i], start_step, built) for i in indices]
 
     def each_step(states, step_batches):
       out = []
       for state, batch, run_values in zip(states, step_batches, values):
-        out.append(step(state, batch, run_values))
+        out.append(built.step(state, batch, run_values))
         if block:  # one run's step at a time (parallel.must_block_each_step)
           jax.block_until_ready(out[-1])
       metrics = {k: jnp.concatenate([m[k] for _, m in out]) for k in out[0][1]}
@@ -229,10 +221,9 @@ def make_group(runs: list[train.Run],
 
     step_batches = (tuple(next(it) for it in iterators)
                     for _ in itertools.count())
-    return Program(tuple(stack([s], mesh) for s in states), each_step,
-                   step_batches,
-                   compile=lambda s, b: step.lower(s[0], b[0],
-                                                   values[0]).compile())
+    return Program(
+        tuple(stack([s], mesh) for s in states), each_step, step_batches,
+        compile=lambda s, b: built.step.lower(s[0], b[0], values[0]).compile())
 
   device = jax.devices()[0]  # every mesh's first (parallel.make_runs_mesh)
   if group_step == "vmap":

@@ -20,6 +20,7 @@ from fishr_jax.algorithms import fishr  # noqa: E402
 from fishr_jax import models  # noqa: E402
 from fishr_jax import parallel  # noqa: E402
 from fishr_jax import train  # noqa: E402
+from fishr_jax import optimizers
 
 STEPS = 4
 DEVICE_COUNTS = (None, 1, 2, 4, 8)  # None: no mesh
@@ -72,7 +73,7 @@ def run(algorithm_name: str, fishr_options: dict,
   mesh = None if num_devices is None else parallel.make_mesh(num_devices)
   algorithm = algorithms.make_algorithm(algorithm_name, network, 3, config,
                                         SCHEDULE, mesh)
-  tx = train.make_optimizer(1e-2, 1e-4)
+  tx = optimizers.make(optimizers.ADAM, 1e-2, 1e-4)
   host_batch = make_batch()
   params = module.init(jax.random.key(1), host_batch["x"][:1])["params"]
   step = train.make_train_step(algorithm, tx, SCHEDULE)

@@ -11,6 +11,7 @@ from fishr_jax.algorithms import fishr
 from fishr_jax import models
 from fishr_jax import penalties
 from fishr_jax import train
+from fishr_jax import optimizers
 
 
 def test_dense_grad_variance_takes_bfloat16_moments_in_float32():
@@ -44,7 +45,7 @@ def test_bfloat16_train_step_keeps_state_and_penalty_float32(params):
                         dtype=models.compute_dtype(name))
     network = algorithms.Network.from_module(module)
     algorithm = algorithms.make_algorithm("fishr", network, 3, config)
-    tx = train.make_optimizer(1e-3)
+    tx = optimizers.make(optimizers.ADAM, 1e-3)
     params0 = module.init(jax.random.key(0), batch["x"][:1])["params"]
     state = train.create_train_state(jax.random.key(1), params0, algorithm,
                                      tx, batch)

@@ -14,6 +14,7 @@ from fishr_jax import algorithms
 from fishr_jax import models
 from fishr_jax import parallel
 from fishr_jax import train
+from fishr_jax import optimizers
 from fishr_jax.algorithms import base
 from fishr_jax.algorithms import settings
 
@@ -45,14 +46,16 @@ def _setup(config, batch):
   alg_config, schedule = settings.from_config_dict(config)
   algorithm = algorithms.make_algorithm(config.algorithm, model, 2, alg_config,
                                         schedule)
-  tx = train.make_optimizer(config.lr, config.weight_decay)
+  tx = optimizers.make(config.optimizer, config.lr, config.weight_decay)
   params = model.init(jax.random.key(1), batch["x"][:1])["params"]
   state = train.create_train_state(jax.random.key(0), params, algorithm, tx, batch)
   return algorithm, tx, state, train.make_train_step(algorithm, tx, schedule)
 
 
 def _adam_state(opt_state) -> optax.ScaleByAdamState:
-  return next(s for s in opt_state if isinstance(s, optax.ScaleByAdamState))
+  is_adam = lambda s: isinstance(s, optax.ScaleByAdamState)
+  return next(s for s in jax.tree.leaves(opt_state, is_leaf=is_adam)
+              if is_adam(s))
 
 
 def test_penalty_weight_switches_exactly_at_anneal():
@@ -200,7 +203,7 @@ def _colored_mnist_mlp_step(config, algorithm_name="fishr"):
   alg_config, schedule = settings.from_config_dict(config)
   algorithm = algorithms.make_algorithm(algorithm_name, model, 2, alg_config,
                                         schedule)
-  tx = train.make_optimizer(config.lr, config.weight_decay)
+  tx = optimizers.make(config.optimizer, config.lr, config.weight_decay)
   params = model.init(jax.random.key(1), batch["x"][:1])["params"]
   step = train.jit_train_step(train.make_train_step(algorithm, tx, schedule),
                               parallel.make_mesh(1), config.xla_cpu_dot_fusion,

@@ -19,6 +19,7 @@ from fishr_jax import models
 from fishr_jax import parallel
 from fishr_jax import train
 from fishr_jax import workdir
+from fishr_jax import optimizers
 
 
 class Crash(RuntimeError):
@@ -36,7 +37,7 @@ def _run(workdir, steps=7, record_every=2, crash_at=None, nan_at=None,
          config_json="{}"):
   model = models.MLP(hidden_dims=(4,), num_outputs=1)
   algorithm = algorithms.make_algorithm("erm", model, 2)
-  tx = train.make_optimizer(0.1)
+  tx = optimizers.make(optimizers.ADAM, 0.1)
   mesh = parallel.make_mesh(1)
   params = model.init(jax.random.key(0), _batch(0)["x"][:1])["params"]
   state = parallel.replicate(train.create_train_state(

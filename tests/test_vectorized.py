@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from fishr_jax import parallel
+from fishr_jax import train
 from fishr_jax import vectorized
 from fishr_jax import workdir as workdir_lib
 from fishr_jax.algorithms import base
@@ -73,8 +74,8 @@ def test_a_program_that_ignored_the_per_run_values_would_fail_the_check(
   assert differences["params"] > 1e-2, differences
 
 
-def _hparams(**changes) -> vectorized.ScalarHParams:
-  hparams = vectorized.ScalarHParams(
+def _hparams(**changes) -> train.StepSpec:
+  hparams = train.StepSpec(
       fishr.Config(lambda_=10.0, ema=0.9), base.Schedule(
           penalty_anneal_iters=5, reset_optimizer_at_anneal=True), 1e-3, 0.0)
   for part, fields in changes.items():

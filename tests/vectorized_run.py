@@ -18,6 +18,7 @@ from fishr_jax import parallel
 from fishr_jax import train
 from fishr_jax import vectorized
 from fishr_jax import workdir as workdir_lib
+from fishr_jax import optimizers
 from fishr_jax.algorithms import base
 from fishr_jax.algorithms import registry
 
@@ -46,14 +47,14 @@ CASES = {
 DROPOUT_RATES = (0.1, 0.5, 0.0)
 
 
-def run_hparams(case: str, run: int) -> vectorized.ScalarHParams:
+def run_hparams(case: str, run: int) -> train.StepSpec:
   name, fixed, per_run = CASES[case]
   config = registry.get(name).config_class(
       **fixed, **{k: v[run] for k, v in per_run.items()})
   schedule = base.Schedule(penalty_anneal_iters=ANNEALS[run],
                            penalty_warmup_weight=WARMUPS[run],
                            reset_optimizer_at_anneal=True)
-  return vectorized.ScalarHParams(
+  return train.StepSpec(
       config, schedule, LRS[run], WEIGHT_DECAYS[run],
       dropout_rate=DROPOUT_RATES[run] if case == "erm_dropout" else 0.0)
 
@@ -87,27 +88,27 @@ class DropoutMLP(nn.Module):
     return self.head(features)
 
 
-def network(case: str, hparams: vectorized.ScalarHParams) -> algorithms.Network:
+def network(case: str, hparams: train.StepSpec) -> algorithms.Network:
   if case == "erm_dropout":
     return algorithms.Network.from_module(
         DropoutMLP(hparams.dropout_rate), stochastic=True)
   return algorithms.Network.from_module(MODULE)
 
 
-def factory(case: str, mesh=None) -> vectorized.AlgorithmFactory:
+def factory(case: str) -> train.AlgorithmFactory:
   name = CASES[case][0]
-  return lambda hparams: algorithms.make_algorithm(
+  return lambda hparams, mesh=None: algorithms.make_algorithm(
       name, network(case, hparams), NUM_DOMAINS, hparams.algorithm,
       hparams.schedule, mesh)
 
 
-def initial_state(case: str, run: int, hparams: vectorized.ScalarHParams
+def initial_state(case: str, run: int, hparams: train.StepSpec
                   ) -> train.TrainState:
   batch = make_batch(run)
   module = DropoutMLP() if case == "erm_dropout" else MODULE
   params = module.init(jax.random.key(100 + run), batch["x"][:1])["params"]
   algorithm = factory(case)(hparams)
-  tx = train.make_optimizer(hparams.lr, hparams.weight_decay)
+  tx = optimizers.make(hparams.optimizer, hparams.lr, hparams.weight_decay)
   return train.create_train_state(jax.random.key(200 + run), params, algorithm,
                                   tx, batch)
 
@@ -119,7 +120,7 @@ def alone(case: str, run: int, data_shards: int = 1
   out (parallel.spread_domains), so that its masks fall on the same ones."""
   hparams = run_hparams(case, run)
   algorithm = factory(case)(hparams)
-  tx = train.make_optimizer(hparams.lr, hparams.weight_decay)
+  tx = optimizers.make(hparams.optimizer, hparams.lr, hparams.weight_decay)
   step = jax.jit(train.make_train_step(algorithm, tx, hparams.schedule))
   state, batch = initial_state(case, run, hparams), make_batch(run)
   if case == "erm_dropout":
@@ -137,8 +138,8 @@ def together(case: str, runs: list[int], mesh) -> tuple[train.TrainState, list]:
   hparams = [run_hparams(case, r) for r in runs]
   shared, varying = vectorized.split_hparams(hparams)
   step = vectorized.jit_train_step(
-      vectorized.make_train_step(factory(case, mesh), shared), mesh)
-  algorithm = factory(case, mesh)(shared)
+      vectorized.make_train_step(factory(case), shared, mesh), mesh)
+  algorithm = factory(case)(shared, mesh)
   states = vectorized.stack(
       [initial_state(case, r, h) for r, h in zip(runs, hparams)], mesh)
   batch = parallel.shard_run_batches([make_batch(r) for r in runs], mesh,
