@@ -1,5 +1,6 @@
-"""The docs stay true: every relative link of README.md and docs/ points to
-an existing file (and heading), and docs/api.md's examples run."""
+"""The docs stay true: every relative link of the markdown pages (README.md,
+docs/, results/) points to an existing file (and heading), and docs/api.md's
+examples run."""
 
 import glob
 import os
@@ -8,9 +9,9 @@ import re
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAGES = sorted(["README.md"] + [
-    os.path.relpath(p, ROOT)
-    for p in glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True)])
+PAGES = sorted(["README.md", "tests/data/README.md"] + [
+    os.path.relpath(p, ROOT) for folder in ("docs", "results")
+    for p in glob.glob(os.path.join(ROOT, folder, "**", "*.md"), recursive=True)])
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
