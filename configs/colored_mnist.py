@@ -1,17 +1,17 @@
 """Colored MNIST, IRM setup (Arjovsky et al., 2019; Fishr paper, Table 2).
 
-Default (embedded digits, small-data preset: hidden 128, anneal 100, 301 steps):
+`restarts` full-batch runs of an MLP on two training environments whose
+color agrees with the label 80 % and 90 % of the time, evaluated on a test
+environment where it agrees 10 % of the time and on gray images. The
+default preset is a small-data setting for the 5,000 embedded digits
+(hidden 128, anneal 100, 301 steps, 5 restarts; nothing is downloaded):
 
   python -m fishr_jax.main --config configs/colored_mnist.py --workdir runs/cmnist
 
-gives (5 restarts): Fishr train 0.712 ± 0.022, test 0.546 ± 0.061, gray
-0.635 ± 0.018; each restart is a run in runs/cmnist/restart_<r>/. Over 10 restarts (experiments/
-colored_mnist_table.py): ERM 0.965 / 0.235 / 0.633, IRM 0.744 / 0.447 / 0.607,
-V-REx 0.775 / 0.474 / 0.644, Fishr 0.731 / 0.527 / 0.639 (train / test /
-gray), matching the official code on the same digits and flags.
-
-The paper's setting, for full MNIST (hidden 390, anneal 190, 501 steps, 10
-restarts; needs data.source=tfds or idx):
+Each restart is a run in runs/cmnist/restart_<r>/; runs/cmnist/results.json
+summarizes them. The preset "paper" has the paper's flags (hidden 390,
+anneal 190, 501 steps, 10 restarts) and is meant for full MNIST
+(data.source=tfds or idx):
 
   python -m fishr_jax.main --config configs/colored_mnist.py:paper \\
       --config.data.source=tfds --workdir runs/cmnist_paper
@@ -21,6 +21,10 @@ coral|mmd|groupdro|mixup (every registered algorithm has a block here),
 --config.restarts=10, --config.steps=501, --config.hidden_dim=390,
 --config.seed=1, --config.data.source=embedded|tfds|idx,
 --config.data.data_dir=DIR, --config.fishr.lambda_=1000.
+
+Fields: docs/configs.md. Semantics: docs/official_semantics.md. Measured
+results, with their commands and commits: README.md ("Results") and
+results/colored_mnist_embedded.md.
 """
 
 import ml_collections

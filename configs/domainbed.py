@@ -6,18 +6,17 @@
 
 trains on the other environments with the sampled hparams (hparams_seed 0 =
 DomainBed's defaults) and writes DomainBed records to DIR/results.jsonl.
-On the embedded digits with --config.steps=2001 --config.checkpoint_freq=250
-(measured at commit b9eb782, results/domainbed_cmnist_embedded_te2/): -90%
-in-split accuracy at the last step ERM 0.259, Fishr 0.257.
-Both fit the 1,667 digits per env before Fishr's penalty starts at step 1500,
-so full MNIST (--config.digits_source=tfds) is needed for the paper's numbers.
-Datasets: ColoredMNIST, RotatedMNIST (digits: data.digits_source
+Datasets: ColoredMNIST, RotatedMNIST (digits: --config.digits_source
 embedded|tfds|idx), VLCS, PACS, OfficeHome, TerraIncognita, DomainNet (from
 DomainBed's folders under --config.data_dir; ImageNet weights for ResNet-50
 from --config.pretrained_checkpoint, a local torchvision file).
 Any hparam can be forced: --config.hparams.lr=1e-4 --config.hparams.lambda=100
 (in Python, config.hparams.lambda_: `lambda` is a Python keyword, and the
 command line maps any keyword in a flag path to its underscored field).
+
+Fields: docs/configs.md. Protocol and sweeps: docs/domainbed.md, which also
+holds the measured runs on the embedded digits with their commands and
+commits.
 """
 
 import ml_collections

@@ -180,7 +180,8 @@ def _feature_moment_sums_fwd(features, weights, sq_weights):
 def _feature_moment_sums_bwd(residuals, cotangents):
   # An unused output's cotangent stays a symbolic zero and its terms are
   # skipped: a dot with a broadcast of zeros is what XLA:CPU's YNNPACK
-  # fusion miscompiles in jaxlib 0.10 (README, "Known XLA issue").
+  # fusion miscompiles in jaxlib 0.10 (docs/troubleshooting.md, "Known XLA
+  # issue").
   features, weights, sq_weights = residuals
   g, g_sq = cotangents
   is_zero = lambda c: isinstance(c, jax.custom_derivatives.SymbolicZero)
@@ -209,8 +210,8 @@ feature_moment_sums.defvjp(_feature_moment_sums_fwd, _feature_moment_sums_bwd,
 
 # XLA:CPU's YNNPACK fusion of each dot with its elementwise neighbours (bias,
 # ReLU, masks) is experimental and off by default in XLA; results equal the
-# unfused step to float32 rounding (tests/test_fast_paths.py), times in the
-# README's Speed section.
+# unfused step to float32 rounding (tests/test_fast_paths.py), times in
+# docs/speed.md.
 _CPU_DOT_FUSION = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 

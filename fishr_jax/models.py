@@ -38,7 +38,7 @@ def relu(x: jax.Array) -> jax.Array:
   jax.nn.relu's derivative is a select, which XLA:CPU cannot fuse into the
   matmul that produces its operand; a multiply it can (YNNPACK dot fusion,
   fast_paths.cpu_compiler_options), so the backward matmul of the next layer
-  runs as one fused kernel (README, Speed). The values are jax.nn.relu's, the
+  runs as one fused kernel (docs/speed.md). The values are jax.nn.relu's, the
   derivative at 0 included (0).
   """
   return jnp.maximum(x, 0)

@@ -7,7 +7,8 @@ features). Domains are given as integer `domain_ids` (N,) in
 Results indexed by domain have the domain as their leading axis.
 
 The semantics (reductions, the moving average's scaling) are those of the
-official code, as stated in SPEC.md:
+official code, as stated in docs/official_semantics.md ("Per-domain
+variances", "The moving average", "The penalty"):
 
   v_e   = mean_{i in e} (g_i - mean_{i in e} g_i)^2     per coordinate
   u_e   = v_e + gamma / (1 - gamma) * stop_gradient(m_e)  (optional EMA)

@@ -1,4 +1,5 @@
-"""Colored MNIST in the IRM setup (Arjovsky et al., 2019), as in SPEC.md.
+"""Colored MNIST in the IRM setup (Arjovsky et al., 2019), as in
+docs/official_semantics.md ("Colored MNIST (IRM setup)").
 
 label = (digit < 5) flipped with prob. `label_noise`; color = label flipped
 with prob. e; images subsampled to 14x14 and put in the channel of their color

