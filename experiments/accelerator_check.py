@@ -29,6 +29,7 @@ from absl import app
 from absl import flags
 
 from experiments import benchmark
+from fishr_jax import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = ("tests/test_penalties.py", "tests/test_fast_paths.py",
@@ -85,6 +86,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
+  cli.set_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   start = time.time()

@@ -42,6 +42,7 @@ import jax
 import numpy as np
 
 from configs import colored_mnist as cmnist_config
+from fishr_jax import cli
 from fishr_jax import algorithms
 from fishr_jax import hparams as hparams_lib
 from fishr_jax import models
@@ -381,6 +382,7 @@ def report(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str]) -> None:
+  cli.set_library_logs()
   extra = ["weak_scaling", "runs_per_program"]
   names = argv[1:] or list(SETTINGS) + extra
   unknown = sorted(set(names) - set(SETTINGS) - set(extra))

@@ -111,6 +111,10 @@ def collect(input_dir: str, output_dir: str = "", latex: bool = False,
   return (colored + "\n" + out if colored else out), written
 
 
+def _has_missing_cells(text: str) -> bool:
+  return re.search(r"(^|  |& )X( |$)", text, re.MULTILINE) is not None
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -122,6 +126,12 @@ def main(argv: Sequence[str]) -> None:
   # stdout carries only DomainBed's output, so its parsers keep working.
   sys.stdout.write(out)
   print("Wrote " + ", ".join(written), file=sys.stderr)
+  if _has_missing_cells(out):
+    print("X: no run was selected for that cell. A column is one test "
+          "environment and fills only with runs that held it out (a run "
+          "covers the columns of its test_envs); Avg needs every column. "
+          "Train the other test environments (experiments/sweep.py launch "
+          "--single_test_envs) to fill them.", file=sys.stderr)
 
 
 if __name__ == "__main__":

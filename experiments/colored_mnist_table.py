@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from configs import colored_mnist as cmnist_config
+from fishr_jax import cli
 from fishr_jax import train_colored_mnist
 from fishr_jax import workdir as workdir_lib
 
@@ -33,6 +34,8 @@ _RESTARTS = flags.DEFINE_integer("restarts", 10, "Restarts per algorithm.")
 _ALGORITHMS = flags.DEFINE_list("algorithms", ["erm", "irm", "vrex", "fishr"],
                                 "Algorithms, in table order.")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 10, "Steps between curve points.")
+_VERBOSE = flags.DEFINE_bool("verbose", False,
+                             "Show the libraries' INFO logs (orbax, JAX).")
 
 NAMES = {"erm": "ERM", "irm": "IRM", "vrex": "V-REx", "fishr": "Fishr"}
 
@@ -79,6 +82,7 @@ def plot_curves(curves: dict[str, dict[str, np.ndarray]], anneal: int,
 
 
 def main(argv: Sequence[str]) -> None:
+  cli.set_library_logs(_VERBOSE.value)
   del argv
   results, curves = {}, {}
   config = None

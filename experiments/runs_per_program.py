@@ -24,6 +24,7 @@ from absl import app
 from absl import flags
 
 from experiments import benchmark
+from fishr_jax import cli
 
 _COUNTS = flags.DEFINE_list("counts", ["1", "4", "10", "20"], "Values of K.")
 _GROUP_STEPS = flags.DEFINE_list(
@@ -82,6 +83,7 @@ def markdown(rows: list[dict[str, Any]], device: str) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
+  cli.set_library_logs()
   del argv
   with tempfile.TemporaryDirectory() as scratch:
     rows = measure([int(k) for k in _COUNTS.value], _GROUP_STEPS.value,

@@ -19,6 +19,7 @@ import traceback
 from typing import Any, Callable, Sequence
 
 from absl import flags
+from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
@@ -30,6 +31,12 @@ ERROR_LOG = "error.log"
 INTERRUPTED = 130
 
 _OVERRIDE = re.compile(r"^--(config\.[^=\s]+)(=.*)?$", re.DOTALL)
+
+
+def set_library_logs(verbose: bool = False) -> None:
+  """Library logs (orbax's lines on every checkpoint, JAX's backend notes)
+  at WARNING; all of them (INFO) with `verbose`."""
+  logging.set_verbosity(logging.INFO if verbose else logging.WARNING)
 
 
 def keyword_safe_argv(argv: Sequence[str]) -> list[str]:

@@ -12,7 +12,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from fishr_jax import cli
@@ -33,7 +32,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Directory for config.json, metrics and results.")
 _VERBOSE = flags.DEFINE_bool(
-    "verbose", False, "Show the traceback of every error, not one line.")
+    "verbose", False, "Show the traceback of every error, not one line, and "
+    "the libraries' INFO logs.")
 _FRESH = flags.DEFINE_bool(
     "fresh", False, "Move an existing --workdir aside (to WORKDIR.old-TIME) "
     "and start over, instead of resuming or skipping it.")
@@ -81,8 +81,7 @@ def _train_runs(config_spec: str, path: str, runs_per_program: int) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  # JAX's note that no TPU was found is noise on CPU and GPU machines.
-  logging.set_verbosity(logging.WARNING)
+  cli.set_library_logs(_VERBOSE.value)
   config, workdir = _CONFIG.value, _WORKDIR.value
 
   def train():

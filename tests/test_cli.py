@@ -105,3 +105,12 @@ def test_a_user_error_exits_with_its_code(tmp_path, capsys):
   assert exit_.value.code == 75
   assert capsys.readouterr().err == "error: in use\n"
   assert not (tmp_path / cli.ERROR_LOG).exists()
+
+
+def test_library_logs_stay_at_warning_unless_verbose():
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  cli.set_library_logs()
+  assert logging.get_verbosity() == logging.WARNING
+  cli.set_library_logs(verbose=True)
+  assert logging.get_verbosity() == logging.INFO
+  cli.set_library_logs()

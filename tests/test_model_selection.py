@@ -383,3 +383,15 @@ def test_a_diverged_run_is_skipped_and_listed_not_averaged(sweep, capsys):
   err = capsys.readouterr().err
   assert f"Skipped 1 runs with non-finite records (diverged): {diverged} (" in err
   assert "loss=nan" in err
+
+
+def test_missing_cells_are_explained(sweep, tmp_path, capsys):
+  text, _ = collect_results.collect(sweep, str(tmp_path / "out"))
+  explained = collect_results._has_missing_cells(text)  # pylint: disable=protected-access
+  assert explained == any(
+      m is None for method in ms.SELECTION_METHODS
+      for table in ms.results_tables(ms.load_records(sweep), method)
+      for row in table.means for m in row)
+  assert collect_results._has_missing_cells(  # pylint: disable=protected-access
+      "Fishr  X  12.3 +/- 0.4 \nERM  & X & 1.0 \\\\")
+  assert not collect_results._has_missing_cells("XRM  12.3 +/- 0.4 ")  # pylint: disable=protected-access

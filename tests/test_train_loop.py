@@ -280,3 +280,20 @@ def test_a_checkpoint_of_another_model_is_refused_not_moved(tmp_path):
     train.train_loop(other)
   assert _checkpoint_steps(tmp_path) == [5, 7]  # nothing moved
   assert not os.path.exists(tmp_path / train.CORRUPT_CHECKPOINTS)
+
+
+def test_step_time_is_the_update_alone_and_schedule_values_are_not_averaged(
+    tmp_path):
+  import time  # pylint: disable=g-import-not-at-top
+  run = _run(tmp_path, steps=3, record_every=2)
+  evaluate = run.evaluate
+  run.evaluate = lambda p: time.sleep(0.5) or evaluate(p)
+  records = train.train_loop(run)
+  # The record at step 0 covers one update, not the compile or the 0.5 s
+  # evaluation; DomainBed's step_time is the update alone.
+  assert all(r["step_time"] < 0.25 for r in records), records
+  means = train.window_means([{"loss": np.float32(1.0),
+                               "penalty_weight": np.float32(0.0)},
+                              {"loss": np.float32(3.0),
+                               "penalty_weight": np.float32(100.0)}])
+  assert means == {"loss": 2.0, "penalty_weight": 100.0}
