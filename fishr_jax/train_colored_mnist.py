@@ -151,7 +151,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains (or resumes) every restart; returns and writes the results."""
   primary = parallel.is_primary()
-  with workdir_lib.RunFolder(workdir, "").lock():
+  with workdir_lib.primary_lock(workdir):  # the restarts' parent folder
     if primary:
       workdir_lib.write_text(os.path.join(workdir, workdir_lib.CONFIG),
                              config.to_json_best_effort(indent=2) + "\n")

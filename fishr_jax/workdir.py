@@ -199,6 +199,15 @@ def lock(workdir: str) -> Iterator[None]:
     os.close(fd)
 
 
+def primary_lock(workdir: str) -> contextlib.AbstractContextManager:
+  """`workdir`'s lock, held by the process that writes the folder's files:
+  process 0 of a multi-process job (the others write nothing but their
+  part of a checkpoint); a no-op elsewhere."""
+  if parallel.is_primary():
+    return lock(workdir)
+  return contextlib.nullcontext()
+
+
 # --------------------------------------------------------- config changes
 
 
@@ -283,11 +292,7 @@ class RunFolder:
     return os.path.join(self.path, name)
 
   def lock(self) -> contextlib.AbstractContextManager:
-    """The folder's lock (`lock`), held by the primary process; the others
-    write nothing but their part of a checkpoint."""
-    if parallel.is_primary():
-      return lock(self.path)
-    return contextlib.nullcontext()
+    return primary_lock(self.path)
 
   def check_config(self) -> None:
     """errors.WorkdirError, listing the differences, if the folder holds a
