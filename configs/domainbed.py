@@ -56,7 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data_dir = ""
   # digits_source, image_size, pretrained_checkpoint: read by some datasets.
   common.add_dataset_fields(config)
-  config.eval_batch_size = 256
+  # DomainBed's evaluation batch; on XLA:CPU a 256-image batch costs more
+  # time per image (docs/speed.md).
+  config.eval_batch_size = 64
   config.worker_count = 0
   common.add_device_fields(config)
   # The learning rate and weight decay are the sampled hparams (hparams.lr,

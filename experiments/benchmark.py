@@ -20,6 +20,16 @@ Settings:
   weak_scaling              MNIST_CNN, 3 x 64 examples PER DEVICE, ERM and
                             Fishr on 1, 2, 4, ... of the devices found;
                             efficiency = time on 1 / time on n.
+  whole_run                 a whole DomainBed ColoredMNIST run (ERM and
+                            Fishr, test env 2, --whole_run_steps steps, an
+                            evaluation of all six splits every
+                            --whole_run_every), wall time of the command:
+                            start-up, data, compile and evaluations
+                            included; the official DomainBed code's too, on
+                            the same machine and digits, with
+                            --official_domainbed. Needs full MNIST
+                            (--whole_run_data_dir: the four IDX files).
+                            Not in the default list.
   runs_per_program          Fishr's step for K = 1, 4, 10, 20 runs as one
                             vectorized program (vectorized.py), for the
                             default Colored MNIST run (embedded digits) and
@@ -33,6 +43,9 @@ them).
 import json
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 from typing import Any, Callable, Sequence
 
@@ -42,8 +55,8 @@ import jax
 import numpy as np
 
 from configs import colored_mnist as cmnist_config
-from fishr_jax import cli
 from fishr_jax import algorithms
+from fishr_jax import cli
 from fishr_jax import hparams as hparams_lib
 from fishr_jax import models
 from fishr_jax import parallel
@@ -63,6 +76,20 @@ _XLA_CPU_DOT_FUSION = flags.DEFINE_bool(
     "xla_cpu_dot_fusion", True,
     "On CPU, compile the steps with YNNPACK's dot fusion "
     "(config.xla_cpu_dot_fusion).")
+
+_WHOLE_RUN_DATA_DIR = flags.DEFINE_string(
+    "whole_run_data_dir", "", "whole_run: the folder of MNIST's four IDX "
+    "files (both sides read the same digits).")
+_WHOLE_RUN_STEPS = flags.DEFINE_integer("whole_run_steps", 2001,
+                                        "whole_run: steps per run.")
+_WHOLE_RUN_EVERY = flags.DEFINE_integer(
+    "whole_run_every", 500, "whole_run: steps between evaluations.")
+_OFFICIAL_DOMAINBED = flags.DEFINE_string(
+    "official_domainbed", "", "whole_run: a checkout of "
+    "facebookresearch/DomainBed to time as well (empty: ours only).")
+_OFFICIAL_PYTHON = flags.DEFINE_string(
+    "official_python", "python3", "whole_run: the Python (with PyTorch) "
+    "that runs the official code.")
 
 VARIANTS = {
     "erm": ("erm", {}),
@@ -327,6 +354,47 @@ def _mib(num_bytes: int | None) -> str:
   return "n/a" if num_bytes is None else f"{num_bytes / 2**20:.1f}"
 
 
+def whole_run() -> dict[str, Any]:
+  """Wall time of whole DomainBed ColoredMNIST runs, ours and (with
+  --official_domainbed) the official code's, one after the other."""
+  if not _WHOLE_RUN_DATA_DIR.value:
+    raise app.UsageError("whole_run needs --whole_run_data_dir (MNIST's IDX "
+                         "files).")
+  steps, every = _WHOLE_RUN_STEPS.value, _WHOLE_RUN_EVERY.value
+  data_dir = os.path.abspath(_WHOLE_RUN_DATA_DIR.value)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = {}
+  for algorithm, official_name in (("erm", "ERM"), ("fishr", "Fishr")):
+    commands = {"ours": ([sys.executable, "-m", "fishr_jax.main", "--config",
+                          "configs/domainbed.py",
+                          "--config.dataset=ColoredMNIST",
+                          f"--config.algorithm={algorithm}",
+                          "--config.test_envs=2", f"--config.steps={steps}",
+                          f"--config.checkpoint_freq={every}",
+                          "--config.digits_source=idx",
+                          f"--config.data_dir={data_dir}", "--workdir"], root)}
+    if _OFFICIAL_DOMAINBED.value:
+      commands["official"] = (
+          [_OFFICIAL_PYTHON.value, "-m", "domainbed.scripts.train",
+           "--dataset", "ColoredMNIST", "--algorithm", official_name,
+           "--test_envs", "2", "--steps", str(steps), "--checkpoint_freq",
+           str(every), "--data_dir", data_dir, "--output_dir"],
+          _OFFICIAL_DOMAINBED.value)
+    for side, (command, cwd) in commands.items():
+      with tempfile.TemporaryDirectory() as workdir:
+        start = time.perf_counter()
+        subprocess.run(command + [workdir], cwd=cwd, check=True,
+                       stdout=subprocess.DEVNULL)
+        out[f"{algorithm}@{side}"] = {"wall_s": time.perf_counter() - start,
+                                      "steps": steps, "every": every}
+  for algorithm in ("erm", "fishr"):
+    if f"{algorithm}@official" in out:
+      out[f"{algorithm}@ours"]["vs_official"] = (
+          out[f"{algorithm}@ours"]["wall_s"]
+          / out[f"{algorithm}@official"]["wall_s"])
+  return out
+
+
 def markdown(results: dict[str, Any], device: str) -> str:
   xla_flags = os.environ.get("XLA_FLAGS", "")
   lines = [f"Device: {device}. Compute dtype {_COMPUTE_DTYPE.value}. "
@@ -341,7 +409,7 @@ def markdown(results: dict[str, Any], device: str) -> str:
            "|---|---|---|---|---|---|---|---|"]
   nan = float("nan")
   for setting, rows in results.items():
-    if setting in ("weak_scaling", "runs_per_program"):
+    if setting in ("weak_scaling", "runs_per_program", "whole_run"):
       continue
     for variant, r in rows.items():
       gflop = "n/a" if r["flops"] is None else f"{r['flops'] / 1e9:.2f}"
@@ -368,6 +436,16 @@ def markdown(results: dict[str, Any], device: str) -> str:
       lines.append(f"| {r['setting']} | {r['runs']} | "
                    f"{1e3 * r['step_time_s']:.1f} | {r['run_steps_per_s']:.1f}"
                    f" | {r['throughput_vs_one_by_one']:.2f}x |")
+  if "whole_run" in results:
+    lines += ["", "Whole DomainBed ColoredMNIST runs (test env 2), wall time "
+              "of the command, start-up, compile and evaluations included:",
+              "", "| algorithm | code | steps | evaluation every | wall (s) | "
+              "vs official |", "|---|---|---|---|---|---|"]
+    for key, r in results["whole_run"].items():
+      ratio = f"{r['vs_official']:.2f}x" if "vs_official" in r else ""
+      lines.append(f"| {key.split('@')[0]} | {key.split('@')[1]} | "
+                   f"{r['steps']} | {r['every']} | {r['wall_s']:.1f} | "
+                   f"{ratio} |")
   return "\n".join(lines) + "\n"
 
 
@@ -383,8 +461,8 @@ def report(results: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: Sequence[str]) -> None:
   cli.set_library_logs()
-  extra = ["weak_scaling", "runs_per_program"]
-  names = argv[1:] or list(SETTINGS) + extra
+  extra = ["weak_scaling", "runs_per_program", "whole_run"]
+  names = argv[1:] or list(SETTINGS) + extra[:2]
   unknown = sorted(set(names) - set(SETTINGS) - set(extra))
   if unknown:
     raise app.UsageError(f"Unknown settings {unknown}; known: "
@@ -394,6 +472,10 @@ def main(argv: Sequence[str]) -> None:
     if name == "runs_per_program":
       print("benchmarking runs per program ...", flush=True)
       results[name] = runs_per_program()
+      continue
+    if name == "whole_run":
+      print("timing whole DomainBed runs ...", flush=True)
+      results[name] = whole_run()
       continue
     if name == "weak_scaling":
       print(f"benchmarking weak scaling on {jax.device_count()} devices ...",

@@ -48,3 +48,18 @@ def test_benchmark_writes_table_and_json(tmp_path):
   table = (tmp_path / "benchmark.md").read_text()
   assert "| domainbed_mnist_cnn | fishr_closed_form |" in table
   assert "Weak scaling" in table and "| fishr_closed_form | 2 |" in table
+
+
+@pytest.mark.slow
+def test_whole_run_row_times_the_command(tmp_path, tiny_mnist_dir):
+  env = {**os.environ, "PYTHONPATH": ROOT}
+  subprocess.run([sys.executable, "-m", "experiments.benchmark",
+                  "--output_dir", str(tmp_path), "--whole_run_data_dir",
+                  tiny_mnist_dir, "--whole_run_steps", "2",
+                  "--whole_run_every", "1", "whole_run"],
+                 check=True, env=env, cwd=ROOT, timeout=900)
+  with open(tmp_path / "benchmark.json") as f:
+    rows = json.load(f)["results"]["whole_run"]
+  assert set(rows) == {"erm@ours", "fishr@ours"}  # no official checkout
+  assert all(r["wall_s"] > 0 and r["steps"] == 2 for r in rows.values())
+  assert "| fishr | ours | 2 | 1 |" in (tmp_path / "benchmark.md").read_text()
