@@ -7,6 +7,7 @@ are checked by building its typed Config (algorithms/settings.py), so an
 option's rule lives in one place: the algorithm's module.
 """
 
+import dataclasses
 import difflib
 import math
 from typing import Any, Callable, Iterable
@@ -18,6 +19,7 @@ from fishr_jax import errors
 from fishr_jax import hparams as hparams_lib
 from fishr_jax import models
 from fishr_jax import optimizers
+from fishr_jax import ranges
 from fishr_jax import vectorized
 from fishr_jax.algorithms import registry
 from fishr_jax.algorithms import settings
@@ -125,6 +127,7 @@ def check_colored_mnist(config: ml_collections.ConfigDict) -> None:
            lambda v: len(v) >= 1 and all(map(_probability, v)),
            "must be one or more probabilities in [0, 1], one per training "
            "environment")
+  check_block_ranges(config)
   settings.from_config_dict(config)  # the algorithm's own options
 
 
@@ -147,6 +150,38 @@ def check_hparam_overrides(config: ml_collections.ConfigDict) -> None:
   batch_size = config.hparams.get("batch_size")
   if batch_size is not None and not _at_least(1)(batch_size):
     _fail("hparams.batch_size", batch_size, "must be an integer >= 1")
+
+
+def resolved_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """DomainBed's sampled hparams with every explicitly set override, each
+  checked against its range (ranges.HPARAMS): a forced value out of range
+  is refused, naming its flag."""
+  check_hparam_overrides(config)
+  values = hparams_lib.sample_hparams(config.algorithm, config.dataset,
+                                      config.hparams_seed, config.trial_seed)
+  for field, value in config.hparams.items():
+    if value is not None:
+      name = settings.hparam_name(field)
+      ranges.check_hparam(name, value, f"config.hparams.{field}")
+      values[name] = type(values[name])(value)
+  for name, value in values.items():  # the sampled ones (always in range)
+    ranges.check_hparam(name, value, f"hparam {name} (hparams_seed="
+                        f"{config.hparams_seed}, trial_seed="
+                        f"{config.trial_seed})")
+  return values
+
+
+def check_block_ranges(config: ml_collections.ConfigDict) -> None:
+  """The chosen algorithm's block (config.<algorithm>.X) against the ranges
+  its Config declares, named as flags (the Config checks them again)."""
+  config_class = registry.get(config.algorithm).config_class
+  block = config.get(config.algorithm) or {}
+  for f in dataclasses.fields(config_class):
+    allowed = f.metadata.get("range")
+    value = block.get(f.name)
+    if allowed is not None and value is not None:
+      ranges.check(f"config.{config.algorithm}.{f.name}", value, allowed,
+                   f.metadata.get("why", ""))
 
 
 def check_domainbed(config: ml_collections.ConfigDict) -> None:
@@ -183,9 +218,8 @@ def check_domainbed(config: ml_collections.ConfigDict) -> None:
     _check_choice("digits_source", config.digits_source, mnist.SOURCES)
   if spec.is_image_folder:
     _require(config, "image_size", _at_least(32), "must be an integer >= 32")
-  check_hparam_overrides(config)
-  values = hparams_lib.default_hparams(config.algorithm, config.dataset)
-  settings.from_domainbed(config.algorithm, values,
+  check_block_ranges(config)
+  settings.from_domainbed(config.algorithm, resolved_hparams(config),
                           config.get(config.algorithm))
 
 

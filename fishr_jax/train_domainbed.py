@@ -41,15 +41,9 @@ PyTree = Any
 
 
 def resolve_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """DomainBed's sampled hparams, with every explicitly set override."""
-  config_checks.check_hparam_overrides(config)
-  values = hparams_lib.sample_hparams(config.algorithm, config.dataset,
-                                      config.hparams_seed, config.trial_seed)
-  for field, value in config.hparams.items():
-    if value is not None:
-      name = settings.hparam_name(field)
-      values[name] = type(values[name])(value)
-  return values
+  """DomainBed's sampled hparams, with every explicitly set override (each
+  in its range)."""
+  return config_checks.resolved_hparams(config)
 
 
 def resolve_config(config: ml_collections.ConfigDict

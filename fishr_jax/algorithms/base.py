@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from fishr_jax import errors
 from fishr_jax import losses
 from fishr_jax import penalties
+from fishr_jax import ranges
 
 PyTree = Any
 Batch = dict[str, jax.Array]
@@ -88,15 +89,16 @@ class Schedule:
   l2_regularizer_weight: weight of sum ||p||^2 over every parameter in the
     loss (the IRM script's explicit L2; DomainBed uses weight decay).
   """
-  penalty_anneal_iters: int = 0
-  penalty_warmup_weight: float = 0.0
+  penalty_anneal_iters: int = ranges.field(0, ranges.COUNT, "a step")
+  penalty_warmup_weight: float = ranges.field(0.0, ranges.NON_NEGATIVE,
+                                              "a penalty weight")
   rescale_loss: bool = False
   reset_optimizer_at_anneal: bool = False
-  l2_regularizer_weight: float = 0.0
+  l2_regularizer_weight: float = ranges.field(0.0, ranges.NON_NEGATIVE,
+                                              "a penalty weight")
 
   def __post_init__(self):
-    require(self.penalty_anneal_iters >= 0, "penalty_anneal_iters must be >= "
-            f"0, got {self.penalty_anneal_iters}.")
+    ranges.check_fields("schedule", self)
 
   def resets_optimizer(self, step: jax.Array) -> jax.Array | bool:
     """Whether the update of `step` starts from a fresh optimizer."""

@@ -4,13 +4,17 @@ covariances. DomainBed hparam: mmd_gamma (the penalty weight)."""
 import dataclasses
 
 from fishr_jax import penalties
+from fishr_jax import ranges
 from fishr_jax.algorithms import base
 from fishr_jax.algorithms import registry
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  lambda_: float = 1.0
+  lambda_: float = ranges.field(1.0, ranges.NON_NEGATIVE, "a penalty weight")
+
+  def __post_init__(self):
+    ranges.check_fields("coral", self)
 
 
 DOMAINBED = registry.DomainBedSpec(

@@ -18,6 +18,7 @@ from fishr_jax import layer_signals
 from fishr_jax import losses
 from fishr_jax import parallel
 from fishr_jax import penalties
+from fishr_jax import ranges
 from fishr_jax.algorithms import base
 from fishr_jax.algorithms import registry
 
@@ -29,14 +30,18 @@ REDUCTIONS = ("mean", "sum")
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Fishr's options; the defaults are DomainBed's."""
-  lambda_: float = 1000.0  # penalty weight once annealing is over
-  ema: float = 0.95  # moving-average decay of the variances (0: none)
+  # penalty weight once annealing is over
+  lambda_: float = ranges.field(1000.0, ranges.NON_NEGATIVE, "a penalty weight")
+  # moving-average decay of the variances (0: none)
+  ema: float = ranges.field(0.95, ranges.DECAY, "a moving-average decay")
   reduction: str = "mean"  # "mean" (DomainBed) or "sum" (IRM-setup script)
   centered: bool = True  # False: raw second moment (the paper's ablation)
   covariance: str = "diagonal"  # or "full" (off-diagonal ablation)
   params: str = "head"  # "head" (the paper), "all", or a regex over names
   grad_path: str = "closed_form"  # exact, from layer signals; or "vmap"
-  vmap_chunk_size: int | None = None  # examples per vmap chunk (memory only)
+  # examples per vmap chunk (memory only)
+  vmap_chunk_size: int | None = ranges.field(
+      None, dataclasses.replace(ranges.POSITIVE_COUNT, optional=True))
   moment_sums: str = "reference"  # fast_paths.py; the experiment configs: auto
 
   def __post_init__(self):
@@ -47,8 +52,7 @@ class Config:
     if self.covariance == "full" and self.grad_path != "vmap":
       raise errors.ConfigError("fishr.covariance='full' needs the per-example "
                                "gradients: set fishr.grad_path='vmap'.")
-    base.require((self.ema >= 0.0) & (self.ema < 1.0),
-                 f"fishr.ema must be in [0, 1), got {self.ema}.")
+    ranges.check_fields("fishr", self)
 
 
 DOMAINBED = registry.DomainBedSpec(

@@ -7,13 +7,18 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from fishr_jax import ranges
 from fishr_jax.algorithms import base
 from fishr_jax.algorithms import registry
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  eta: float = 1e-2
+  # the step size of the domain weights
+  eta: float = ranges.field(1e-2, ranges.NON_NEGATIVE, "a step size")
+
+  def __post_init__(self):
+    ranges.check_fields("groupdro", self)
 
 
 DOMAINBED = registry.DomainBedSpec(

@@ -3,16 +3,20 @@
 import dataclasses
 
 from fishr_jax import penalties
+from fishr_jax import ranges
 from fishr_jax.algorithms import base
 from fishr_jax.algorithms import registry
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  lambda_: float = 1e2
+  lambda_: float = ranges.field(1e2, ranges.NON_NEGATIVE, "a penalty weight")
   # DomainBed's even/odd product estimate; False: the IRM-setup script's
   # square of each domain's gradient.
   split_halves: bool = True
+
+  def __post_init__(self):
+    ranges.check_fields("irm", self)
 
 
 DOMAINBED = registry.DomainBedSpec(

@@ -13,13 +13,18 @@ import jax
 import jax.numpy as jnp
 
 from fishr_jax import losses
+from fishr_jax import ranges
 from fishr_jax.algorithms import base
 from fishr_jax.algorithms import registry
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  alpha: float = 0.2
+  alpha: float = ranges.field(0.2, ranges.POSITIVE,
+                              "the parameter of Beta(alpha, alpha)")
+
+  def __post_init__(self):
+    ranges.check_fields("mixup", self)
 
 
 DOMAINBED = registry.DomainBedSpec(

@@ -4,6 +4,7 @@ import dataclasses
 
 from fishr_jax import errors
 from fishr_jax import penalties
+from fishr_jax import ranges
 from fishr_jax.algorithms import base
 from fishr_jax.algorithms import registry
 
@@ -12,12 +13,13 @@ REDUCTIONS = ("variance", "pairwise")
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  lambda_: float = 1e1
+  lambda_: float = ranges.field(1e1, ranges.NON_NEGATIVE, "a penalty weight")
   # "variance" (DomainBed) or "pairwise" (the IRM-setup script's
   # (nll_0 - nll_1)^2 for two domains).
   reduction: str = "variance"
 
   def __post_init__(self):
+    ranges.check_fields("vrex", self)
     if self.reduction not in REDUCTIONS:
       raise errors.ConfigError(
           f"vrex.reduction must be one of {REDUCTIONS}, got "
