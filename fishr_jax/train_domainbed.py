@@ -131,7 +131,9 @@ def make_accuracy_fn(network: algorithms.Network):
       valid = (np.arange(n + pad) < n).astype(np.float32)
       correct = correct + correct_count(params, x, y, valid)
       total += n
-    return float(correct) / max(total, 1)
+    if total == 0:  # domainbed.check_splits refuses empty splits first
+      raise ValueError("An accuracy over no examples: the split is empty.")
+    return float(correct) / total
 
   return accuracy
 
@@ -168,6 +170,7 @@ def _make_parts(config: ml_collections.ConfigDict, workdir: str,
   train_envs = [e for e in range(len(dataset)) if e not in test_envs]
   splits = domainbed.split_environments(dataset, config.holdout_fraction,
                                         config.trial_seed)
+  domainbed.check_splits(dataset, splits, config.holdout_fraction)
   batch_size = int(hparams["batch_size"])
   steps_per_epoch = min(len(splits[e][0]) / batch_size for e in train_envs)
   eval_passes = domainbed.eval_batches(dataset, splits, config.eval_batch_size,

@@ -18,6 +18,7 @@ datasets are decoded with Pillow by `image_folder.ImageFolderSource`.
 
 import dataclasses
 import hashlib
+import math
 import os
 import typing
 from typing import Callable, Iterator, Literal, NamedTuple, Sequence
@@ -270,8 +271,12 @@ def load_all_digits(
           "DomainBed's MNIST datasets use MNIST's training and test digits; "
           f"expected {os.path.join(data_dir, _IDX_TEST_FILES['images'])}[.gz] "
           f"and {os.path.join(data_dir, _IDX_TEST_FILES['labels'])}[.gz].")
-    images.append(mnist.read_idx(paths["images"]))
-    digits.append(mnist.read_idx(paths["labels"]))
+    test_images = mnist.read_idx(paths["images"])
+    test_digits = mnist.read_idx(paths["labels"])
+    mnist.check_digits(paths["images"], test_images, paths["labels"],
+                       test_digits)
+    images.append(test_images)
+    digits.append(test_digits)
   elif source == "tfds":
     # load_digit_pools has checked that TensorFlow is there.
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -418,6 +423,31 @@ def split_environments(dataset: Dataset, holdout_fraction: float,
         len(source), num_out, seed_hash(int(trial_seed), env))
     splits.append((in_indices, out_indices))
   return splits
+
+
+def check_splits(dataset: Dataset, splits: Splits,
+                 holdout_fraction: float) -> None:
+  """errors.DataError, naming the environment (and its folder), unless
+  every in and out split is non-empty: an empty split's accuracy is no
+  number, and read as 0 it would feed model selection a wrong run."""
+  for env, (source, (in_indices, out_indices)) in enumerate(
+      zip(dataset.sources, splits)):
+    n = len(source)
+    where = f"{dataset.name} env {env} ({dataset.environments[env]}"
+    where += (f", {source.domain_dir})"
+              if isinstance(source, image_folder.ImageFolderSource) else ")")
+    if len(out_indices) == 0:
+      at_least = math.ceil(1000 / n) / 1000  # int(n * h) >= 1, rounded up
+      raise errors.DataError(
+          f"{where} has {n} examples, and holdout_fraction={holdout_fraction}"
+          f" holds out int({n} * {holdout_fraction}) = 0 of them, so its "
+          f"validation split env{env}_out would be empty. Set "
+          f"--config.holdout_fraction={at_least} or more, or add examples.")
+    if len(in_indices) == 0:
+      raise errors.DataError(
+          f"{where} has {n} examples, and holdout_fraction={holdout_fraction}"
+          f" holds out all of them, so its split env{env}_in would be empty. "
+          "Lower --config.holdout_fraction, or add examples.")
 
 
 # ---------------------------------------------------------------- batches ---

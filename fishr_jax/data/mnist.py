@@ -95,6 +95,33 @@ def read_idx(path: str) -> np.ndarray:
   return array.reshape(shape)
 
 
+def check_digits(images_path: str, images: np.ndarray, labels_path: str,
+                 labels: np.ndarray) -> None:
+  """errors.DataError, naming the file, unless `images` are (N, 28, 28),
+  `labels` are N digits 0-9: anything else would train on a wrong task
+  (every label >= 5 counts as one class in Colored MNIST) or stop with a
+  raw IndexError."""
+  if images.ndim != 3 or images.shape[1:] != (28, 28):
+    raise errors.DataError(
+        f"{images_path}: images of shape {images.shape[1:]} (from its header "
+        f"{images.shape}); MNIST's are 28x28, (N, 28, 28). Use the standard "
+        "MNIST files.")
+  if labels.ndim != 1:
+    raise errors.DataError(
+        f"{labels_path}: labels of shape {labels.shape}; MNIST's labels file "
+        "holds one digit per image, (N,). Use the standard MNIST files.")
+  if len(images) != len(labels):
+    raise errors.DataError(
+        f"{images_path} holds {len(images)} images but {labels_path} "
+        f"{len(labels)} labels; they must pair up. Download them again.")
+  if labels.size and labels.max() > 9:
+    bad = int(np.argmax(labels > 9))
+    raise errors.DataError(
+        f"{labels_path}: label {int(labels[bad])} at position {bad} "
+        f"({int(np.sum(labels > 9))} labels outside 0-9); MNIST's labels are "
+        "the digits 0-9. Use the standard MNIST files.")
+
+
 def _find_idx(data_dir: str, stem: str) -> str:
   for name in (stem, stem + ".gz"):
     path = os.path.join(data_dir, name)
@@ -110,11 +137,10 @@ def _load_idx(data_dir: str | None) -> DigitPools:
     raise errors.ConfigError(
         "data.source='idx' needs data.data_dir: the folder with "
         "the MNIST IDX files.")
-  images = read_idx(_find_idx(data_dir, IDX_FILES["images"]))
-  digits = read_idx(_find_idx(data_dir, IDX_FILES["labels"]))
-  if len(images) != len(digits):
-    raise errors.DataError(f"{data_dir}: {len(images)} images but "
-                           f"{len(digits)} labels; the IDX files disagree.")
+  images_path = _find_idx(data_dir, IDX_FILES["images"])
+  labels_path = _find_idx(data_dir, IDX_FILES["labels"])
+  images, digits = read_idx(images_path), read_idx(labels_path)
+  check_digits(images_path, images, labels_path, digits)
   return _split(images, digits, _full_train_size(len(digits)))
 
 

@@ -1,0 +1,144 @@
+"""Hostile inputs (issue 19): data whose shape, labels or splits make no
+sense, run folders that disagree with themselves, and the ordinary events of
+a long run. Each ends in one line naming the fix, a documented exit code,
+and nothing lost or marked done that should not be."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import write_idx
+from fishr_jax import errors
+from fishr_jax.data import domainbed
+from fishr_jax.data import mnist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLORED = os.path.join(ROOT, "configs", "colored_mnist.py")
+DOMAINBED = os.path.join(ROOT, "configs", "domainbed.py")
+
+
+def main(*args, env=None, **kwargs):
+  return subprocess.run(
+      [sys.executable, "-m", "fishr_jax.main", *args], cwd=ROOT,
+      capture_output=True, text=True, timeout=300,
+      env={**os.environ, **(env or {})}, **kwargs)
+
+
+def one_line(result) -> str:
+  """The whole stderr, which must be one line."""
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr
+  return lines[0]
+
+
+# ------------------------------------------------------------- empty splits
+
+
+def _tiny_pacs(root, per_domain=10):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for domain in ("art_painting", "cartoon", "photo", "sketch"):
+    for label, name in enumerate(("dog", "horse")):
+      folder = root / "PACS" / domain / name
+      folder.mkdir(parents=True)
+      for i in range(per_domain // 2):
+        pixels = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+  return root
+
+
+def test_an_empty_validation_split_is_refused_before_training(tmp_path):
+  data = _tiny_pacs(tmp_path / "data")
+  workdir = tmp_path / "run"
+  result = main("--config", DOMAINBED, "--workdir", str(workdir),
+                "--config.dataset=PACS", "--config.algorithm=erm",
+                f"--config.data_dir={data}", "--config.image_size=32",
+                "--config.holdout_fraction=0.05", "--config.steps=2",
+                "--config.hparams.resnet18=True")
+  assert result.returncode == errors.DataError.exit_code == 3, result.stderr
+  line = one_line(result)
+  assert line.startswith(
+      f"error: PACS env 0 (A, {data}/PACS/art_painting) has 10 examples, and "
+      "holdout_fraction=0.05 holds out int(10 * 0.05) = 0 of them, so its "
+      "validation split env0_out would be empty. Set "
+      "--config.holdout_fraction=0.1 or more"), line
+  for name in ("done", "results.jsonl", "checkpoints", "error.log"):
+    assert not (workdir / name).exists(), name
+
+
+def test_check_splits_accepts_nonempty_splits(tmp_path):
+  data = _tiny_pacs(tmp_path / "data")
+  dataset = domainbed.get_dataset("PACS", str(data), image_size=32)
+  splits = domainbed.split_environments(dataset, 0.1, 0)
+  domainbed.check_splits(dataset, splits, 0.1)
+  with pytest.raises(errors.DataError, match="env0_out would be empty"):
+    domainbed.check_splits(dataset,
+                           domainbed.split_environments(dataset, 0.05, 0),
+                           0.05)
+
+
+# ---------------------------------------------------------------- IDX files
+
+
+def _idx_dir(folder, images=None, labels=None, test_images=None,
+             test_labels=None, n=60):
+  pools = mnist.load_digit_pools("embedded")
+  folder.mkdir(parents=True, exist_ok=True)
+  defaults = {"train-images-idx3-ubyte": pools.train_images[:n],
+              "train-labels-idx1-ubyte": pools.train_digits[:n],
+              "t10k-images-idx3-ubyte": pools.test_images[:n // 2],
+              "t10k-labels-idx1-ubyte": pools.test_digits[:n // 2]}
+  given = {"train-images-idx3-ubyte": images,
+           "train-labels-idx1-ubyte": labels,
+           "t10k-images-idx3-ubyte": test_images,
+           "t10k-labels-idx1-ubyte": test_labels}
+  for name, default in defaults.items():
+    write_idx(folder / name, default if given[name] is None else given[name])
+  return str(folder)
+
+
+def test_idx_labels_outside_0_to_9_name_the_file(tmp_path):
+  labels = np.arange(60) % 12  # 10 and 11 are no digits
+  folder = _idx_dir(tmp_path / "idx", labels=labels)
+  with pytest.raises(errors.DataError, match=(
+      r"train-labels-idx1-ubyte: label 10 at position 10 \(10 labels outside "
+      r"0-9\); MNIST's labels are the digits 0-9")):
+    mnist.load_digit_pools("idx", folder)
+
+
+def test_idx_images_of_another_shape_name_the_file(tmp_path):
+  folder = _idx_dir(tmp_path / "idx", images=np.zeros((60, 32, 32)))
+  with pytest.raises(errors.DataError, match=(
+      r"train-images-idx3-ubyte: images of shape \(32, 32\).*MNIST's are "
+      r"28x28")):
+    mnist.load_digit_pools("idx", folder)
+
+
+def test_idx_test_labels_longer_than_their_images_name_both_files(tmp_path):
+  pools = mnist.load_digit_pools("embedded")
+  folder = _idx_dir(tmp_path / "idx", test_labels=pools.test_digits[:31])
+  with pytest.raises(errors.DataError, match=(
+      r"t10k-images-idx3-ubyte holds 30 images but .*t10k-labels-idx1-ubyte "
+      r"31 labels; they must pair up")):
+    domainbed.load_all_digits("idx", folder)
+  folder = _idx_dir(tmp_path / "idx2", test_labels=np.full(30, 12))
+  with pytest.raises(errors.DataError, match=r"t10k-labels-idx1-ubyte: label "
+                     r"12 at position 0"):
+    domainbed.load_all_digits("idx", folder)
+
+
+def test_colored_mnist_on_bad_labels_exits_3_and_writes_no_run(tmp_path):
+  folder = _idx_dir(tmp_path / "idx", labels=np.arange(60) % 12)
+  workdir = tmp_path / "run"
+  result = main("--config", COLORED, "--workdir", str(workdir),
+                "--config.data.source=idx", f"--config.data.data_dir={folder}",
+                "--config.restarts=1", "--config.steps=2",
+                "--config.hidden_dim=8")
+  assert result.returncode == 3, result.stderr
+  assert one_line(result).startswith(
+      f"error: {folder}/train-labels-idx1-ubyte: label 10 at position 10")
+  assert not (workdir / "restart_0").exists()
+  assert not (workdir / "results.json").exists()
