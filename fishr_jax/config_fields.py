@@ -85,3 +85,33 @@ def add_dataset_fields(config: ml_collections.ConfigDict) -> None:
   """DATASET_FIELDS, at their defaults."""
   for name, field in DATASET_FIELDS.items():
     config[name] = field.default
+
+
+def absent_field_defaults() -> dict[str, tuple[Any, ...]]:
+  """{dotted field: the values it may have now} for the fields a run folder's
+  recorded config.json may lack because they were added after it was made
+  (workdir.config_changes): such a run ran as the field's default does, so
+  a resume may use only that default. Algorithm block fields may also be
+  None (DomainBed's blocks: unset = the Config's default); every DomainBed
+  hparam override may be None (unset = sampled)."""
+  config = ml_collections.ConfigDict()
+  add_device_fields(config)
+  add_optimizer_field(config)
+  add_dataset_fields(config)
+  out: dict[str, tuple[Any, ...]] = {
+      key: (value,) for key, value in _flatten(config.to_dict()).items()}
+  for name, block in settings.config_blocks().items():
+    for field, value in block.to_dict().items():
+      out[f"{name}.{field}"] = (value, None)
+  for name in settings.all_hparam_names():
+    out[f"hparams.{settings.config_name(name)}"] = (None,)
+  return out
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(value, dict):
+    out = {}
+    for k, v in value.items():
+      out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: value}

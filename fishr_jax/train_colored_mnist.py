@@ -52,6 +52,19 @@ def record_args(config: ml_collections.ConfigDict, restart: int) -> dict:
           "hidden_dim": config.hidden_dim, "data_source": config.data.source}
 
 
+def restart_config_json(config: ml_collections.ConfigDict) -> str:
+  """The config each restart records: what one restart depends on (a resume
+  may ask for more restarts, or train them another number at a time)."""
+  run_config = config.to_dict()
+  for field in ("restarts", "runs_per_program"):
+    del run_config[field]
+  return json.dumps(run_config, indent=2, sort_keys=True, default=str)
+
+
+def restart_folder(workdir: str, restart: int) -> str:
+  return os.path.join(workdir, f"restart_{restart}")
+
+
 def make_groups(config: ml_collections.ConfigDict, workdir: str
                 ) -> Iterator[train.Run | vectorized.Group]:
   """The restarts, `config.runs_per_program` at a time (0: all of them), as
@@ -86,13 +99,7 @@ def make_groups(config: ml_collections.ConfigDict, workdir: str
                                              mesh.devices.flat[0].platform)
 
   accuracy = evaluation.make_accuracy_fn(model)
-  # What one restart depends on: a resume may ask for more restarts, or
-  # train them another number at a time.
-  run_config = config.to_dict()
-  for field in ("restarts", "runs_per_program"):
-    del run_config[field]
-  run_config_json = json.dumps(run_config, indent=2, sort_keys=True,
-                               default=str)
+  run_config_json = restart_config_json(config)
   fields = {"lr": config.lr, "weight_decay": config.weight_decay,
             **dataclasses.asdict(schedule),
             **{f"{config.algorithm}.{k}": v
@@ -109,7 +116,7 @@ def make_groups(config: ml_collections.ConfigDict, workdir: str
     params = model.init(init_rng, batch["x"][:1])["params"]
     state = built.init_state(rng, params, batch)
     run = train.Run(
-        workdir=os.path.join(workdir, f"restart_{restart}"),
+        workdir=restart_folder(workdir, restart),
         config_json=run_config_json,
         steps=config.steps, record_every=config.log_every, state=state,
         train_step=built.step if alone else None,
@@ -152,12 +159,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """Trains (or resumes) every restart; returns and writes the results."""
   primary = parallel.is_primary()
   with workdir_lib.primary_lock(workdir):  # the restarts' parent folder
-    if primary:
-      workdir_lib.write_text(os.path.join(workdir, workdir_lib.CONFIG),
-                             config.to_json_best_effort(indent=2) + "\n")
+    # Every restart folder this run would resume must agree with its config
+    # before anything is written: a refused rerun leaves the parent's
+    # config.json saying what its restarts were trained with.
+    run_config_json = restart_config_json(config)
+    for restart in range(config.restarts):
+      workdir_lib.RunFolder(restart_folder(workdir, restart),
+                            run_config_json).check_config()
     start = time.time()
     final = []
-    for runs in make_groups(config, workdir):
+    for i, runs in enumerate(make_groups(config, workdir)):
+      if i == 0 and primary:  # the data loaded, the restarts' configs agree
+        workdir_lib.write_text(os.path.join(workdir, workdir_lib.CONFIG),
+                               config.to_json_best_effort(indent=2) + "\n")
       if isinstance(runs, train.Run):
         final.append(train.train_loop(runs)[-1])
       else:

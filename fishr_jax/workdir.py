@@ -221,19 +221,37 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(recorded_json: str, config_json: str,
-                   may_change: tuple[str, ...] = ()) -> list[str]:
+                   may_change: tuple[str, ...] = (),
+                   defaults: dict[str, tuple[Any, ...]] | None = None
+                   ) -> list[str]:
   """'field: recorded X, now Y' for each field both configs have that
   differs, except those in `may_change` (settings that do not change the
-  results)."""
+  results).
+
+  A field the recorded config lacks was added since the run was made, so
+  the run ran as its default did: with `defaults` ({field: the values that
+  mean its default}, config_fields.absent_field_defaults), a value now
+  other than those is a change, and so is any value of a field whose
+  default is not known. Without `defaults`, such fields are not compared.
+  A field only the recorded config has (dropped since) is not a change."""
   old = _flatten(json.loads(recorded_json))
   new = _flatten(json.loads(config_json))
   changes = []
-  # A field on one side only (added to or dropped from the config since
-  # the run started) is not a change of the run.
-  for field in sorted(set(old) & set(new)):
-    if field.split(".")[-1] in may_change or old[field] == new[field]:
+  for field in sorted(new):
+    if field.split(".")[-1] in may_change:
       continue
-    changes.append(f"{field}: recorded {old[field]!r}, now {new[field]!r}")
+    if field in old:
+      if old[field] != new[field]:
+        changes.append(
+            f"{field}: recorded {old[field]!r}, now {new[field]!r}")
+    elif defaults is not None:
+      if field not in defaults:
+        changes.append(f"{field}: not recorded (the run was made before it "
+                       f"existed, as it was then), now {new[field]!r}")
+      elif new[field] not in defaults[field]:
+        changes.append(f"{field}: not recorded (the run was made before it "
+                       f"existed, so with {defaults[field][0]!r}), now "
+                       f"{new[field]!r}")
   return changes
 
 
@@ -304,9 +322,12 @@ class RunFolder:
       return
     with open(path) as f:
       recorded = f.read()
+    # Here, not at import: the defaults come from the algorithms' Configs.
+    from fishr_jax import config_fields  # pylint: disable=g-import-not-at-top
     try:
       changes = config_changes(recorded, self.config_json,
-                               MAY_CHANGE_ON_RESUME)
+                               MAY_CHANGE_ON_RESUME,
+                               config_fields.absent_field_defaults())
     except json.JSONDecodeError as e:
       raise errors.WorkdirError(
           f"{path} is not valid JSON ({e.msg}), so this run's config is "

@@ -142,3 +142,77 @@ def test_colored_mnist_on_bad_labels_exits_3_and_writes_no_run(tmp_path):
       f"error: {folder}/train-labels-idx1-ubyte: label 10 at position 10")
   assert not (workdir / "restart_0").exists()
   assert not (workdir / "results.json").exists()
+
+
+# ------------------------------------------- the run folder and its config
+
+from fishr_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+TINY_CMNIST = ("--config.restarts=1", "--config.steps=3",
+               "--config.hidden_dim=8", "--config.log_every=1",
+               "--config.checkpoint_every=1")
+
+
+def test_a_field_the_recorded_config_lacks_is_compared_with_its_default():
+  old = '{"lr": 0.1}'
+  defaults = {"fishr.params": ("head", None)}
+  assert workdir_lib.config_changes(
+      old, '{"lr": 0.1, "fishr": {"params": "head"}}', (), defaults) == []
+  assert workdir_lib.config_changes(
+      old, '{"lr": 0.1, "fishr": {"params": null}}', (), defaults) == []
+  assert workdir_lib.config_changes(
+      old, '{"lr": 0.1, "fishr": {"params": "all"}}', (), defaults) == [
+          "fishr.params: not recorded (the run was made before it existed, "
+          "so with 'head'), now 'all'"]
+  assert workdir_lib.config_changes(old, '{"lr": 0.1, "new": 3}', (),
+                                    defaults) == [
+      "new: not recorded (the run was made before it existed, as it was "
+      "then), now 3"]
+  # may change on resume: never compared
+  assert workdir_lib.config_changes(old, '{"lr": 0.1, "num_devices": 4}',
+                                    ("num_devices",), defaults) == []
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_value_of_an_unrecorded_field_is_refused(
+    tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  assert main("--config", COLORED, "--workdir", str(workdir),
+              *TINY_CMNIST).returncode == 0
+  recorded = workdir / "restart_0" / "config.json"
+  config = json.loads(recorded.read_text())
+  del config["fishr"]["params"]  # as an older version recorded it
+  recorded.write_text(json.dumps(config))
+  (workdir / "restart_0" / "done").unlink()
+  result = main("--config", COLORED, "--workdir", str(workdir),
+                *TINY_CMNIST, "--config.fishr.params=all")
+  assert result.returncode == 5, result.stderr
+  assert one_line(result) == (
+      f"error: {workdir}/restart_0 holds a run made with another config, so "
+      "it cannot be resumed: fishr.params: not recorded (the run was made "
+      "before it existed, so with 'head'), now 'all'. Use another --workdir, "
+      "or pass --fresh to move the old run aside and start over.")
+  assert not (workdir / "restart_0" / "done").exists()
+  # Its default is what the run was made with: it resumes.
+  result = main("--config", COLORED, "--workdir", str(workdir), *TINY_CMNIST)
+  assert result.returncode == 0, result.stderr
+  assert (workdir / "restart_0" / "done").exists()
+
+
+@pytest.mark.slow
+def test_a_refused_colored_mnist_rerun_keeps_the_parent_config(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  assert main("--config", COLORED, "--workdir", str(workdir), *TINY_CMNIST,
+              "--config.algorithm=erm").returncode == 0
+  before = (workdir / "config.json").read_text()
+  for change in ("--config.algorithm=fishr", "--config.steps=5"):
+    result = main("--config", COLORED, "--workdir", str(workdir),
+                  *TINY_CMNIST, change)
+    assert result.returncode == 5, result.stderr
+    assert "holds a run made with another config" in one_line(result)
+    assert (workdir / "config.json").read_text() == before
+  assert json.loads(before)["algorithm"] == "erm"
+  assert json.loads((workdir / "results.json").read_text())["algorithm"] == (
+      "erm")

@@ -91,6 +91,13 @@ def hparam_name(field: str) -> str:
   return stem if keyword.iskeyword(stem) else field
 
 
+def all_hparam_names() -> list[str]:
+  """Every DomainBed hparam any algorithm has, its own or shared."""
+  from fishr_jax import hparams as hparams_lib  # pylint: disable=g-import-not-at-top
+  return sorted({h for name in registry.names()
+                 for h in hparams_lib.specs(name, "PACS")})
+
+
 def domainbed_options(name: str) -> tuple[str, ...]:
   """The fields of `name`'s Config that no DomainBed hparam sets."""
   spec = registry.get(name).domainbed
