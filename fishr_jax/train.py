@@ -352,6 +352,11 @@ class Run:
   def checkpoint_every_step(self) -> int:
     return self.checkpoint_every or self.record_every
 
+  def recorded_steps(self, start_step: int) -> list[int]:
+    """The steps before `start_step` that have a record."""
+    return [s for s in range(start_step)
+            if itstime(s, self.record_every, self.steps)]
+
   def folder(self) -> workdir_lib.RunFolder:
     return workdir_lib.RunFolder(self.workdir, self.config_json)
 
@@ -371,7 +376,7 @@ def train_loop(run: Run, progress_every_s: float = 30.0) -> list[Record]:
     finished = folder.finished_records()
     if finished is not None:
       return finished
-    state, records = folder.resume(run.state)
+    state, records = folder.resume(run.state, run.recorded_steps)
     start_step = int(state.step)
     if start_step >= run.steps:
       return nothing_left(folder, records)

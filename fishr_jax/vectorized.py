@@ -310,7 +310,7 @@ def train_group(group: Group, progress_every_s: float = 30.0
     for i, (run, folder) in enumerate(zip(group.runs, folders)):
       if results[i] is not None:
         continue
-      state, records = folder.resume(run.state)
+      state, records = folder.resume(run.state, run.recorded_steps)
       if int(state.step) >= run.steps:
         results[i] = train.nothing_left(folder, records)
       else:

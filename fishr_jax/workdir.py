@@ -27,7 +27,7 @@ import os
 import socket
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import orbax.checkpoint as ocp
@@ -356,10 +356,16 @@ class RunFolder:
           "run is moved aside).", flush=True)
     return records
 
-  def resume(self, template: PyTree) -> tuple[PyTree, list[Record]]:
+  def resume(self, template: PyTree,
+             recorded_steps: Callable[[int], list[int]] | None = None
+             ) -> tuple[PyTree, list[Record]]:
     """(the state to train from, the records up to it): the newest readable
     checkpoint restored into `template` (laid out as it is), else
-    `template`. Writes the config and drops records past the checkpoint."""
+    `template`. Writes the config and drops records past the checkpoint.
+    `recorded_steps(start_step)`: the steps whose records must be there
+    before `start_step`; errors.WorkdirError, before anything is written,
+    if any is missing (a run resumed without them would end done with
+    records missing)."""
     self.check_config()
     self._write(CONFIG, self.config_json + "\n")
     self._manager = ocp.CheckpointManager(
@@ -370,10 +376,24 @@ class RunFolder:
     if restored is not None:
       state, start_step = restored
       records = self.records(start_step - 1)
+      if recorded_steps is not None:
+        self._check_records(records, recorded_steps(start_step), start_step)
       if parallel.is_primary():
         print(f"Resuming {self.path} from step {start_step}.", flush=True)
     self._write(RECORDS, "".join(json.dumps(r) + "\n" for r in records))
     return state, records
+
+  def _check_records(self, records: list[Record], expected: list[int],
+                     start_step: int) -> None:
+    have = {r.get("step") for r in records}
+    missing = [step for step in expected if step not in have]
+    if missing:
+      raise errors.WorkdirError(
+          f"{self.file(RECORDS)} lacks {len(missing)} of the "
+          f"{len(expected)} records before its checkpoint at step "
+          f"{start_step} (steps {_steps_text(missing)}; deleted or cut?), "
+          "and resuming would end the run done without them. Restore the "
+          "file, or pass --fresh to move the run aside and train it again.")
 
   def append(self, record: Record) -> None:
     """Adds one record (a line, written and synced at once: a process
@@ -446,6 +466,11 @@ class RunFolder:
           "start from step 0, or pass --fresh to move the whole run aside "
           "first.")
     return None
+
+
+def _steps_text(steps: list[int]) -> str:
+  shown = ", ".join(map(str, steps[:5]))
+  return shown + (f", ... {steps[-1]}" if len(steps) > 5 else "")
 
 
 def _is_key(x: Any) -> bool:

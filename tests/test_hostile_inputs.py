@@ -216,3 +216,53 @@ def test_a_refused_colored_mnist_rerun_keeps_the_parent_config(tmp_path):
   assert json.loads(before)["algorithm"] == "erm"
   assert json.loads((workdir / "results.json").read_text())["algorithm"] == (
       "erm")
+
+
+def _state(step):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return {"step": jnp.asarray(step, jnp.int32), "w": jnp.arange(3.0) + step,
+          "rng": jax.random.key(step)}
+
+
+def test_a_resume_without_the_records_before_its_checkpoint_is_refused(
+    tmp_path):
+  path = str(tmp_path / "run")
+  folder = workdir_lib.RunFolder(path, '{"lr": 0.1}')
+  with folder.lock():
+    folder.resume(_state(0))
+    for step in range(3):
+      folder.append({"step": step})
+    folder.save(3, _state(3))
+    folder.close()
+  records = (tmp_path / "run" / "results.jsonl")
+  records.write_text('{"step": 2}\n')  # steps 0 and 1 lost
+  again = workdir_lib.RunFolder(path, '{"lr": 0.1}')
+  with pytest.raises(errors.WorkdirError, match=(
+      r"results.jsonl lacks 2 of the 3 records before its checkpoint at step "
+      r"3 \(steps 0, 1; deleted or cut\?\).*pass --fresh")):
+    again.resume(_state(0), lambda start: list(range(start)))
+  again.close()
+  assert records.read_text() == '{"step": 2}\n'  # nothing rewritten
+
+
+@pytest.mark.slow
+def test_a_deleted_results_jsonl_does_not_end_done(tmp_path):
+  workdir = tmp_path / "run"
+  assert main("--config", COLORED, "--workdir", str(workdir),
+              *TINY_CMNIST).returncode == 0
+  run = workdir / "restart_0"
+  (run / "results.jsonl").unlink()
+  (run / "done").unlink()  # killed before it was written
+  result = main("--config", COLORED, "--workdir", str(workdir), *TINY_CMNIST)
+  assert result.returncode == 5, result.stderr
+  assert one_line(result) == (
+      f"error: {run}/results.jsonl lacks 3 of the 3 records before its "
+      "checkpoint at step 3 (steps 0, 1, 2; deleted or cut?), and resuming "
+      "would end the run done without them. Restore the file, or pass "
+      "--fresh to move the run aside and train it again.")
+  assert not (run / "done").exists()
+  assert (run / "checkpoints").is_dir()
+  assert main("--config", COLORED, "--workdir", str(workdir), *TINY_CMNIST,
+              "--fresh").returncode == 0
+  assert len((run / "results.jsonl").read_text().splitlines()) == 3
