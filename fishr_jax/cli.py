@@ -125,6 +125,15 @@ def config_with_flags(config_spec: str, overrides: Sequence[str]
   return holder.value
 
 
+def config_spec(argv: Sequence[str]) -> str | None:
+  """The value of --config (PATH[:PRESET]) in `argv`, if given."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
+              None)
+  if spec is None and "--config" in argv[:-1]:
+    spec = argv[argv.index("--config") + 1]
+  return spec
+
+
 def parse_flags(argv: Sequence[str]) -> list[str]:
   """absl's parser, with bad --config.X flags as one line and exit code 2."""
   argv = keyword_safe_argv(argv)
@@ -132,15 +141,69 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except
-    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
-                None)
-    if spec is None and "--config" in argv[:-1]:
-      spec = argv[argv.index("--config") + 1]
+    spec = config_spec(argv)
     message = unknown_override(argv, spec) if spec else None
     if message is None:
       message = str(e).strip().splitlines()[-1] or type(e).__name__
     print(f"error: {message}", file=sys.stderr)
     sys.exit(errors.ConfigError.exit_code)
+
+
+def load_config_flag(holder: Any, spec: str | None) -> Any:
+  """The --config flag's value (holder.value), or one line and exit 2 when
+  its file is missing or cannot be loaded (ml_collections raises an
+  OSError about an 'earlier failure' at the first access)."""
+  try:
+    value = holder.value
+    value.keys()  # a failed load returns an object that raises on use
+    return value
+  except Exception as e:  # pylint: disable=broad-except
+    path = (spec or "").partition(":")[0]
+    if path and not os.path.exists(path):
+      message = (f"--config={spec}: no such file. The configs are "
+                 "configs/colored_mnist.py and configs/domainbed.py "
+                 "(optionally :PRESET).")
+    else:
+      cause = e.__cause__ or e.__context__ or e
+      lines = str(cause).strip().splitlines() or [type(cause).__name__]
+      message = (f"--config={spec}: cannot load it ({type(cause).__name__}: "
+                 f"{lines[-1].strip()}); fix the file or pass another one.")
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(errors.ConfigError.exit_code)
+
+
+# What JAX says when JAX_PLATFORMS names a backend that is not installed.
+_NO_BACKEND = ("Unable to initialize backend", "Unknown backend",
+               "no platforms that are instances of")
+_BACKEND_PACKAGES = {"gpu": "pip install -e '.[cuda13]' (or '.[cuda12]')",
+                     "cuda": "pip install -e '.[cuda13]' (or '.[cuda12]')",
+                     "tpu": "pip install -e '.[tpu]'",
+                     "rocm": "a ROCm build of jaxlib (JAX's installation "
+                             "guide)"}
+
+
+def backend_problem(error: BaseException) -> str | None:
+  """One line for a backend that JAX_PLATFORMS asks for but JAX cannot
+  start (no plugin installed), naming what to install; None otherwise."""
+  if not isinstance(error, RuntimeError) or not any(
+      text in str(error) for text in _NO_BACKEND):
+    return None
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  wanted = [p.strip() for p in platforms.split(",") if p.strip()]
+  install = "; ".join(dict.fromkeys(
+      _BACKEND_PACKAGES[p] for p in wanted if p in _BACKEND_PACKAGES))
+  if not install:
+    install = "the backend's jax plugin"
+  return (f"JAX_PLATFORMS={platforms!r} asks for a backend that JAX cannot "
+          f"start: no {' or '.join(wanted).upper() or 'such'} backend is "
+          f"installed (JAX: {_first_sentence(error)}). Install "
+          f"one with {install}, or unset JAX_PLATFORMS to use what is "
+          "there (the CPU).")
+
+
+def _first_sentence(error: BaseException) -> str:
+  text = str(error).strip().splitlines()[0]
+  return text.split(" (set JAX_PLATFORMS")[0].rstrip(".")[:200]
 
 
 def run_reporting_errors(fn: Callable[[], Any], workdir: str,
@@ -162,6 +225,10 @@ def run_reporting_errors(fn: Callable[[], Any], workdir: str,
   except Exception as e:  # pylint: disable=broad-except
     if verbose:
       raise
+    problem = backend_problem(e)
+    if problem:
+      print(f"error: {problem}", file=sys.stderr, flush=True)
+      _exit(errors.ConfigError.exit_code)
     if parallel.is_peer_failure(e):
       print(f"error: another process of this job stopped "
             f"({str(e).strip().splitlines()[0][:200]}). Start the whole job "

@@ -82,7 +82,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   cli.set_library_logs(_VERBOSE.value)
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  config = cli.load_config_flag(_CONFIG, cli.config_spec(sys.argv))
+  workdir = _WORKDIR.value
 
   def train():
     if _RUNS.value:

@@ -278,6 +278,12 @@ def fishr_penalty(variances: PyTree, reduction: Reduction = "mean") -> jax.Array
     A scalar.
   """
   leaves = jax.tree.leaves(variances)
+  if not leaves or any(jnp.ndim(v) == 0 for v in leaves):
+    raise ValueError(
+        "fishr_penalty needs a pytree of arrays with the domain as leading "
+        f"axis (E, ...); got {'no arrays' if not leaves else 'a scalar'} "
+        f"({type(variances).__name__}). Pass the variances of "
+        "linear_head_grad_variance or domain_grad_variance.")
   num_domains = leaves[0].shape[0]
   chex.assert_equal_shape_prefix(leaves, 1)
   flat = jnp.concatenate([v.reshape(num_domains, -1) for v in leaves], axis=1)

@@ -266,3 +266,44 @@ def test_a_deleted_results_jsonl_does_not_end_done(tmp_path):
   assert main("--config", COLORED, "--workdir", str(workdir), *TINY_CMNIST,
               "--fresh").returncode == 0
   assert len((run / "results.jsonl").read_text().splitlines()) == 3
+
+
+# ------------------------------------------------ flags, backends, the API
+
+
+def test_a_missing_config_file_is_a_config_error(tmp_path):
+  workdir = tmp_path / "run"
+  result = main("--config", "configs/nope.py", "--workdir", str(workdir))
+  assert result.returncode == 2, result.stderr
+  assert one_line(result) == (
+      "error: --config=configs/nope.py: no such file. The configs are "
+      "configs/colored_mnist.py and configs/domainbed.py (optionally "
+      ":PRESET).")
+  assert not workdir.exists()
+
+
+def test_a_backend_that_is_not_installed_names_what_to_install(tmp_path):
+  workdir = tmp_path / "run"
+  result = main("--config", COLORED, "--workdir", str(workdir),
+                *TINY_CMNIST, env={"JAX_PLATFORMS": "gpu"})
+  if result.returncode == 0:
+    pytest.skip("this machine has a GPU backend")
+  assert result.returncode == 2, result.stderr
+  line = one_line(result)
+  assert line.startswith("error: JAX_PLATFORMS='gpu' asks for a backend that "
+                         "JAX cannot start: no GPU backend is installed"), line
+  assert line.endswith("Install one with pip install -e '.[cuda13]' (or "
+                       "'.[cuda12]'), or unset JAX_PLATFORMS to use what is "
+                       "there (the CPU).")
+  assert not (workdir / "error.log").exists()
+  assert not (workdir / "restart_0").exists()
+
+
+def test_fishr_penalty_of_nothing_is_a_clear_value_error():
+  from fishr_jax import penalties  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=r"fishr_penalty needs a pytree of "
+                     r"arrays with the domain as leading axis \(E, ...\); got "
+                     r"no arrays"):
+    penalties.fishr_penalty({})
+  with pytest.raises(ValueError, match="got a scalar"):
+    penalties.fishr_penalty({"w": np.float32(1.0)})
