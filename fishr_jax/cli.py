@@ -33,6 +33,62 @@ INTERRUPTED = 130
 _OVERRIDE = re.compile(r"^--(config\.[^=\s]+)(=.*)?$", re.DOTALL)
 
 
+class _PipeSafe:
+  """A text stream that survives its reader going away (`fishr-jax ... |
+  head -2`): the first BrokenPipeError points the file descriptor at
+  /dev/null, so the run goes on and later output is dropped instead of
+  ending it."""
+
+  def __init__(self, stream: Any, name: str):
+    self._stream, self._name, self.dropped = stream, name, False
+
+  def _drop(self) -> None:
+    self.dropped = True
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, self._stream.fileno())
+    os.close(devnull)
+    try:
+      self._stream.flush()  # what was buffered goes to /dev/null now
+    except (BrokenPipeError, ValueError):
+      pass
+    if self._name == "stdout":
+      try:
+        print("warning: standard output was closed (its reader exited); "
+              "training goes on, its output dropped.", file=sys.stderr,
+              flush=True)
+      except (BrokenPipeError, ValueError):
+        pass
+
+  def write(self, text: str) -> int:
+    try:
+      return self._stream.write(text)
+    except BrokenPipeError:
+      self._drop()
+      return len(text)
+
+  def flush(self) -> None:
+    try:
+      self._stream.flush()
+    except BrokenPipeError:
+      self._drop()
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self._stream, name)
+
+
+def survive_closed_pipes() -> None:
+  """Output to a closed pipe must not end a run: sys.stdout and sys.stderr
+  drop their output once their reader has gone."""
+  for name in ("stdout", "stderr"):
+    stream = getattr(sys, name)
+    if stream is not None and not isinstance(stream, _PipeSafe):
+      try:
+        stream.fileno()
+      except (AttributeError, OSError, ValueError):
+        continue  # not a file (captured by a test): nothing to guard
+      setattr(sys, name, _PipeSafe(stream, name))
+
+
 def set_library_logs(verbose: bool = False) -> None:
   """Library logs (orbax's lines on every checkpoint, JAX's backend notes)
   at WARNING; all of them (INFO) with `verbose`."""

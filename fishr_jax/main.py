@@ -109,6 +109,7 @@ def main(argv):
 
 def run():
   """Console script `fishr-jax`."""
+  cli.survive_closed_pipes()
   app.run(main, argv=sys.argv, flags_parser=cli.parse_flags)
 
 

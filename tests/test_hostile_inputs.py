@@ -307,3 +307,28 @@ def test_fishr_penalty_of_nothing_is_a_clear_value_error():
     penalties.fishr_penalty({})
   with pytest.raises(ValueError, match="got a scalar"):
     penalties.fishr_penalty({"w": np.float32(1.0)})
+
+
+# ------------------------------------------------------ events of a long run
+
+
+@pytest.mark.slow
+def test_a_closed_output_pipe_does_not_end_the_run(tmp_path):
+  workdir = tmp_path / "run"
+  process = subprocess.Popen(
+      [sys.executable, "-m", "fishr_jax.main", "--config", COLORED,
+       "--workdir", str(workdir), *TINY_CMNIST, "--config.steps=20",
+       "--config.checkpoint_every=10"], cwd=ROOT,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  head = [process.stdout.readline() for _ in range(2)]  # `| head -2`
+  process.stdout.close()
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 0, stderr
+  assert head[0].startswith("restart 0: compiling the train step")
+  assert stderr.strip().splitlines() == [
+      "warning: standard output was closed (its reader exited); training "
+      "goes on, its output dropped."]
+  assert (workdir / "restart_0" / "done").exists()
+  assert (workdir / "results.json").exists()
+  assert len((workdir / "restart_0" / "results.jsonl").read_text()
+             .splitlines()) == 20
