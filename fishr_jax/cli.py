@@ -12,6 +12,7 @@ interrupted (run the same command again to resume).
 
 import importlib.util
 import keyword
+import logging as std_logging
 import os
 import re
 import sys
@@ -26,6 +27,7 @@ from ml_collections import config_flags
 from fishr_jax import config_checks
 from fishr_jax import errors
 from fishr_jax import parallel
+from fishr_jax import workdir as workdir_lib
 
 ERROR_LOG = "error.log"
 INTERRUPTED = 130
@@ -89,10 +91,29 @@ def survive_closed_pipes() -> None:
       setattr(sys, name, _PipeSafe(stream, name))
 
 
+class _QuietLibraryErrors(std_logging.Filter):
+  """Drops the error logs (with tracebacks) of orbax's background threads
+  and of asyncio: the error they report reaches the run as an exception,
+  which ends in one line (a full disk: errors.NoSpaceError)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not (record.name == "asyncio"
+                or f"{os.sep}orbax{os.sep}" in (record.pathname or ""))
+
+
+_QUIET = _QuietLibraryErrors()
+
+
 def set_library_logs(verbose: bool = False) -> None:
   """Library logs (orbax's lines on every checkpoint, JAX's backend notes)
-  at WARNING; all of them (INFO) with `verbose`."""
+  at WARNING, without orbax's and asyncio's tracebacks; all of them (INFO)
+  with `verbose`."""
   logging.set_verbosity(logging.INFO if verbose else logging.WARNING)
+  for name in ("absl", "asyncio"):
+    logger = std_logging.getLogger(name)
+    logger.removeFilter(_QUIET)
+    if not verbose:
+      logger.addFilter(_QUIET)
 
 
 def keyword_safe_argv(argv: Sequence[str]) -> list[str]:
@@ -291,9 +312,16 @@ def run_reporting_errors(fn: Callable[[], Any], workdir: str,
             f"again to resume {workdir} from its last checkpoint.",
             file=sys.stderr, flush=True)
       _exit(errors.PeerProcessError.exit_code)
+    full = workdir_lib.no_space_error(e, os.path.join(workdir, ERROR_LOG),
+                                      "writing")
+    if full is not None:
+      print(f"error: {full}", file=sys.stderr, flush=True)
+      _exit(full.exit_code)
     log = os.path.join(workdir, ERROR_LOG)
     try:
-      os.makedirs(workdir, exist_ok=True)
+      # Not made if missing: a folder moved away must not come back.
+      if not os.path.isdir(workdir):
+        raise FileNotFoundError(workdir)
       with open(log, "a") as f:
         f.write(traceback.format_exc())
       where = f"its traceback is in {log}"

@@ -32,6 +32,17 @@ class WorkdirError(UserError):
   exit_code = 5
 
 
+class WorkdirGoneError(WorkdirError):
+  """The run folder was moved or deleted while the run trained; nothing
+  more is written (least of all at its old path)."""
+
+
+class NoSpaceError(UserError):
+  """The disk holding the run folder is full; the message names the path
+  and the space left. The last checkpoint stays, so the run resumes."""
+  exit_code = 74  # EX_IOERR
+
+
 class WorkdirBusyError(UserError):
   """Another live process owns the workdir (its lock file)."""
   exit_code = 75  # EX_TEMPFAIL: try again later

@@ -21,9 +21,12 @@ one never corrupts them.
 
 import contextlib
 import datetime
+import errno
 import fcntl
+import glob
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -58,13 +61,66 @@ _HELD: dict[str, list] = {}
 
 
 def write_text(path: str, text: str) -> None:
-  """Replaces `path` by `text` atomically (temporary file, fsync, rename)."""
+  """Replaces `path` by `text` atomically (temporary file, fsync, rename);
+  a failed write leaves no temporary file, and a full disk is
+  errors.NoSpaceError."""
   tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except OSError as e:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise no_space_error(e, path, f"writing {os.path.basename(path)}") or e
+
+
+def is_disk_full(error: BaseException) -> bool:
+  """Whether `error` (or one it came from) says the disk is full: an
+  OSError ENOSPC, or orbax's / TensorStore's words for it."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+      return True
+    if ("No space left on device" in str(error)
+        or "os_error_code='28'" in str(error)):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _existing(path: str) -> str:
+  path = os.path.abspath(path)
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  return path
+
+
+def _size(n: float) -> str:
+  for unit in ("B", "KB", "MB", "GB", "TB"):
+    if n < 1024 or unit == "TB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+  return f"{n} B"
+
+
+def no_space_error(error: BaseException, path: str, what: str,
+                   resume: str = "") -> "errors.NoSpaceError | None":
+  """errors.NoSpaceError naming `path` and the space left there, if
+  `error` says the disk is full; None otherwise."""
+  if not is_disk_full(error):
+    return None
+  try:
+    free = _size(shutil.disk_usage(_existing(path)).free)
+  except OSError:
+    free = "unknown"
+  return errors.NoSpaceError(
+      f"no space left on device: {what} failed in {os.path.dirname(path)} "
+      f"({free} free there). Free some space, or choose a --workdir on "
+      f"another disk, and run the same command again{resume}.")
 
 
 def write_json(path: str, value: Any) -> None:
@@ -305,6 +361,88 @@ class RunFolder:
     self.path = path
     self.config_json = config_json
     self._manager: ocp.CheckpointManager | None = None
+    self._inode: int | None = None  # the folder's, once resumed
+    self._since = 0.0  # when it resumed
+
+  def _gone(self) -> bool:
+    """Whether the folder was moved or deleted since the run resumed."""
+    if self._inode is None:
+      return False
+    try:
+      return os.stat(self.path).st_ino != self._inode
+    except FileNotFoundError:
+      return True
+
+  def _check_present(self, what: str) -> None:
+    """errors.WorkdirGoneError if the folder was moved or deleted: the run
+    stops rather than write anywhere (orbax would make the old path
+    again)."""
+    if self._gone():
+      self._manager = None  # its folder is gone: nothing to close
+      self._undo_recreated()
+      raise errors.WorkdirGoneError(
+          f"{self.path} was moved or deleted while the run trained "
+          f"({what} failed); nothing more was written. Move it back and run "
+          "the same command to resume from its last checkpoint, or start "
+          "over with --fresh.")
+
+  def _undo_recreated(self) -> None:
+    """A save under way when the folder moved makes its old path again
+    (orbax creates the checkpoint's parents): removes what it made there,
+    the unfinished checkpoint and the folders made since the run resumed,
+    and nothing else."""
+    checkpoints = self.checkpoints
+    try:
+      entries = os.listdir(self.path)
+      unfinished = os.listdir(checkpoints) if entries == [CHECKPOINTS] else []
+    except OSError:
+      return
+    if entries and (entries != [CHECKPOINTS] or not all(
+        name.endswith(".orbax-checkpoint-tmp") for name in unfinished)):
+      return  # something else lives there now: leave it alone
+    shutil.rmtree(self.path, ignore_errors=True)
+    parent = os.path.dirname(os.path.abspath(self.path))
+    while parent != os.path.dirname(parent):
+      try:
+        if os.stat(parent).st_ctime < self._since or os.listdir(parent):
+          break
+        os.rmdir(parent)
+      except OSError:
+        break
+      parent = os.path.dirname(parent)
+
+  @contextlib.contextmanager
+  def _writing(self, what: str) -> Iterator[None]:
+    """Turns the OS events of a write into one-line errors: the folder
+    moved (errors.WorkdirGoneError), the disk full (errors.NoSpaceError,
+    with no half-written checkpoint left)."""
+    self._check_present(what)
+    try:
+      yield
+    except errors.UserError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      self._check_present(what)
+      if not is_disk_full(e):
+        raise
+      note = self._resume_note()
+      self._drop_unfinished_checkpoints()  # first: the space it frees counts
+      raise no_space_error(e, self.file(RECORDS), what, note) from e
+
+  def _resume_note(self) -> str:
+    step = self._manager.latest_step() if self._manager is not None else None
+    return (f" to resume from its last checkpoint (step {step})" if step
+            else " to resume")
+
+  def _drop_unfinished_checkpoints(self) -> None:
+    """Removes orbax's temporary folders of a save that failed (a full
+    disk): the next start would skip them, but they hold the space."""
+    # The manager is dropped, not closed: closing it after a failed save
+    # makes its background threads print tracebacks; the process ends next.
+    self._manager = None
+    for tmp in glob.glob(os.path.join(self.checkpoints,
+                                      "*.orbax-checkpoint-tmp*")):
+      shutil.rmtree(tmp, ignore_errors=True)
 
   def file(self, name: str) -> str:
     return os.path.join(self.path, name)
@@ -367,10 +505,17 @@ class RunFolder:
     if any is missing (a run resumed without them would end done with
     records missing)."""
     self.check_config()
+    if parallel.is_primary():
+      os.makedirs(self.path, exist_ok=True)
+    self._inode = os.stat(self.path).st_ino
+    self._since = time.time()
     self._write(CONFIG, self.config_json + "\n")
     self._manager = ocp.CheckpointManager(
         os.path.abspath(self.file(CHECKPOINTS)),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2))
+        # A save cut short (killed, a full disk, the folder moved) leaves
+        # a *.orbax-checkpoint-tmp folder; the next start removes it.
+        options=ocp.CheckpointManagerOptions(max_to_keep=2,
+                                             cleanup_tmp_directories=True))
     state, records = template, []
     restored = self._restore(template)
     if restored is not None:
@@ -400,18 +545,21 @@ class RunFolder:
     killed mid-line leaves a torn last line, which read_jsonl drops)."""
     if not parallel.is_primary():
       return
-    fd = os.open(self.file(RECORDS), os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-                 0o644)
-    try:
-      os.write(fd, (json.dumps(record) + "\n").encode())
-      os.fsync(fd)
-    finally:
-      os.close(fd)
+    with self._writing(f"appending the record of step {record.get('step')} "
+                       f"to {RECORDS}"):
+      fd = os.open(self.file(RECORDS), os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                   0o644)
+      try:
+        os.write(fd, (json.dumps(record) + "\n").encode())
+        os.fsync(fd)
+      finally:
+        os.close(fd)
 
   def save(self, step: int, state: PyTree) -> None:
     """A checkpoint of `state` after `step` steps, on disk when it returns."""
-    self._manager.save(step, args=ocp.args.StandardSave(_key_data(state)))
-    self._manager.wait_until_finished()
+    with self._writing(f"saving the checkpoint of step {step}"):
+      self._manager.save(step, args=ocp.args.StandardSave(_key_data(state)))
+      self._manager.wait_until_finished()
 
   def latest_checkpoint_step(self) -> int:
     return self._manager.latest_step() or 0
@@ -427,12 +575,14 @@ class RunFolder:
 
   def mark_done(self) -> None:
     """Writes `done`: a finished run is not trained again."""
-    self.close()
+    with self._writing("closing its checkpoints"):
+      self.close()
     self._write(DONE, "done\n")
 
   def _write(self, name: str, text: str) -> None:
     if parallel.is_primary():
-      write_text(self.file(name), text)
+      with self._writing(f"writing {name}"):
+        write_text(self.file(name), text)
 
   def _restore(self, template: PyTree) -> tuple[PyTree, int] | None:
     """(the newest readable checkpoint, its step); None if there is none.

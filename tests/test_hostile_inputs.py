@@ -332,3 +332,121 @@ def test_a_closed_output_pipe_does_not_end_the_run(tmp_path):
   assert (workdir / "results.json").exists()
   assert len((workdir / "restart_0" / "results.jsonl").read_text()
              .splitlines()) == 20
+
+
+def test_a_full_disk_while_appending_is_one_line_naming_the_space(
+    tmp_path, monkeypatch):
+  import errno  # pylint: disable=g-import-not-at-top
+  folder = workdir_lib.RunFolder(str(tmp_path / "run"), '{"lr": 0.1}')
+  with folder.lock():
+    folder.resume(_state(0))
+
+    def full(fd, data):
+      raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(workdir_lib.os, "write", full)
+    with pytest.raises(errors.NoSpaceError, match=(
+        r"^no space left on device: appending the record of step 0 to "
+        r"results.jsonl failed in .*run \(.* free there\). Free some space, "
+        r"or choose a --workdir on another disk, and run the same command "
+        r"again to resume.$")):
+      folder.append({"step": 0})
+    monkeypatch.undo()
+    folder.close()
+  assert errors.NoSpaceError.exit_code == 74
+
+
+def test_a_full_disk_while_saving_leaves_no_unfinished_checkpoint(tmp_path):
+  folder = workdir_lib.RunFolder(str(tmp_path / "run"), '{"lr": 0.1}')
+  with folder.lock():
+    folder.resume(_state(0))
+    folder.save(1, _state(1))
+
+    class Full:  # orbax's words for ENOSPC, after its temporary folder
+      def save(self, step, args):
+        os.makedirs(os.path.join(folder.checkpoints,
+                                 f"{step}.orbax-checkpoint-tmp", "d"))
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing "opt_state": '
+                         "Failed to write 381073 bytes to file 9: No space "
+                         "left on device [os_error_code='28']")
+
+      def latest_step(self):
+        return 1
+    folder._manager = Full()  # pylint: disable=protected-access
+    with pytest.raises(errors.NoSpaceError, match=(
+        r"saving the checkpoint of step 2 failed.*run the same command "
+        r"again to resume from its last checkpoint \(step 1\)")):
+      folder.save(2, _state(2))
+  assert sorted(os.listdir(folder.checkpoints)) == ["1"]
+
+
+def _tmpfs(path, size):
+  path.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                     str(path)], capture_output=True).returncode:
+    pytest.skip("cannot mount a small tmpfs here (needs root)")
+
+
+@pytest.mark.slow
+def test_a_full_disk_ends_in_one_line_and_resumes_once_freed(tmp_path):
+  disk = tmp_path / "disk"
+  _tmpfs(disk, "1500k")
+  try:
+    workdir = disk / "run"
+    args = ("--config", COLORED, "--workdir", str(workdir),
+            "--config.restarts=1", "--config.steps=20",
+            "--config.hidden_dim=256", "--config.log_every=1",
+            "--config.checkpoint_every=5")
+    result = main(*args)
+    assert result.returncode == 74, result.stderr
+    line = one_line(result)
+    assert line.startswith(
+        "error: no space left on device: saving the checkpoint of step 1 "
+        f"failed in {workdir}/restart_0 ("), line
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not list(workdir.glob("**/*orbax-checkpoint-tmp*"))
+    assert not (workdir / "restart_0" / "done").exists()
+    assert not (workdir / "error.log").exists()
+    subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+    result = main(*args)
+    assert result.returncode == 0, result.stderr
+    assert (workdir / "restart_0" / "done").exists()
+  finally:
+    subprocess.run(["umount", str(disk)], check=False)
+
+
+@pytest.mark.slow
+def test_a_workdir_moved_while_training_is_one_line_and_not_made_again(
+    tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  workdir, moved = tmp_path / "run", tmp_path / "moved"
+  args = ("--config", COLORED, "--workdir", str(workdir),
+          "--config.restarts=1", "--config.steps=1000",
+          "--config.hidden_dim=8", "--config.log_every=10",
+          "--config.checkpoint_every=100")
+  process = subprocess.Popen(
+      [sys.executable, "-m", "fishr_jax.main", *args], cwd=ROOT,
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  records = workdir / "restart_0" / "results.jsonl"
+  deadline = time.time() + 120
+  while not (records.exists() and records.stat().st_size) and (
+      time.time() < deadline):
+    time.sleep(0.1)
+  shutil.move(workdir, moved)
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 5, stderr
+  lines = stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      f"error: {workdir}/restart_0 was moved or deleted while the run "
+      "trained ("), stderr
+  assert lines[0].endswith(
+      "nothing more was written. Move it back and run the same command to "
+      "resume from its last checkpoint, or start over with --fresh.")
+  assert not workdir.exists()
+  assert not (moved / "restart_0" / "done").exists()
+  shutil.move(moved, workdir)
+  result = main(*args[:-4], "--config.steps=1000", "--config.hidden_dim=8",
+                "--config.log_every=10", "--config.checkpoint_every=100")
+  assert result.returncode == 0, result.stderr
+  assert (workdir / "restart_0" / "done").exists()
+  assert not list(workdir.glob("**/*orbax-checkpoint-tmp*"))
