@@ -5,8 +5,9 @@ exit codes in place of tracebacks.
 Exit codes: 0 done; 1 an unexpected error (a bug: its traceback is in the
 workdir's error.log, or printed with --verbose); 2 a bad config or flag;
 3 a data file missing or broken; 4 the run diverged; 5 the workdir
-disagrees with the run; 6 another process of a multi-process job died;
-75 another process owns the workdir; 130
+disagrees with the run (or was moved away); 6 another process of a
+multi-process job died; 74 no space left on device; 75 another process
+owns the workdir; 130
 interrupted (run the same command again to resume).
 """
 
