@@ -295,7 +295,10 @@ def run_reporting_errors(fn: Callable[[], Any], workdir: str,
     if verbose:
       raise
     print(f"error: {e}", file=sys.stderr)
-    _exit(e.exit_code)
+    # After a failed save (a full disk), TensorStore's writes still under
+    # way would print tracebacks while the interpreter shuts down; every
+    # file is closed and the lock released by now, so the process ends here.
+    _exit(e.exit_code, now=isinstance(e, errors.NoSpaceError))
   except KeyboardInterrupt:
     print(f"Interrupted; run the same command again to resume {workdir}.",
           file=sys.stderr)
@@ -317,7 +320,7 @@ def run_reporting_errors(fn: Callable[[], Any], workdir: str,
                                       "writing")
     if full is not None:
       print(f"error: {full}", file=sys.stderr, flush=True)
-      _exit(full.exit_code)
+      _exit(full.exit_code, now=True)
     log = os.path.join(workdir, ERROR_LOG)
     try:
       # Not made if missing: a folder moved away must not come back.
@@ -333,11 +336,12 @@ def run_reporting_errors(fn: Callable[[], Any], workdir: str,
     _exit(1)
 
 
-def _exit(code: int) -> None:
-  """sys.exit, except in a multi-process job: there JAX's exit handler would
-  wait at its shutdown barrier for processes that are still training (or
-  dead) and hang, so the process ends now and the others see it go."""
-  if not parallel.is_multi_process():
+def _exit(code: int, now: bool = False) -> None:
+  """sys.exit, except in a multi-process job (or with `now`): there JAX's
+  exit handler would wait at its shutdown barrier for processes that are
+  still training (or dead) and hang, so the process ends now and the
+  others see it go."""
+  if not now and not parallel.is_multi_process():
     sys.exit(code)
   sys.stdout.flush()
   sys.stderr.flush()
