@@ -1,9 +1,29 @@
 import fcntl
 import os
 import shutil
+import tempfile
 
-import jax
-import pytest
+# One persistent XLA compilation cache per test session, shared by the
+# pytest-xdist workers and every subprocess the tests start (they inherit
+# the environment): a program compiled once (the same step in a CLI run, its
+# resume, a sweep's runs launched alone) is loaded, not compiled again. A hit
+# loads the executable a miss would build, so no number changes. Set before
+# JAX is imported; a JAX_COMPILATION_CACHE_DIR of your own is left as it is.
+_SESSION_CACHE = "FISHR_JAX_TEST_COMPILATION_CACHE"
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_SESSION_CACHE] = (
+      tempfile.mkdtemp(prefix="fishr_jax_xla_cache_"))
+  os.environ[f"{_SESSION_CACHE}_OWNER"] = str(os.getpid())
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+import jax  # noqa: E402  (after the cache is set)
+import pytest  # noqa: E402
+
+
+def pytest_unconfigure(config):
+  del config
+  if os.environ.get(f"{_SESSION_CACHE}_OWNER") == str(os.getpid()):
+    shutil.rmtree(os.environ[_SESSION_CACHE], ignore_errors=True)
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
 
