@@ -1,10 +1,6 @@
 """Data parallelism: 1, 2, 4 and 8 (fake CPU) devices give the one-device
 numbers; the batch layout spreads every domain over the devices."""
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
@@ -12,17 +8,10 @@ from fishr_jax import parallel
 from tests import conftest
 from tests import multi_device_run
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
 
 @pytest.fixture(scope="module")
 def multi_device_results(tmp_path_factory):
-  env = {**os.environ, "PYTHONPATH": os.path.dirname(HERE)}
-  env.pop("XLA_FLAGS", None)
-  folder = conftest.made_once(tmp_path_factory, "multi_device", lambda f: (
-      subprocess.run([sys.executable, os.path.join(HERE, "multi_device_run.py"),
-                      str(f / "results.npz")], check=True, env=env,
-                     timeout=600)))
+  folder = conftest.made_in_background(tmp_path_factory, "multi_device")
   return dict(np.load(folder / "results.npz"))
 
 

@@ -4,16 +4,12 @@ accuracies through every path that computes it: closed form and vmap, fast
 and reference moment sums, 1 and 4 devices."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from tests import conftest
 from tests import variant_paths_run
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 # Float32 sums in another order move the parameters slightly over 61 steps;
 # that may flip the prediction of an example or two of the 2 x 2,000.
 ACC_TOL = 2.5e-3
@@ -21,12 +17,7 @@ ACC_TOL = 2.5e-3
 
 @pytest.fixture(scope="module")
 def finals(tmp_path_factory):
-  env = {**os.environ, "PYTHONPATH": os.path.dirname(HERE)}
-  env.pop("XLA_FLAGS", None)
-  folder = conftest.made_once(tmp_path_factory, "variant_paths", lambda f: (
-      subprocess.run([sys.executable, os.path.join(HERE, "variant_paths_run.py"),
-                      str(f / "finals.json"), str(f / "runs")],
-                     check=True, env=env, timeout=900)))
+  folder = conftest.made_in_background(tmp_path_factory, "variant_paths")
   return json.loads((folder / "finals.json").read_text())
 
 

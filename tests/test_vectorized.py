@@ -5,8 +5,6 @@ devices, and each run's batch over devices)."""
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -21,7 +19,6 @@ from fishr_jax.algorithms import fishr
 from tests import conftest
 from tests import vectorized_run
 
-HERE = os.path.dirname(__file__)
 # Relative differences of float32 rounding after a few Adam steps.
 TOLERANCE = {"params": 1e-4, "alg_state": 1e-5, "loss": 1e-5, "step": 0}
 
@@ -39,11 +36,7 @@ def test_runs_trained_together_equal_the_runs_alone(case):
 
 @pytest.fixture(scope="module")
 def two_device_differences(tmp_path_factory):
-  folder = conftest.made_once(tmp_path_factory, "vectorized", lambda f: (
-      subprocess.run([sys.executable, os.path.join(HERE, "vectorized_run.py"),
-                      str(f / "differences.json"), str(f / "runs")],
-                     check=True, cwd=os.path.dirname(HERE),
-                     env={**os.environ, "PYTHONPATH": os.path.dirname(HERE)})))
+  folder = conftest.made_in_background(tmp_path_factory, "vectorized")
   return json.loads((folder / "differences.json").read_text())
 
 
