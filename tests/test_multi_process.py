@@ -24,7 +24,11 @@ def _free_port():
 
 
 def _env(**extra):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  # Without the tests' compilation cache (conftest): with it, on a loaded
+  # machine, a job's two processes once failed to meet at gloo's first
+  # collective within its 30 s (one loading a program the other compiled?).
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
   env["JAX_PLATFORMS"] = "cpu"
   env.update(extra)
   return env
