@@ -56,7 +56,8 @@ def _loop_variances(module, params, batch, names):
     return losses.per_example_loss(logits, y[None])[0]
 
   chosen = layer_signals.subtree(params, names)
-  grads = [jax.grad(example_loss)(chosen, batch["x"][i], batch["y"][i])
+  grad = jax.jit(jax.grad(example_loss))  # one compile, not one per op
+  grads = [grad(chosen, batch["x"][i], batch["y"][i])
            for i in range(len(batch["y"]))]
   domain = np.asarray(batch["domain"])
   out = {}
