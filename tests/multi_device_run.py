@@ -9,8 +9,6 @@ import sys
 
 import chex
 
-chex.set_n_cpu_devices(8)
-
 import jax  # noqa: E402  (after the device count is set)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -128,4 +126,7 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
+  # Here, not at import: the tests import this module for its names, and the
+  # device count must not leak into their process.
+  chex.set_n_cpu_devices(8)
   main(sys.argv[1])

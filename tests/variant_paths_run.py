@@ -13,8 +13,6 @@ import sys
 
 import chex
 
-chex.set_n_cpu_devices(4)
-
 from configs import colored_mnist as cmnist_config  # noqa: E402
 from fishr_jax import train  # noqa: E402
 from fishr_jax import train_colored_mnist  # noqa: E402
@@ -63,4 +61,7 @@ def main(out_path: str, workdir: str) -> None:
 
 
 if __name__ == "__main__":
+  # Here, not at import: the tests import this module for its names, and the
+  # device count must not leak into their process.
+  chex.set_n_cpu_devices(4)
   main(sys.argv[1], sys.argv[2])
