@@ -21,7 +21,7 @@ def _fake_pacs(root):
     for cls in ("dog", "horse"):
       folder = root / "PACS" / domain / cls
       folder.mkdir(parents=True)
-      for i in range(2):
+      for i in range(3):  # 6 per domain: int(6 * 0.2) = 1 held out
         size = tuple(rng.integers(24, 48, 2))
         pixels = rng.integers(0, 256, size + (3,), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / f"{i}.png")
