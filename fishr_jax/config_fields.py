@@ -99,7 +99,7 @@ def absent_field_defaults() -> dict[str, tuple[Any, ...]]:
   add_optimizer_field(config)
   add_dataset_fields(config)
   out: dict[str, tuple[Any, ...]] = {
-      key: (value,) for key, value in _flatten(config.to_dict()).items()}
+      key: (value,) for key, value in flatten(config.to_dict()).items()}
   for name, block in settings.config_blocks().items():
     for field, value in block.to_dict().items():
       out[f"{name}.{field}"] = (value, None)
@@ -108,10 +108,11 @@ def absent_field_defaults() -> dict[str, tuple[Any, ...]]:
   return out
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+  """A nested config dict as {dotted field: value}."""
   if isinstance(value, dict):
     out = {}
     for k, v in value.items():
-      out.update(_flatten(v, f"{prefix}{k}."))
+      out.update(flatten(v, f"{prefix}{k}."))
     return out
   return {prefix[:-1]: value}

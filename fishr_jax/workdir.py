@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator
 import jax
 import orbax.checkpoint as ocp
 
+from fishr_jax import config_fields
 from fishr_jax import errors
 from fishr_jax import parallel
 
@@ -267,15 +268,6 @@ def primary_lock(workdir: str) -> contextlib.AbstractContextManager:
 # --------------------------------------------------------- config changes
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-  if isinstance(value, dict):
-    out = {}
-    for k, v in value.items():
-      out.update(_flatten(v, f"{prefix}{k}."))
-    return out
-  return {prefix[:-1]: value}
-
-
 def config_changes(recorded_json: str, config_json: str,
                    may_change: tuple[str, ...] = (),
                    defaults: dict[str, tuple[Any, ...]] | None = None
@@ -290,8 +282,8 @@ def config_changes(recorded_json: str, config_json: str,
   other than those is a change, and so is any value of a field whose
   default is not known. Without `defaults`, such fields are not compared.
   A field only the recorded config has (dropped since) is not a change."""
-  old = _flatten(json.loads(recorded_json))
-  new = _flatten(json.loads(config_json))
+  old = config_fields.flatten(json.loads(recorded_json))
+  new = config_fields.flatten(json.loads(config_json))
   changes = []
   for field in sorted(new):
     if field.split(".")[-1] in may_change:
@@ -460,8 +452,6 @@ class RunFolder:
       return
     with open(path) as f:
       recorded = f.read()
-    # Here, not at import: the defaults come from the algorithms' Configs.
-    from fishr_jax import config_fields  # pylint: disable=g-import-not-at-top
     try:
       changes = config_changes(recorded, self.config_json,
                                MAY_CHANGE_ON_RESUME,
