@@ -381,16 +381,14 @@ class RunFolder:
   def _undo_recreated(self) -> None:
     """A save under way when the folder moved makes its old path again
     (orbax creates the checkpoint's parents): removes what it made there,
-    the unfinished checkpoint and the folders made since the run resumed,
-    and nothing else."""
-    checkpoints = self.checkpoints
+    its checkpoint (finished or not) and the folders made since the run
+    resumed, and nothing else. A run's own folder always holds its config
+    and records, so a folder holding only checkpoints/ is orbax's."""
     try:
       entries = os.listdir(self.path)
-      unfinished = os.listdir(checkpoints) if entries == [CHECKPOINTS] else []
     except OSError:
       return
-    if entries and (entries != [CHECKPOINTS] or not all(
-        name.endswith(".orbax-checkpoint-tmp") for name in unfinished)):
+    if entries not in ([], [CHECKPOINTS]):
       return  # something else lives there now: leave it alone
     shutil.rmtree(self.path, ignore_errors=True)
     parent = os.path.dirname(os.path.abspath(self.path))
@@ -411,6 +409,7 @@ class RunFolder:
     self._check_present(what)
     try:
       yield
+      self._check_present(what)  # a save may have made the old path again
     except errors.UserError:
       raise
     except Exception as e:  # pylint: disable=broad-except

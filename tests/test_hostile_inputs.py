@@ -432,7 +432,8 @@ def test_a_workdir_moved_while_training_is_one_line_and_not_made_again(
   args = ("--config", COLORED, "--workdir", str(workdir),
           "--config.restarts=1", "--config.steps=1000",
           "--config.hidden_dim=8", "--config.log_every=10",
-          # No checkpoint save between the move and the next record.
+          # The move meets the next record's append or the save of step 0
+          # (which, finished in the folder orbax made again, is undone).
           "--config.checkpoint_every=1000")
   process = subprocess.Popen(
       [sys.executable, "-m", "fishr_jax.main", *args], cwd=ROOT,

@@ -110,3 +110,23 @@ def test_run_folder_done_returns_its_records_and_refuses_a_new_config(
   assert "is done" in capsys.readouterr().out
   with pytest.raises(errors.WorkdirError, match="another config"):
     workdir.RunFolder(path, '{"lr": 0.2}').finished_records()
+
+
+def test_a_save_into_a_folder_moved_meanwhile_is_undone(tmp_path):
+  path, moved = tmp_path / "run", tmp_path / "moved"
+  folder = workdir.RunFolder(str(path), '{"lr": 0.1}')
+  folder.resume(_state(0))
+  folder.append({"step": 0})
+  save = folder._manager.save  # pylint: disable=protected-access
+
+  def save_as_the_folder_moves(*args, **kwargs):
+    os.rename(path, moved)  # orbax then makes run/checkpoints/ again
+    return save(*args, **kwargs)
+
+  folder._manager.save = save_as_the_folder_moves  # pylint: disable=protected-access
+  with pytest.raises(errors.WorkdirGoneError, match="saving the checkpoint"):
+    folder.save(1, _state(1))
+  assert not path.exists()
+  assert sorted(os.listdir(moved)) == [
+      workdir.CHECKPOINTS, workdir.CONFIG, workdir.RECORDS]
+  assert not os.listdir(moved / workdir.CHECKPOINTS)  # the save went astray
