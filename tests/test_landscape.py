@@ -1,0 +1,201 @@
+"""Domain-level landscapes (fishr_jax/landscape.py) against BackPACK's
+numbers (tests/data/landscape_backpack.npz), jax.hessian, and brute force."""
+
+import itertools
+import os
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+import numpy as np
+import pytest
+
+from experiments import landscape_vectors
+from fishr_jax import landscape
+from fishr_jax import losses
+from fishr_jax import penalties
+
+BACKPACK = os.path.join(os.path.dirname(__file__), "data",
+                        "landscape_backpack.npz")
+
+
+def _load(path=BACKPACK):
+  with np.load(path) as data:
+    return dict(data)
+
+
+def test_equal_to_backpack_in_float64(x64):
+  reference = _load()
+  errors = landscape_vectors.relative_errors(reference)
+  checked = {k for k in reference if k.startswith(("hess.", "var.", "head.",
+                                                   "full."))}
+  assert set(errors) == checked and len(checked) == 48
+  assert max(errors.values()) < 1e-8, errors
+
+
+def test_the_checker_fails_a_file_off_by_more_than_its_tolerance(
+    tmp_path, capsys):
+  reference = _load()
+  off = reference["hess.full.env1.lin2.weight"]
+  off.flat[np.argmax(np.abs(off))] *= 1 + 1e-7
+  path = tmp_path / "off.npz"
+  np.savez(path, **reference)
+  try:
+    assert landscape_vectors.main([str(path)]) == 1
+    assert landscape_vectors.main([BACKPACK]) == 0
+  finally:
+    jax.config.update("jax_enable_x64", False)
+  out = capsys.readouterr().out
+  assert "hess.full.env1.lin2.weight" in out and "> tolerance" in out
+
+
+def _mlp_file(rng, dims, num_classes, sizes, num_hessian):
+  """A file of the BackPACK format whose values come from jax.hessian and
+  per-example jax.grad: another model size, three domains."""
+  reference = {}
+  names = [f"layer{i}" for i in range(len(dims) - 1)] + ["classifier"]
+  for name, (d_in, d_out) in zip(names, zip(dims, dims[1:] + [num_classes])):
+    reference[f"param.{name}.weight"] = rng.normal(size=(d_out, d_in))
+    reference[f"param.{name}.bias"] = rng.normal(size=d_out) * 0.3
+  for k, n in enumerate(sizes):
+    reference[f"env{k}.x"] = rng.normal(size=(n, dims[0]))
+    reference[f"env{k}.y"] = rng.integers(0, num_classes, n)
+  reference["num_hessian"] = np.asarray(num_hessian)
+  params = landscape_vectors.mlp_params(reference)
+  flat, unravel = ravel_pytree(params)
+  for k, n in enumerate(sizes):
+    x, y = reference[f"env{k}.x"], reference[f"env{k}.y"]
+
+    def loss(flat_params, x_i, y_i, part):
+      p = unravel(flat_params)
+      if part == "head":  # the featurizer held fixed
+        p = {**jax.tree.map(jax.lax.stop_gradient, p),
+             "classifier": p["classifier"]}
+      return losses.per_example_loss(
+          landscape_vectors.mlp_logits(p, x_i[None], "classifier")[0], y_i)
+
+    for part, hess_examples in (("head", n), ("full", num_hessian)):
+      each = lambda f, part=part: jax.jit(jax.vmap(
+          lambda x_i, y_i: f(loss)(flat, x_i, y_i, part)))
+      hessians = jax.vmap(jnp.diag)(each(jax.hessian)(
+          x[:hess_examples], y[:hess_examples])).mean(0)
+      variance = np.asarray(each(jax.grad)(x, y)).var(0)
+      for what, values in (("hess", hessians), ("var", variance)):
+        tree = unravel(jnp.asarray(values))
+        layers = ["classifier"] if part == "head" else names
+        for name in layers:
+          reference[f"{what}.{part}.env{k}.{name}.weight"] = np.asarray(
+              tree[name]["kernel"]).T
+          reference[f"{what}.{part}.env{k}.{name}.bias"] = np.asarray(
+              tree[name]["bias"])
+  return reference
+
+
+def test_equal_to_jax_hessian_on_another_model_with_three_domains(x64):
+  reference = _mlp_file(np.random.default_rng(1), dims=[5, 6, 4, 3],
+                        num_classes=3, sizes=[4, 7, 5], num_hessian=3)
+  errors = landscape_vectors.relative_errors(reference)
+  assert len(errors) == 3 * 2 * (2 + 4 * 2)  # domains x hess/var x arrays
+  assert max(errors.values()) < 1e-10, errors
+
+
+@pytest.mark.parametrize("num_classes", [1, 4])
+def test_hessian_diagonals_equal_jax_hessian_for_all_layers(x64, num_classes):
+  """Binary (sigmoid) and softmax heads; a conv + ReLU + pooling network
+  too, all piecewise linear in each parameter."""
+  rng = np.random.default_rng(num_classes)
+  params = {"conv": jnp.asarray(rng.normal(size=(3, 3, 2, 4))),
+            "dense": {"kernel": jnp.asarray(rng.normal(size=(4, num_classes))),
+                      "bias": jnp.asarray(rng.normal(size=num_classes))}}
+
+  def logits_fn(p, x_i):
+    h = jax.lax.conv_general_dilated(x_i[None], p["conv"], (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    h = jax.nn.relu(h).mean(axis=(1, 2))[0]
+    return h @ p["dense"]["kernel"] + p["dense"]["bias"]
+
+  x = jnp.asarray(rng.normal(size=(3, 5, 5, 2)))
+  y = jnp.asarray(rng.integers(0, max(num_classes, 2), 3))
+  ours = jax.jit(landscape.hessian_diagonals, static_argnums=0)(
+      logits_fn, params, x)
+  flat, unravel = ravel_pytree(params)
+  exact = jax.jit(jax.vmap(lambda x_i, y_i: jnp.diag(jax.hessian(
+      lambda f: losses.per_example_loss(logits_fn(unravel(f), x_i), y_i))(
+          flat))))(x, y)
+  ours_flat = jax.vmap(lambda tree: ravel_pytree(tree)[0])(ours)
+  np.testing.assert_allclose(ours_flat, exact, rtol=1e-10, atol=1e-14)
+
+
+def test_head_curvature_equals_autodiff_per_example_moments(x64):
+  rng = np.random.default_rng(3)
+  features = jnp.asarray(rng.normal(size=(10, 5)))
+  head = {"kernel": jnp.asarray(rng.normal(size=(5, 3))),
+          "bias": jnp.asarray(rng.normal(size=3))}
+  labels = jnp.asarray(rng.integers(0, 3, 10))
+  domain_ids = jnp.asarray([0, 1, 2, 0, 1, 2, 0, 0, 1, 2])
+  logits_fn = lambda p, f: f @ p["kernel"] + p["bias"]
+  closed = jax.jit(landscape.head_curvature, static_argnums=4)(
+      features, logits_fn(head, features), labels, domain_ids, 3)
+  generic = jax.jit(landscape.network_curvature, static_argnums=(0, 5))(
+      logits_fn, head, features, labels, domain_ids, 3)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12,
+                                                  atol=1e-15)
+  jax.tree.map(close, closed, generic)
+  grads = penalties.per_example_grads(
+      lambda p, f, y: losses.per_example_loss(logits_fn(p, f), y), head,
+      features, labels)
+  bias = np.asarray(grads["bias"])
+  np.testing.assert_allclose(
+      closed.fisher["bias"][1],
+      (bias[np.asarray(domain_ids) == 1] ** 2).mean(0), rtol=1e-12)
+
+
+def test_compare_is_the_mean_and_worst_over_pairs():
+  v = np.random.default_rng(4).normal(size=(4, 6)).astype(np.float32)
+  quantity = {"a": jnp.asarray(v[:, :2]), "b": jnp.asarray(v[:, 2:])}
+  got = landscape.compare(quantity)
+  pairs = list(itertools.combinations(range(4), 2))
+  distance = [np.sum((v[a] - v[b]) ** 2) for a, b in pairs]
+  cosine = [v[a] @ v[b] / np.linalg.norm(v[a]) / np.linalg.norm(v[b])
+            for a, b in pairs]
+  gap = [(v[a] @ v[a] - v[b] @ v[b]) ** 2 for a, b in pairs]
+  expected = {"distance": np.mean(distance), "distance_max": np.max(distance),
+              "cosine": np.mean(cosine), "cosine_min": np.min(cosine),
+              "norm_gap": np.mean(gap), "norm_gap_max": np.max(gap),
+              "to_mean": np.sum((v - v.mean(0)) ** 2),
+              "meannorm": np.mean(np.sum(v * v, 1))}
+  assert set(got) == set(expected)
+  for key, value in expected.items():
+    np.testing.assert_allclose(got[key], value, rtol=2e-5, err_msg=key)
+  with pytest.raises(ValueError, match="two or more"):
+    landscape.compare({"a": jnp.ones((1, 3))})
+
+
+def test_inconsistency_is_the_maximum_of_the_quadratic_model():
+  rng = np.random.default_rng(5)
+  risks = jnp.asarray([0.3, 0.5, 0.2])
+  h = rng.uniform(0.1, 2.0, size=(3, 4))
+  eps = 0.01
+  score = float(landscape.inconsistency(risks, {"w": jnp.asarray(h)}, eps))
+  best = -np.inf
+  for a, b in itertools.permutations(range(3), 2):
+    # Points on A's level set R_A + eps: d = u / sqrt(h_A), ||u||^2 = 2 eps.
+    u = rng.normal(size=(20000, 4))
+    u *= np.sqrt(2 * eps) / np.linalg.norm(u, axis=1, keepdims=True)
+    d = u / np.sqrt(h[a])
+    rise = 0.5 * np.sum(h[b] * d * d, axis=1)
+    assert rise.max() <= eps * np.max(h[b] / h[a]) * (1 + 1e-6)
+    j = np.argmax(h[b] / h[a])  # the maximizer: the whole budget on j
+    d_star = np.zeros(4)
+    d_star[j] = np.sqrt(2 * eps / h[a][j])
+    best = max(best, float(risks[b] - risks[a])
+               + 0.5 * np.sum(h[b] * d_star ** 2))
+  np.testing.assert_allclose(score, best, rtol=1e-5)
+  flat_in_a = h.copy()
+  flat_in_a[0, 1] = 0.0
+  assert np.isinf(landscape.inconsistency(risks, {"w": jnp.asarray(flat_in_a)},
+                                          eps))
+  flat_in_both = h.copy()
+  flat_in_both[:, 1] = 0.0
+  assert np.isfinite(landscape.inconsistency(
+      risks, {"w": jnp.asarray(flat_in_both)}, eps))
