@@ -10,6 +10,7 @@ speed); parameters stay float32, and the losses and Fishr's moments are
 taken in float32 from the bfloat16 activations.
 """
 
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -79,6 +80,60 @@ class Dropout(nn.Module):
                           jnp.zeros_like(x))
 
 
+# --- PyTorch's default initialization ---------------------------------------
+
+
+def torch_default_init(fan_in: int) -> tuple[jax.nn.initializers.Initializer,
+                                             jax.nn.initializers.Initializer]:
+  """(kernel_init, bias_init) of a torch nn.Linear / nn.Conv2d with `fan_in`
+  inputs per output (in_features; in_channels * kh * kw).
+
+  torch draws the weight with kaiming_uniform_(a=sqrt(5)), whose bound is
+  gain * sqrt(3 / fan_in) with gain sqrt(2 / (1 + a^2)) = sqrt(1/3): that is
+  U(-1/sqrt(fan_in), 1/sqrt(fan_in)), jax's variance_scaling(1/3, "fan_in",
+  "uniform"), which reads fan_in off a Flax kernel (in, out) or
+  (kh, kw, in, out) itself. The bias is U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+  too; its initializer only sees the bias's shape, hence the argument. The
+  kernel initializer checks that its shape has this fan_in, so the two
+  cannot disagree. (torch's GroupNorm / BatchNorm start at weight 1, bias 0,
+  as Flax's scale and bias do.)
+  """
+  if fan_in < 1:
+    raise ValueError(f"fan_in must be positive, got {fan_in}.")
+  bound = 1.0 / math.sqrt(fan_in)
+  kaiming_uniform = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+  def kernel_init(key, shape, dtype=jnp.float32):
+    if math.prod(shape[:-1]) != fan_in:
+      raise ValueError(f"Kernel of shape {tuple(shape)} has fan_in "
+                       f"{math.prod(shape[:-1])}, not {fan_in}.")
+    return kaiming_uniform(key, shape, dtype)
+
+  def bias_init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return kernel_init, bias_init
+
+
+def torch_dense(features: int, in_features: int, name: str | None = None,
+                dtype: Any = None) -> nn.Dense:
+  """nn.Dense(features) initialized as torch's nn.Linear(in_features,
+  features)."""
+  kernel_init, bias_init = torch_default_init(in_features)
+  return nn.Dense(features, kernel_init=kernel_init, bias_init=bias_init,
+                  dtype=dtype, name=name)
+
+
+def torch_conv(features: int, kernel_size: tuple[int, int], in_channels: int,
+               name: str | None = None, dtype: Any = None,
+               **conv_kwargs) -> nn.Conv:
+  """nn.Conv(features, kernel_size, **conv_kwargs) initialized as torch's
+  nn.Conv2d(in_channels, features, kernel_size) (bias included)."""
+  kernel_init, bias_init = torch_default_init(in_channels * math.prod(kernel_size))
+  return nn.Conv(features, kernel_size, kernel_init=kernel_init,
+                 bias_init=bias_init, dtype=dtype, name=name, **conv_kwargs)
+
+
 class MLP(nn.Module):
   """Flatten, then ReLU dense layers, then a linear head.
 
@@ -113,23 +168,32 @@ class MLP(nn.Module):
 class MNISTCNN(nn.Module):
   """DomainBed's MNIST_CNN featurizer (4 convs 64-128-128-128, each followed
   by ReLU then GroupNorm(8), global average pool: 128-d) and a linear head.
-  Inputs NHWC (28, 28, C)."""
+  Inputs NHWC (28, 28, C).
+
+  Every conv and the head start as torch's nn.Conv2d / nn.Linear do
+  (`torch_default_init`), as DomainBed's network does. A conv's bias bound
+  depends on its input channels, which conv1 learns from the input, so the
+  convs are built in `featurize` (compact) and the head in `setup` (so that
+  `classify` can run alone).
+  """
   num_outputs: int
   dtype: Any = None
 
-  def setup(self):
-    conv = lambda n, stride, name: nn.Conv(
-        n, (3, 3), strides=stride, padding=((1, 1), (1, 1)), dtype=self.dtype,
-        name=name)
-    self.convs = [conv(64, 1, "conv1"), conv(128, 2, "conv2"),
-                  conv(128, 1, "conv3"), conv(128, 1, "conv4")]
-    # torch GroupNorm's epsilon is 1e-5 (flax's default is 1e-6).
-    self.norms = [nn.GroupNorm(num_groups=8, epsilon=1e-5, dtype=self.dtype,
-                               name=f"norm{i}") for i in range(4)]
-    self.classifier = nn.Dense(self.num_outputs, dtype=self.dtype, name=HEAD)
+  _WIDTHS = (64, 128, 128, 128)
+  _STRIDES = (1, 2, 1, 1)
 
+  def setup(self):
+    self.classifier = torch_dense(self.num_outputs, self._WIDTHS[-1], HEAD,
+                                  self.dtype)
+
+  @nn.compact
   def featurize(self, x: jax.Array) -> jax.Array:
-    for conv, norm in zip(self.convs, self.norms):
+    for i, (width, stride) in enumerate(zip(self._WIDTHS, self._STRIDES)):
+      conv = torch_conv(width, (3, 3), x.shape[-1], f"conv{i + 1}", self.dtype,
+                        strides=stride, padding=((1, 1), (1, 1)))
+      # torch GroupNorm's epsilon is 1e-5 (flax's default is 1e-6).
+      norm = nn.GroupNorm(num_groups=8, epsilon=1e-5, dtype=self.dtype,
+                          name=f"norm{i}")
       x = norm(relu(conv(x)))
     return x.mean(axis=(1, 2))
 

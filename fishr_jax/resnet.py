@@ -105,6 +105,7 @@ def _conv(features: int, kernel_size: int, strides: int, name: str,
 
 
 def _frozen_batch_norm(name: str, dtype: Any = None) -> nn.BatchNorm:
+  # Flax's initial scale 1, bias 0, mean 0, var 1 are torch BatchNorm2d's.
   return nn.BatchNorm(use_running_average=True, epsilon=_BN_EPSILON,
                       dtype=dtype, name=name)
 
@@ -138,15 +139,6 @@ class _ResidualBlock(nn.Module):
     return models.relu(y + identity)
 
 
-def _torch_linear_bias_init(fan_in: int):
-  """torch.nn.Linear's default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  bound = 1.0 / np.sqrt(fan_in)
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-  return init
-
-
 class ResNet(nn.Module):
   """torchvision ResNet-18/50 featurizer, frozen BatchNorm, dropout, linear head.
 
@@ -175,13 +167,10 @@ class ResNet(nn.Module):
                        name=spec.name)
         for spec in _block_specs(self.depth)]
     self.dropout = models.Dropout(self.dropout_rate)
-    # DomainBed's head is a fresh torch nn.Linear: U(+-1/sqrt(fan_in)) for
-    # kernel and bias (variance 1/(3 fan_in)).
-    self.classifier = nn.Dense(
-        self.num_classes,
-        kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
-        bias_init=_torch_linear_bias_init(self.num_features), dtype=self.dtype,
-        name=models.HEAD)
+    # DomainBed's head is a fresh torch nn.Linear (and torchvision's fc, from
+    # random weights, one too): U(+-1/sqrt(fan_in)) for kernel and bias.
+    self.classifier = models.torch_dense(self.num_classes, self.num_features,
+                                         models.HEAD, self.dtype)
 
   def featurize(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     """NHWC images -> (N, num_features) pooled features, after dropout."""
