@@ -121,8 +121,8 @@ def head_curvature(features: jax.Array, logits: jax.Array, labels: jax.Array,
 def network_curvature(logits_fn: Callable[[PyTree, jax.Array], jax.Array],
                       params: PyTree, x: jax.Array, labels: jax.Array,
                       domain_ids: jax.Array, num_domains: int,
-                      hessian_examples: jax.Array | None = None
-                      ) -> DomainCurvature:
+                      hessian_examples: jax.Array | None = None,
+                      chunk_size: int | None = None) -> DomainCurvature:
   """The quantities w.r.t. every leaf of `params` (all layers, or any
   subtree with `logits_fn` closing over the rest).
 
@@ -130,21 +130,82 @@ def network_curvature(logits_fn: Callable[[PyTree, jax.Array], jax.Array],
   linear in each parameter for the Hessian diagonal to be exact.
   hessian_examples: an (N,) boolean mask of the examples the Hessian
   averages over (it costs C backward passes per example); None: all.
+  chunk_size: None holds every example's gradient at once (the plain
+  version); k accumulates per-domain sums k examples at a time, in two
+  passes (the means, then the centered moments): memory O(k * params), the
+  same values.
   """
   loss = lambda p, x_i, y_i: losses.per_example_loss(logits_fn(p, x_i), y_i)
-  grads = penalties.per_example_grads(loss, params, x, labels)
-  variance = penalties.domain_grad_variance(grads, domain_ids, num_domains)
-  fisher = penalties.domain_grad_variance(grads, domain_ids, num_domains,
-                                          centered=False)
-  per_example = hessian_diagonals(logits_fn, params, x)
-  # The examples left out go to an extra domain, then dropped.
+  # The examples the Hessian leaves out go to an extra domain, then dropped.
   hessian_ids = (domain_ids if hessian_examples is None
                  else jnp.where(hessian_examples, domain_ids, num_domains))
-  hessian = jax.tree.map(
-      lambda h: penalties.domain_mean(h, hessian_ids,
-                                      num_domains + 1)[:num_domains],
-      per_example)
-  return DomainCurvature(hessian=hessian, variance=variance, fisher=fisher)
+  hessian_mean = lambda h: penalties.domain_mean(
+      h, hessian_ids, num_domains + 1)[:num_domains]
+  if chunk_size is not None:
+    return _chunked_network_curvature(loss, logits_fn, params, x, labels,
+                                      domain_ids, hessian_ids, num_domains,
+                                      chunk_size)
+  grads = penalties.per_example_grads(loss, params, x, labels)
+  return DomainCurvature(
+      hessian=jax.tree.map(hessian_mean,
+                           hessian_diagonals(logits_fn, params, x)),
+      variance=penalties.domain_grad_variance(grads, domain_ids, num_domains),
+      fisher=penalties.domain_grad_variance(grads, domain_ids, num_domains,
+                                            centered=False))
+
+
+def _chunked_network_curvature(loss, logits_fn, params, x, labels,
+                               domain_ids, hessian_ids, num_domains,
+                               chunk_size) -> DomainCurvature:
+  """network_curvature, `chunk_size` examples at a time."""
+  grad = jax.grad(loss)
+  pad = -x.shape[0] % chunk_size
+  chunks = lambda a, fill: jnp.concatenate(
+      [a, jnp.full((pad,) + a.shape[1:], fill, a.dtype)]).reshape(
+          (-1, chunk_size) + a.shape[1:])
+  x_c, y_c = chunks(x, 0), chunks(labels, 0)
+  # Padding examples belong to the extra domain, whose sums are dropped.
+  ids_c, hess_ids_c = chunks(domain_ids, num_domains), chunks(hessian_ids,
+                                                                num_domains)
+
+  def domain_sums(values, ids):  # leaves (k, ...) -> (E + 1, ...)
+    one_hot = jax.nn.one_hot(ids, num_domains + 1, dtype=x.dtype)
+    return jax.tree.map(
+        lambda v: jnp.tensordot(one_hot.T, v, axes=1,
+                                precision=jax.lax.Precision.HIGHEST), values)
+
+  def accumulate(per_chunk):
+    def body(total, chunk):
+      return jax.tree.map(jnp.add, total, per_chunk(*chunk)), None
+    zero = jax.eval_shape(per_chunk, x_c[0], y_c[0], ids_c[0], hess_ids_c[0])
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
+    total, _ = jax.lax.scan(body, zero, (x_c, y_c, ids_c, hess_ids_c))
+    return jax.tree.map(lambda t: t[:num_domains], total)
+
+  grads_of = lambda xs, ys: jax.vmap(grad, in_axes=(None, 0, 0))(params, xs,
+                                                                  ys)
+  counts = jnp.zeros(num_domains, x.dtype).at[domain_ids].add(1)
+  hessian_counts = jnp.zeros(num_domains + 1, x.dtype).at[hessian_ids].add(
+      1)[:num_domains]
+  per_count = lambda total, n: jax.tree.map(
+      lambda t: t / n.reshape((-1,) + (1,) * (t.ndim - 1)), total)
+
+  means = per_count(accumulate(
+      lambda xs, ys, ids, _: domain_sums(grads_of(xs, ys), ids)), counts)
+
+  def moments(xs, ys, ids, hess_ids):
+    g = grads_of(xs, ys)
+    mean_padded = jax.tree.map(
+        lambda m: jnp.concatenate([m, jnp.zeros_like(m[:1])]), means)
+    centered = jax.tree.map(lambda g_, m: g_ - m[ids], g, mean_padded)
+    return (domain_sums(jax.tree.map(jnp.square, centered), ids),
+            domain_sums(jax.tree.map(jnp.square, g), ids),
+            domain_sums(hessian_diagonals(logits_fn, params, xs), hess_ids))
+
+  variance, fisher, hessian = accumulate(moments)
+  return DomainCurvature(hessian=per_count(hessian, hessian_counts),
+                         variance=per_count(variance, counts),
+                         fisher=per_count(fisher, counts))
 
 
 # --------------------------------------------------------- between domains
@@ -164,8 +225,8 @@ def compare(quantity: PyTree) -> dict[str, jax.Array]:
   Over the pairs (a, b) of domains (one pair for two domains):
     distance = ||a - b||^2, cosine = cos(a, b),
     norm_gap = (||a||^2 - ||b||^2)^2,
-  each as its mean over pairs, and as the worst pair: distance_max,
-  norm_gap_max, cosine_min. Over all domains:
+  each as its mean over pairs, and with three or more domains also as the
+  worst pair: distance_max, norm_gap_max, cosine_min. Over all domains:
     to_mean  = sum_e ||v_e - mean_e v_e||^2 (Fishr's penalty is this over E,
                with the mean over coordinates instead of the sum: "mean"),
     meannorm = mean_e ||v_e||^2.
@@ -180,13 +241,14 @@ def compare(quantity: PyTree) -> dict[str, jax.Array]:
   distance = jnp.sum((v[a] - v[b]) ** 2, axis=1)
   cosine = jnp.sum(v[a] * v[b], axis=1) / jnp.sqrt(sq_norms[a] * sq_norms[b])
   norm_gap = (sq_norms[a] - sq_norms[b]) ** 2
-  return {
-      "distance": distance.mean(), "distance_max": distance.max(),
-      "cosine": cosine.mean(), "cosine_min": cosine.min(),
-      "norm_gap": norm_gap.mean(), "norm_gap_max": norm_gap.max(),
-      "to_mean": jnp.sum((v - v.mean(axis=0)) ** 2),
-      "meannorm": sq_norms.mean(),
-  }
+  compared = {"distance": distance.mean(), "cosine": cosine.mean(),
+              "norm_gap": norm_gap.mean(),
+              "to_mean": jnp.sum((v - v.mean(axis=0)) ** 2),
+              "meannorm": sq_norms.mean()}
+  if len(pairs) > 1:
+    compared.update(distance_max=distance.max(), cosine_min=cosine.min(),
+                    norm_gap_max=norm_gap.max())
+  return compared
 
 
 def inconsistency(risks: jax.Array, hessians: PyTree, eps: float
@@ -217,3 +279,41 @@ def inconsistency(risks: jax.Array, hessians: PyTree, eps: float
                       jnp.where(h[b] > 0, jnp.inf, 0.0))
     scores.append(risks[b] - risks[a] + eps * ratio.max())
   return jnp.max(jnp.stack(scores))
+
+
+# ------------------------------------------------------------ in training
+
+LAYERS = ("head", "all")
+QUANTITIES = {"hessian": "hessian", "fishr": "variance", "fisher": "fisher"}
+
+
+def record_fields(forward: Callable[[PyTree, jax.Array],
+                                    tuple[jax.Array, jax.Array]],
+                  params: PyTree, batch: dict[str, jax.Array],
+                  num_domains: int, layers: str = "head",
+                  chunk_size: int | None = None) -> dict[str, jax.Array]:
+  """What a record holds of the domains' landscapes at `params`:
+  "landscape/<part>/<quantity>_<statistic>" with part "head" (and "all"
+  when `layers` is "all"), quantity hessian, fishr (the gradient variance)
+  or fisher, and statistic one of `compare`'s.
+
+  forward(params, x) -> (features, logits), deterministic; the head is
+  params[models.HEAD]'s linear layer on the features. batch: {"x", "y",
+  "domain"}, the training domains' examples. "all" measures every
+  parameter: its Hessian is the generalized Gauss-Newton diagonal, the
+  Hessian's own for networks piecewise linear in each parameter
+  (`network_curvature`); chunk_size as there.
+  """
+  if layers not in LAYERS:
+    raise ValueError(f"layers must be one of {LAYERS}, got {layers!r}.")
+  features, logits = forward(params, batch["x"])
+  parts = {"head": head_curvature(features, logits, batch["y"],
+                                  batch["domain"], num_domains)}
+  if layers == "all":
+    parts["all"] = network_curvature(
+        lambda p, x_i: forward(p, x_i[None])[1][0], params, batch["x"],
+        batch["y"], batch["domain"], num_domains, chunk_size=chunk_size)
+  return {f"landscape/{part}/{name}_{stat}": value
+          for part, curvature in parts.items()
+          for name, field in QUANTITIES.items()
+          for stat, value in compare(getattr(curvature, field)).items()}

@@ -165,6 +165,8 @@ def test_compare_is_the_mean_and_worst_over_pairs():
               "to_mean": np.sum((v - v.mean(0)) ** 2),
               "meannorm": np.mean(np.sum(v * v, 1))}
   assert set(got) == set(expected)
+  two = landscape.compare(jax.tree.map(lambda a: a[:2], quantity))
+  assert set(two) == {"distance", "cosine", "norm_gap", "to_mean", "meannorm"}
   for key, value in expected.items():
     np.testing.assert_allclose(got[key], value, rtol=2e-5, err_msg=key)
   with pytest.raises(ValueError, match="two or more"):
@@ -199,3 +201,52 @@ def test_inconsistency_is_the_maximum_of_the_quadratic_model():
   flat_in_both[:, 1] = 0.0
   assert np.isfinite(landscape.inconsistency(
       risks, {"w": jnp.asarray(flat_in_both)}, eps))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 64])
+def test_chunking_never_changes_the_network_quantities(x64, chunk_size):
+  rng = np.random.default_rng(6)
+  params = {"hidden": jnp.asarray(rng.normal(size=(4, 5))),
+            "head": jnp.asarray(rng.normal(size=(5, 3)))}
+  logits_fn = lambda p, x_i: jax.nn.relu(x_i @ p["hidden"]) @ p["head"]
+  x = jnp.asarray(rng.normal(size=(11, 4)))
+  labels = jnp.asarray(rng.integers(0, 3, 11))
+  domain_ids = jnp.asarray(rng.integers(0, 3, 11))
+  subset = jnp.asarray(rng.random(11) < 0.6)
+  run = jax.jit(landscape.network_curvature, static_argnums=(0, 5, 7))
+  plain = run(logits_fn, params, x, labels, domain_ids, 3, subset, None)
+  chunked = run(logits_fn, params, x, labels, domain_ids, 3, subset,
+                chunk_size)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12,
+                                                       atol=1e-15),
+               plain, chunked)
+
+
+def test_record_fields_name_each_part_quantity_and_statistic():
+  rng = np.random.default_rng(7)
+  params = {"hidden": jnp.asarray(rng.normal(size=(4, 5)), jnp.float32),
+            "classifier": {"kernel": jnp.asarray(rng.normal(size=(5, 1)),
+                                                 jnp.float32),
+                           "bias": jnp.zeros(1)}}
+
+  def forward(p, x):
+    features = jax.nn.relu(x @ p["hidden"])
+    head = p["classifier"]
+    return features, features @ head["kernel"] + head["bias"]
+
+  batch = {"x": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32),
+           "y": jnp.asarray(rng.integers(0, 2, 8), jnp.float32),
+           "domain": jnp.asarray([0, 1] * 4)}
+  head = landscape.record_fields(forward, params, batch, 2)
+  both = landscape.record_fields(forward, params, batch, 2, layers="all",
+                                 chunk_size=3)
+  assert len(head) == 3 * 5 and "landscape/head/hessian_distance" in head
+  assert set(both) == set(head) | {k.replace("/head/", "/all/") for k in head}
+  # The head's part of "all" measures the head's own parameters.
+  features, logits = forward(params, batch["x"])
+  expected = landscape.compare(landscape.head_curvature(
+      features, logits, batch["y"], batch["domain"], 2).variance)
+  np.testing.assert_allclose(head["landscape/head/fishr_distance"],
+                             expected["distance"], rtol=1e-6)
+  with pytest.raises(ValueError, match="layers must be one of"):
+    landscape.record_fields(forward, params, batch, 2, layers="conv")
