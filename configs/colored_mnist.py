@@ -52,6 +52,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.hidden_dim = 128
   config.log_every = 50  # steps between records (and printed lines)
   config.checkpoint_every = 100  # a multiple of log_every
+  common.add_diagnostics_fields(config)
   common.add_device_fields(config)
 
   # Optimizer: Adam, explicit L2 in the loss (biases included, not halved),

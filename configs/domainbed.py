@@ -59,6 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
   # DomainBed's evaluation batch; on XLA:CPU a 256-image batch costs more
   # time per image (docs/speed.md).
   config.eval_batch_size = 64
+  common.add_diagnostics_fields(config,
+                                examples=common.DIAGNOSTICS_EXAMPLES)
   config.worker_count = 0
   common.add_device_fields(config)
   # The learning rate and weight decay are the sampled hparams (hparams.lr,

@@ -105,6 +105,17 @@ class _QuietLibraryErrors(std_logging.Filter):
 _QUIET = _QuietLibraryErrors()
 
 
+def _quiet_closed_loop_callbacks(unraisable: Any) -> None:
+  """sys.unraisablehook without "Event loop is closed": after a checkpoint
+  save fails (a full disk, the folder moved), TensorStore still calls back
+  into the event loop orbax closed; the failure itself reaches the run as
+  an exception."""
+  error = unraisable.exc_value
+  if not (isinstance(error, RuntimeError)
+          and str(error) == "Event loop is closed"):
+    sys.__unraisablehook__(unraisable)
+
+
 def set_library_logs(verbose: bool = False) -> None:
   """Library logs (orbax's lines on every checkpoint, JAX's backend notes)
   at WARNING, without orbax's and asyncio's tracebacks; all of them (INFO)
@@ -115,6 +126,8 @@ def set_library_logs(verbose: bool = False) -> None:
     logger.removeFilter(_QUIET)
     if not verbose:
       logger.addFilter(_QUIET)
+  sys.unraisablehook = (sys.__unraisablehook__ if verbose
+                        else _quiet_closed_loop_callbacks)
 
 
 def keyword_safe_argv(argv: Sequence[str]) -> list[str]:

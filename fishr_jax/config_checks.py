@@ -17,6 +17,7 @@ import ml_collections
 from fishr_jax import config_fields
 from fishr_jax import errors
 from fishr_jax import hparams as hparams_lib
+from fishr_jax import landscape
 from fishr_jax import models
 from fishr_jax import optimizers
 from fishr_jax import ranges
@@ -80,6 +81,18 @@ def _check_choice(field: str, value: Any, known: Iterable[str]) -> None:
         + suggest(value, known))
 
 
+def _check_diagnostics_fields(config: ml_collections.ConfigDict,
+                              record_field: str, record_every: int) -> None:
+  _require(config, "diagnostics_every",
+           lambda v: _is_int(v) and v >= 0 and v % record_every == 0,
+           f"must be 0 (off) or a multiple of {record_field}={record_every}")
+  _check_choice("diagnostics_layers", config.diagnostics_layers,
+                landscape.LAYERS)
+  if "diagnostics_examples" in config:
+    _require(config, "diagnostics_examples", _at_least(2),
+             "must be an integer >= 2 (examples per training domain)")
+
+
 def _check_device_fields(config: ml_collections.ConfigDict) -> None:
   _require(config, "num_devices", _at_least(0), "must be >= 0 (0: all)")
   if "runs_per_program" in config:
@@ -107,6 +120,7 @@ def check_colored_mnist(config: ml_collections.ConfigDict) -> None:
   _require(config, "checkpoint_every",
            lambda v: _is_int(v) and v >= 1 and v % config.log_every == 0,
            f"must be a positive multiple of log_every={config.log_every}")
+  _check_diagnostics_fields(config, "log_every", config.log_every)
   _require(config, "lr", _finite_at_least(0.0, strict=True),
            "must be a finite number > 0")
   for field in ("weight_decay", "l2_regularizer_weight",
@@ -210,6 +224,8 @@ def check_domainbed(config: ml_collections.ConfigDict) -> None:
            "must be in (0, 1): the part of each env held out for validation")
   _check_device_fields(config)
   spec = domainbed.DATASETS[config.dataset]
+  _check_diagnostics_fields(config, "checkpoint_freq",
+                            config.checkpoint_freq or spec.checkpoint_freq)
   for name, field in config_fields.DATASET_FIELDS.items():
     if not field.read_by(spec) and config[name] != field.default:
       _fail(name, config[name], f"is ignored by {config.dataset}, "

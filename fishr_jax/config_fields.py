@@ -42,6 +42,22 @@ def add_optimizer_field(config: ml_collections.ConfigDict) -> None:
   config.optimizer = optimizers.ADAM
 
 
+def add_diagnostics_fields(config: ml_collections.ConfigDict,
+                          examples: int | None = None) -> None:
+  """The domains' loss landscapes in the records (fishr_jax/landscape.py):
+  every `diagnostics_every` steps (a multiple of the record interval; 0:
+  off) and at the last step, the training domains' Hessian diagonals,
+  gradient variances and empirical Fisher, and how they differ, as
+  "landscape/<part>/..." fields: of the classifier head, and of every layer
+  too with diagnostics_layers="all". `examples` (DomainBed): the field
+  diagnostics_examples, the fixed examples per training domain they are
+  measured on (Colored MNIST measures the whole environments)."""
+  config.diagnostics_every = 0
+  config.diagnostics_layers = "head"
+  if examples is not None:
+    config.diagnostics_examples = examples
+
+
 def add_algorithm_blocks(config: ml_collections.ConfigDict,
                          overrides: dict[str, dict[str, Any]] | None = None,
                          only_unset: dict[str, tuple[str, ...]] | None = None
@@ -49,6 +65,10 @@ def add_algorithm_blocks(config: ml_collections.ConfigDict,
   """One block per registered algorithm (config.fishr, config.irm, ...)."""
   for name, block in settings.config_blocks(overrides, only_unset).items():
     config[name] = block
+
+
+# DomainBed's diagnostics_examples default.
+DIAGNOSTICS_EXAMPLES = 256
 
 
 class DatasetField(NamedTuple):
@@ -98,6 +118,7 @@ def absent_field_defaults() -> dict[str, tuple[Any, ...]]:
   add_device_fields(config)
   add_optimizer_field(config)
   add_dataset_fields(config)
+  add_diagnostics_fields(config, examples=DIAGNOSTICS_EXAMPLES)
   out: dict[str, tuple[Any, ...]] = {
       key: (value,) for key, value in flatten(config.to_dict()).items()}
   for name, block in settings.config_blocks().items():

@@ -29,6 +29,7 @@ Quantities are pytrees like the parameters with a leading domain axis (E,
 ...); `compare` flattens each domain's pytree into one vector.
 """
 
+import functools
 import itertools
 from typing import Any, Callable, NamedTuple
 
@@ -317,3 +318,18 @@ def record_fields(forward: Callable[[PyTree, jax.Array],
           for part, curvature in parts.items()
           for name, field in QUANTITIES.items()
           for stat, value in compare(getattr(curvature, field)).items()}
+
+
+def recorder(forward: Callable[[PyTree, jax.Array],
+                               tuple[jax.Array, jax.Array]],
+             num_domains: int, layers: str = "head",
+             chunk_size: int | None = 256
+             ) -> Callable[[PyTree, dict[str, jax.Array]], dict[str, float]]:
+  """(params, batch) -> record_fields as floats, jitted once for every run
+  that shares it."""
+  fields = jax.jit(functools.partial(record_fields, forward,
+                                     num_domains=num_domains, layers=layers,
+                                     chunk_size=chunk_size))
+  return lambda params, batch: {
+      key: float(value)
+      for key, value in jax.device_get(fields(params, batch)).items()}

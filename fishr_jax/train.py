@@ -195,11 +195,15 @@ def diverged_message(name: str, step: int, what: str,
 
 
 def format_record(record: Record, steps: int, eta_s: float | None) -> str:
-  """One printed line: step, loss terms and accuracies, ETA."""
+  """One printed line: step, loss terms and accuracies, the landscapes'
+  distances (the records hold every diagnostic), ETA."""
   skip = ("step", "epoch", "hparams", "args", "step_time")
+  shown = lambda k: k not in skip and (
+      not k.startswith("landscape/")
+      or k.endswith(("/hessian_distance", "/fishr_distance")))
   parts = [f"step {record['step']:>{len(str(steps))}d}/{steps}"]
   parts += [f"{k} {v:.4g}" for k, v in record.items()
-            if k not in skip and isinstance(v, (int, float))]
+            if shown(k) and isinstance(v, (int, float))]
   parts.append(f"{1.0 / max(record['step_time'], 1e-9):.1f} steps/s")
   if eta_s is not None:
     parts.append(f"eta {_duration(eta_s)}")
@@ -326,6 +330,9 @@ class Run:
     (None: at every record); the last step always saves one.
   block_each_step: wait for each step before the next
     (parallel.must_block_each_step).
+  diagnose: params -> {"landscape/...": float, ...} (landscape.py), added
+    to the records every `diagnostics_every` steps (a multiple of
+    record_every; 0: never) and at the last step.
   """
   workdir: str
   config_json: str
@@ -341,12 +348,19 @@ class Run:
   checkpoint_every: int | None = None
   block_each_step: bool = False
   name: str = ""  # shown on the progress bar
+  diagnose: Callable[[PyTree], dict[str, float]] | None = None
+  diagnostics_every: int = 0
 
   def __post_init__(self):
     if self.record_every < 1 or self.checkpoint_every_step % self.record_every:
       raise ValueError(
           f"record_every={self.record_every} must be >= 1 and divide "
           f"checkpoint_every={self.checkpoint_every}.")
+    if self.diagnostics_every % self.record_every or (
+        self.diagnostics_every and self.diagnose is None):
+      raise ValueError(
+          f"diagnostics_every={self.diagnostics_every} must be a multiple "
+          f"of record_every={self.record_every}, with a `diagnose`.")
 
   @property
   def checkpoint_every_step(self) -> int:
@@ -359,6 +373,16 @@ class Run:
 
   def folder(self) -> workdir_lib.RunFolder:
     return workdir_lib.RunFolder(self.workdir, self.config_json)
+
+
+def measure(run: Run, step: int, params: PyTree) -> dict[str, float]:
+  """What the record at `step` holds of `params`: run.evaluate's, and
+  run.diagnose's at its steps."""
+  values = run.evaluate(params)
+  if run.diagnostics_every and itstime(step, run.diagnostics_every,
+                                       run.steps):
+    values = {**values, **run.diagnose(params)}
+  return values
 
 
 def train_loop(run: Run, progress_every_s: float = 30.0) -> list[Record]:
@@ -391,7 +415,7 @@ def train_loop(run: Run, progress_every_s: float = 30.0) -> list[Record]:
       record_now = itstime(step, run.record_every, run.steps)
       if record_now and run.evaluate_before_update:
         with clock.paused(state):
-          accs = run.evaluate(state.params)
+          accs = measure(run, step, state.params)
       state, metrics = run.train_step(state, batch)
       if run.block_each_step:
         jax.block_until_ready(state)
@@ -402,7 +426,7 @@ def train_loop(run: Run, progress_every_s: float = 30.0) -> list[Record]:
         continue
       step_time = clock.per_update(state)
       if not run.evaluate_before_update:
-        accs = run.evaluate(state.params)
+        accs = measure(run, step, state.params)
       means = window_means(jax.device_get(window))
       record = {"step": step, "epoch": run.epoch(step), **means,
                 "step_time": step_time, **accs, **run.fields}

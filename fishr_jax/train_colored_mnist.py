@@ -25,6 +25,7 @@ import numpy as np
 
 from fishr_jax import algorithms
 from fishr_jax import evaluation
+from fishr_jax import landscape
 from fishr_jax import models
 from fishr_jax import parallel
 from fishr_jax import steps
@@ -99,6 +100,9 @@ def make_groups(config: ml_collections.ConfigDict, workdir: str
                                              mesh.devices.flat[0].platform)
 
   accuracy = evaluation.make_accuracy_fn(model)
+  landscape_fields = landscape.recorder(
+      lambda params, x: model.apply({"params": params}, x), num_domains,
+      config.diagnostics_layers)
   run_config_json = restart_config_json(config)
   fields = {"lr": config.lr, "weight_decay": config.weight_decay,
             **dataclasses.asdict(schedule),
@@ -128,7 +132,10 @@ def make_groups(config: ml_collections.ConfigDict, workdir: str
         fields={"hparams": fields, "args": record_args(config, restart)},
         checkpoint_every=config.checkpoint_every,
         block_each_step=parallel.must_block_each_step(mesh),
-        name=f"restart {restart}")
+        name=f"restart {restart}",
+        # The training environments, whole.
+        diagnose=lambda params: landscape_fields(params, batch),
+        diagnostics_every=config.diagnostics_every)
     return run, host_batch
 
   for first in range(0, config.restarts, per_program):

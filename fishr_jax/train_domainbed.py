@@ -23,6 +23,7 @@ from fishr_jax import algorithms
 from fishr_jax import config_checks
 from fishr_jax import errors
 from fishr_jax import hparams as hparams_lib
+from fishr_jax import landscape
 from fishr_jax import losses
 from fishr_jax import models
 from fishr_jax import parallel
@@ -151,12 +152,28 @@ class _RunParts(NamedTuple):
   host_batches: Callable[[int], Iterator[dict[str, np.ndarray]]]
 
 
+class _Measures(NamedTuple):
+  """The jitted evaluations of one network, shared by a group's runs (one
+  compile)."""
+  accuracy: Callable
+  landscape: Callable
+
+
+def _measures(config: ml_collections.ConfigDict, module: nn.Module,
+              frozen: PyTree, num_domains: int) -> _Measures:
+  network = as_network(module, frozen)
+  return _Measures(
+      make_accuracy_fn(network),
+      landscape.recorder(lambda params, x: network.forward(params, x, None),
+                         num_domains, config.diagnostics_layers))
+
+
 def _make_parts(config: ml_collections.ConfigDict, workdir: str,
                 mesh: jax.sharding.Mesh, alone: bool,
-                accuracy: Callable | None = None) -> _RunParts:
+                measures: _Measures | None = None) -> _RunParts:
   """A run's data, model, state and evaluation. `alone`: its own jitted step
   and sharded batches on `mesh`; else its state on mesh's first device, for
-  a group to stack. `accuracy`: the evaluation to share (one compile)."""
+  a group to stack. `measures`: the evaluations to share."""
   config = resolve_config(config)
   hparams = resolve_hparams(config)
   alg_config, schedule = settings.from_domainbed(
@@ -187,7 +204,9 @@ def _make_parts(config: ml_collections.ConfigDict, workdir: str,
       algorithm_factory(config.algorithm, module, frozen, len(train_envs)),
       spec, mesh, len(train_envs), runs=not alone,
       xla_cpu_dot_fusion=config.xla_cpu_dot_fusion)
-  accuracy = accuracy or make_accuracy_fn(as_network(module, frozen))
+  measures = measures or _measures(config, module, frozen, len(train_envs))
+  diagnosed = config.diagnostics_every and domainbed.diagnostics_batch(
+      dataset, splits, train_envs, config.diagnostics_examples)
   state = built.init_state(state_rng, params, jax.device_put(sample))
 
   def host_batches(start_step):
@@ -202,7 +221,7 @@ def _make_parts(config: ml_collections.ConfigDict, workdir: str,
     batches = lambda start_step: map(built.shard, host_batches(start_step))
 
   def evaluate(params):
-    return {f"{name}_acc": accuracy(params, make_pass())
+    return {f"{name}_acc": measures.accuracy(params, make_pass())
             for name, make_pass in eval_passes.items()}
 
   run = train.Run(
@@ -213,7 +232,9 @@ def _make_parts(config: ml_collections.ConfigDict, workdir: str,
       evaluate_before_update=False, epoch=lambda s: s / steps_per_epoch,
       fields={"hparams": hparams, "args": record_args(config)},
       block_each_step=parallel.must_block_each_step(mesh),
-      name=f"{config.dataset} {config.algorithm}")
+      name=f"{config.dataset} {config.algorithm}",
+      diagnose=lambda params: measures.landscape(params, diagnosed),
+      diagnostics_every=config.diagnostics_every)
   return _RunParts(run, spec, module, frozen, len(train_envs), host_batches)
 
 
@@ -285,8 +306,8 @@ def make_group(configs: list[ml_collections.ConfigDict],
   mesh = parallel.make_runs_mesh(len(configs), configs[0].num_devices)
   parts = [_make_parts(configs[0], workdirs[0], mesh, alone=False)]
   module, frozen = parts[0].module, parts[0].frozen
-  accuracy = make_accuracy_fn(as_network(module, frozen))
-  parts += [_make_parts(c, w, mesh, alone=False, accuracy=accuracy)
+  measures = _measures(configs[0], module, frozen, parts[0].num_domains)
+  parts += [_make_parts(c, w, mesh, alone=False, measures=measures)
             for c, w in zip(configs[1:], workdirs[1:])]
   for part in parts[1:]:
     if not all(np.array_equal(a, b) for a, b in zip(

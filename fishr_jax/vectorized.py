@@ -350,8 +350,8 @@ def _train_together(group: Group, indices: list[int], members: list[_Member],
     return [None if m.diverged else group.lane(state, k)
             for k, m in enumerate(members)]
 
-  def evaluate(states):
-    return [None if s is None else m.run.evaluate(s.params)
+  def evaluate(states, step):
+    return [None if s is None else train.measure(m.run, step, s.params)
             for m, s in zip(members, states)]
 
   state, clock, window = program.state, train.UpdateClock(), []
@@ -360,7 +360,7 @@ def _train_together(group: Group, indices: list[int], members: list[_Member],
     record_now = train.itstime(step, first.record_every, steps)
     if record_now and first.evaluate_before_update:
       with clock.paused(state):
-        accs = evaluate(live_states())
+        accs = evaluate(live_states(), step)
     state, metrics = program.step(state, batch)
     if first.block_each_step:
       jax.block_until_ready(state)
@@ -372,7 +372,7 @@ def _train_together(group: Group, indices: list[int], members: list[_Member],
     step_time = clock.per_update(state)
     states = live_states()
     if not first.evaluate_before_update:
-      accs = evaluate(states)
+      accs = evaluate(states, step)
     values = jax.device_get(window)
     for k, (member, run_accs, run_state) in enumerate(
         zip(members, accs, states)):

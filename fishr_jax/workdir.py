@@ -49,7 +49,9 @@ CORRUPT_CHECKPOINTS = "corrupt_checkpoints"
 # Config fields a resume may change: where and how fast the step runs, not
 # what it computes.
 MAY_CHANGE_ON_RESUME = ("num_devices", "distributed", "worker_count",
-                        "eval_batch_size", "xla_cpu_dot_fusion", "group_step")
+                        "eval_batch_size", "xla_cpu_dot_fusion", "group_step",
+                        "diagnostics_every", "diagnostics_layers",
+                        "diagnostics_examples")
 
 PyTree = Any
 Record = dict[str, Any]

@@ -114,3 +114,26 @@ def test_library_logs_stay_at_warning_unless_verbose():
   cli.set_library_logs(verbose=True)
   assert logging.get_verbosity() == logging.INFO
   cli.set_library_logs()
+
+
+def test_callbacks_into_a_closed_event_loop_are_not_printed(capfd):
+  import gc  # pylint: disable=g-import-not-at-top
+
+  class RaisesWhenCollected:
+    def __init__(self, message):
+      self.message = message
+
+    def __del__(self):
+      raise RuntimeError(self.message)
+
+  try:
+    cli.set_library_logs()
+    RaisesWhenCollected("Event loop is closed")
+    gc.collect()
+    assert "Event loop is closed" not in capfd.readouterr().err
+    RaisesWhenCollected("another failure")
+    gc.collect()
+    assert "another failure" in capfd.readouterr().err  # still shown
+  finally:
+    cli.set_library_logs(verbose=True)
+    cli.set_library_logs()

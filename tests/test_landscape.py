@@ -250,3 +250,134 @@ def test_record_fields_name_each_part_quantity_and_statistic():
                              expected["distance"], rtol=1e-6)
   with pytest.raises(ValueError, match="layers must be one of"):
     landscape.record_fields(forward, params, batch, 2, layers="conv")
+
+
+# ------------------------------------------------------------- in training
+
+
+def _records(workdir):
+  from fishr_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  return workdir_lib.read_records(workdir)
+
+
+def _split(records):
+  """(the records without timings and diagnostics, the diagnostics)."""
+  return ([{k: v for k, v in r.items()
+            if k != "step_time" and not k.startswith("landscape/")}
+           for r in records],
+          [{k: v for k, v in r.items() if k.startswith("landscape/")}
+           for r in records])
+
+
+def _colored_mnist(tiny_mnist_dir, **changes):
+  from configs import colored_mnist  # pylint: disable=g-import-not-at-top
+  config = colored_mnist.get_config()
+  config.update(**{**dict(restarts=2, steps=7, hidden_dim=8, log_every=2,
+                          checkpoint_every=2, penalty_anneal_iters=3),
+                   **changes})
+  config.data.update(source="idx", data_dir=tiny_mnist_dir)
+  return config
+
+
+@pytest.mark.parametrize("runs_per_program", [1, 0])
+def test_diagnostics_never_change_colored_mnist_training(
+    tiny_mnist_dir, tmp_path, runs_per_program):
+  from fishr_jax import train_colored_mnist  # pylint: disable=g-import-not-at-top
+  off, on = str(tmp_path / "off"), str(tmp_path / "on")
+  train_colored_mnist.train_and_evaluate(
+      _colored_mnist(tiny_mnist_dir, runs_per_program=runs_per_program), off)
+  train_colored_mnist.train_and_evaluate(
+      _colored_mnist(tiny_mnist_dir, runs_per_program=runs_per_program,
+                     diagnostics_every=4, diagnostics_layers="all"), on)
+  for restart in range(2):
+    plain, none = _split(_records(os.path.join(off, f"restart_{restart}")))
+    with_them, diagnostics = _split(
+        _records(os.path.join(on, f"restart_{restart}")))
+    assert with_them == plain  # bitwise: the same programs, the same data
+    assert not any(none)
+    assert [r["step"] for r, d in zip(plain, diagnostics) if d] == [0, 4, 6]
+    assert len(diagnostics[0]) == 2 * 3 * 5  # head and all layers
+    assert all(np.isfinite(v) for d in diagnostics for v in d.values())
+
+
+def test_diagnostics_never_change_domainbed_training(tiny_mnist_dir,
+                                                     tmp_path):
+  from configs import domainbed  # pylint: disable=g-import-not-at-top
+  from fishr_jax import train_domainbed  # pylint: disable=g-import-not-at-top
+
+  def config(**changes):
+    c = domainbed.get_config()
+    c.update(steps=3, checkpoint_freq=2, digits_source="idx",
+             data_dir=tiny_mnist_dir, **changes)
+    c.hparams.batch_size = 8
+    return c
+
+  train_domainbed.train_and_evaluate(config(), str(tmp_path / "off"))
+  train_domainbed.train_and_evaluate(
+      config(diagnostics_every=2, diagnostics_examples=5),
+      str(tmp_path / "on"))
+  plain, _ = _split(_records(str(tmp_path / "off")))
+  with_them, diagnostics = _split(_records(str(tmp_path / "on")))
+  assert with_them == plain
+  assert [sorted(d) for d in diagnostics] == [sorted(diagnostics[0])] * 2
+  assert "landscape/head/hessian_distance" in diagnostics[0]
+
+
+def test_diagnostics_on_two_devices_equal_those_on_one(tiny_mnist_dir,
+                                                       tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from fishr_jax import train_colored_mnist  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  flags = dict(restarts=1, diagnostics_every=2, diagnostics_layers="all")
+  one = str(tmp_path / "one")
+  train_colored_mnist.train_and_evaluate(
+      _colored_mnist(tiny_mnist_dir, **flags), one)
+  two = str(tmp_path / "two")
+  env = {**os.environ,
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  result = subprocess.run(
+      [sys.executable, "-m", "fishr_jax.main", "--config",
+       os.path.join(root, "configs", "colored_mnist.py"), "--workdir", two,
+       "--config.num_devices=2", "--config.data.source=idx",
+       f"--config.data.data_dir={tiny_mnist_dir}",
+       *(f"--config.{k}={v}" for k, v in dict(
+           steps=7, hidden_dim=8, log_every=2, checkpoint_every=2,
+           penalty_anneal_iters=3, **flags).items())],
+      cwd=root, env=env, capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr
+  _, expected = _split(_records(os.path.join(one, "restart_0")))
+  _, got = _split(_records(os.path.join(two, "restart_0")))
+  assert [sorted(d) for d in got] == [sorted(d) for d in expected]
+  for a, b in zip(expected, got):
+    np.testing.assert_allclose([b[k] for k in a], list(a.values()),
+                               rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"diagnostics_every": 3}, "diagnostics_every=3: must be 0 .off. or a "
+     "multiple of log_every=50"),
+    ({"diagnostics_layers": "conv"}, "diagnostics_layers"),
+])
+def test_bad_diagnostics_fields_are_config_errors(changes, message):
+  from configs import colored_mnist  # pylint: disable=g-import-not-at-top
+  from fishr_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from fishr_jax import errors  # pylint: disable=g-import-not-at-top
+  config = colored_mnist.get_config()
+  config.update(changes)
+  with pytest.raises(errors.ConfigError, match=message):
+    config_checks.check(config)
+
+
+def test_bad_diagnostics_examples_is_a_config_error():
+  from configs import domainbed  # pylint: disable=g-import-not-at-top
+  from fishr_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from fishr_jax import errors  # pylint: disable=g-import-not-at-top
+  config = domainbed.get_config()
+  config.diagnostics_examples = 1
+  with pytest.raises(errors.ConfigError, match="diagnostics_examples=1"):
+    config_checks.check(config)
+  config.diagnostics_examples = 2
+  config.diagnostics_every = 150  # ColoredMNIST records every 100 steps
+  with pytest.raises(errors.ConfigError, match="checkpoint_freq=100"):
+    config_checks.check(config)

@@ -466,6 +466,19 @@ def _gather(source: Source, indices: np.ndarray,
           "y": np.asarray([e["y"] for e in examples], np.int32)}
 
 
+def diagnostics_batch(dataset: Dataset, splits: Splits,
+                      train_envs: Sequence[int], examples: int) -> Batch:
+  """The fixed examples the landscape diagnostics measure: the first
+  `examples` of each training env's in split (shuffled by the trial seed),
+  not augmented; {"x", "y", "domain"} as train_batches's."""
+  parts = []
+  for position, env in enumerate(train_envs):
+    chosen = splits[env][0][:examples]
+    parts.append({**_gather(dataset[env], chosen),
+                  "domain": np.full(len(chosen), position, np.int32)})
+  return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+
+
 def _iterate(batches: grain.MapDataset, worker_count: int) -> Iterator[Batch]:
   """The batches in order; with worker_count > 0, grain computes up to that
   many ahead in as many threads (Pillow and numpy release the GIL)."""
