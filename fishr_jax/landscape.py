@@ -36,6 +36,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fishr_jax import layer_signals
 from fishr_jax import losses
 from fishr_jax import penalties
 
@@ -209,6 +210,59 @@ def _chunked_network_curvature(loss, logits_fn, params, x, labels,
                          fisher=per_count(fisher, counts))
 
 
+def layer_curvature(forward: Callable[[PyTree, jax.Array],
+                                     tuple[jax.Array, jax.Array]],
+                    params: PyTree, x: jax.Array, labels: jax.Array,
+                    domain_ids: jax.Array, num_domains: int
+                    ) -> DomainCurvature:
+  """`network_curvature` (all examples) for a network of flax Dense and
+  Conv layers, in closed form from each layer's inputs and backpropagated
+  signals (layer_signals.py): one forward pass and 1 + K backward passes
+  over the whole batch, no per-example gradient.
+
+  The variance and Fisher are the centered and uncentered second moments of
+  the per-example gradients, whose signal is the loss residual. For the
+  Hessian, column c of S (`logit_hessian_factor`) backpropagated instead of
+  the residual gives J^T s_c for each example, so each parameter's
+  diagonal sum_c (J^T s_c)^2 is the sum over c of the uncentered second
+  moments under those signals.
+
+  forward(params, x) -> (features, logits), applying flax modules;
+  `params` holds only Dense and Conv kernels and biases (`closed_form_covers`).
+  """
+  layers = layer_signals.group_by_layer(layer_signals.param_names(params))
+
+  def cotangents(logits):
+    factors = jax.vmap(logit_hessian_factor)(logits).astype(logits.dtype)
+    return ([losses.loss_residual(losses.at_least_float32(logits), labels)]
+            + [factors[:, :, k] for k in range(factors.shape[2])])
+
+  _, _, (residual, *columns) = layer_signals.forward_with_backprops(
+      lambda p, x_, rng: forward(p, x_), params, x, None, list(layers),
+      cotangents)
+
+  def moments(signals, centered):
+    per_layer = {layer: layer_signals.layer_grad_variance(
+        signals[layer], domain_ids, num_domains, centered)
+                 for layer in layers}
+    return layer_signals.with_subtree(params, {
+        f"{layer}/{leaf}": per_layer[layer][leaf]
+        for layer, leaves in layers.items() for leaf in leaves})
+
+  hessian = functools.reduce(
+      lambda a, b: jax.tree.map(jnp.add, a, b),
+      [moments(signals, False) for signals in columns])
+  return DomainCurvature(hessian=hessian, variance=moments(residual, True),
+                         fisher=moments(residual, False))
+
+
+def closed_form_covers(params: PyTree) -> bool:
+  """Whether every parameter is a kernel or a bias (of Dense or Conv
+  layers, as `layer_curvature` needs; layer_signals checks the layers)."""
+  return all(name.rsplit("/", 1)[-1] in ("kernel", "bias")
+             for name in layer_signals.param_names(params))
+
+
 # --------------------------------------------------------- between domains
 
 
@@ -303,14 +357,19 @@ def record_fields(forward: Callable[[PyTree, jax.Array],
   "domain"}, the training domains' examples. "all" measures every
   parameter: its Hessian is the generalized Gauss-Newton diagonal, the
   Hessian's own for networks piecewise linear in each parameter
-  (`network_curvature`); chunk_size as there.
+  (`network_curvature`). A network of Dense and Conv layers only is
+  measured in closed form (`layer_curvature`), any other per example,
+  `chunk_size` examples at a time.
   """
   if layers not in LAYERS:
     raise ValueError(f"layers must be one of {LAYERS}, got {layers!r}.")
   features, logits = forward(params, batch["x"])
   parts = {"head": head_curvature(features, logits, batch["y"],
                                   batch["domain"], num_domains)}
-  if layers == "all":
+  if layers == "all" and closed_form_covers(params):
+    parts["all"] = layer_curvature(forward, params, batch["x"], batch["y"],
+                                   batch["domain"], num_domains)
+  elif layers == "all":
     parts["all"] = network_curvature(
         lambda p, x_i: forward(p, x_i[None])[1][0], params, batch["x"],
         batch["y"], batch["domain"], num_domains, chunk_size=chunk_size)

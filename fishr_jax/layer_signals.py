@@ -168,6 +168,22 @@ def forward_with_signals(
   are those of the plain forward pass, and everything is differentiable
   w.r.t. `params` (the penalty's gradient goes back through the signals).
   """
+  # d sum_i loss_i / d y_i = d loss_i / d y_i: examples do not interact.
+  features, logits, (signals,) = forward_with_backprops(
+      forward, params, x, rng, layers,
+      lambda logits: [losses.loss_residual(logits, labels)])
+  return features, logits, signals
+
+
+def forward_with_backprops(
+    forward: ForwardFn, params: PyTree, x: jax.Array, rng: jax.Array | None,
+    layers: list[str],
+    cotangents: Callable[[jax.Array], list[jax.Array]]
+) -> tuple[jax.Array, jax.Array, list[dict[str, LayerSignals]]]:
+  """`forward_with_signals` for any cotangents at the logits: one forward
+  pass, then one backward pass per array of `cotangents(logits)` (each
+  like the logits), whose signals at each named layer's output it returns
+  (a list of {layer: LayerSignals}, in the cotangents' order)."""
   wanted = set(layers)
   # Static facts seen while tracing: each layer's window and output shape.
   geometry: dict[str, ConvGeometry | None] = {}
@@ -216,11 +232,13 @@ def forward_with_signals(
   zeros = {name: jnp.zeros(out.shape, jnp.promote_types(out.dtype, jnp.float32))
            for name, out in outputs.items()}
   logits, backward, (features, inputs) = jax.vjp(run, zeros, has_aux=True)
-  # d sum_i loss_i / d y_i = d loss_i / d y_i: examples do not interact.
-  (signals,) = backward(losses.loss_residual(logits, labels).astype(logits.dtype))
-  return features, logits, {
-      name: LayerSignals(inputs[name], signals[name], geometry[name])
-      for name in layers}
+  per_cotangent = []
+  for cotangent in cotangents(logits):
+    (signals,) = backward(cotangent.astype(logits.dtype))
+    per_cotangent.append({
+        name: LayerSignals(inputs[name], signals[name], geometry[name])
+        for name in layers})
+  return features, logits, per_cotangent
 
 
 # ------------------------------------------- the chosen layers, for Fishr

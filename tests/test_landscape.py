@@ -381,3 +381,38 @@ def test_bad_diagnostics_examples_is_a_config_error():
   config.diagnostics_every = 150  # ColoredMNIST records every 100 steps
   with pytest.raises(errors.ConfigError, match="checkpoint_freq=100"):
     config_checks.check(config)
+
+
+@pytest.mark.parametrize("num_classes", [1, 3])
+def test_layer_closed_form_equals_the_per_example_path(x64, num_classes):
+  """An MLP and a small CNN of flax Dense/Conv layers (what
+  record_fields measures in closed form) against network_curvature."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.Conv(3, (3, 3), strides=2, padding=((1, 1), (1, 1)),
+                          param_dtype=jnp.float64)(x))
+      h = nn.relu(nn.Dense(5, param_dtype=jnp.float64)(h.mean(axis=(1, 2))))
+      return h, nn.Dense(num_classes, param_dtype=jnp.float64,
+                         name="classifier")(h)
+
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.normal(size=(9, 6, 6, 2)))
+  labels = jnp.asarray(rng.integers(0, max(num_classes, 2), 9))
+  domain_ids = jnp.asarray([0, 1, 2] * 3)
+  module = Net()
+  params = module.init(jax.random.key(0), x[:1])["params"]
+  forward = lambda p, x_: module.apply({"params": p}, x_)
+  assert landscape.closed_form_covers(params)
+  closed = jax.jit(landscape.layer_curvature, static_argnums=(0, 5))(
+      forward, params, x, labels, domain_ids, 3)
+  generic = jax.jit(landscape.network_curvature, static_argnums=(0, 5))(
+      lambda p, x_i: forward(p, x_i[None])[1][0], params, x, labels,
+      domain_ids, 3)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9,
+                                                       atol=1e-14),
+               closed, generic)
+  norm = {"scale": jnp.ones(3)}
+  assert not landscape.closed_form_covers({**params, "norm": norm})
