@@ -34,10 +34,12 @@ training domains over the steps, OUT/landscape_domainbed.png.
 
 import json
 import os
+import time
 from typing import Any, Sequence
 
 from absl import app
 from absl import flags
+import jax
 import matplotlib
 
 matplotlib.use("Agg")
@@ -46,8 +48,11 @@ import numpy as np
 
 from configs import colored_mnist as cmnist_config
 from fishr_jax import cli
+from fishr_jax import landscape
 from fishr_jax import train_colored_mnist
 from fishr_jax import workdir as workdir_lib
+from fishr_jax.data import colored_mnist as colored_mnist_data
+from fishr_jax.data import mnist
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/landscape",
                                   "Where the plots, JSON, table and runs go.")
@@ -56,6 +61,7 @@ _ALGORITHMS = flags.DEFINE_list("algorithms", ["erm", "irm", "vrex", "fishr"],
                                 "Algorithms, in plot order.")
 _EVERY = flags.DEFINE_integer("every", 10,
                               "Steps between two measurements (records).")
+_STEPS = flags.DEFINE_integer("steps", 501, "Steps per run (the paper's 501).")
 _SOURCE = flags.DEFINE_enum("data.source", "embedded",
                             ["embedded", "tfds", "idx"], "Digit source.")
 _DATA_DIR = flags.DEFINE_string("data.data_dir", "",
@@ -75,6 +81,7 @@ ACCURACIES = ("train_acc", "test_acc", "gray_acc")
 def config_for(algorithm: str) -> Any:
   config = cmnist_config.get_config("paper")
   config.update(algorithm=algorithm, restarts=_RESTARTS.value,
+                steps=_STEPS.value,
                 log_every=_EVERY.value, diagnostics_every=_EVERY.value,
                 diagnostics_layers="all")
   # One checkpoint at the end: a killed experiment restarts its runs.
@@ -153,6 +160,35 @@ def markdown_table(curves: dict[str, dict[str, list[float]]],
   return "\n".join(lines) + "\n"
 
 
+def diagnostics_cost(config: Any, runs: list[list[dict[str, Any]]],
+                     repeats: int = 5) -> dict[str, float]:
+  """Seconds of one measurement (head; head and all layers) on the
+  config's training environments, against the runs' median update time
+  (their records' step_time)."""
+  pools = mnist.load_digit_pools(config.data.source, config.data.data_dir)
+  envs = colored_mnist_data.make_environments(
+      pools, config.data, np.random.default_rng([config.seed, 0]))
+  model = train_colored_mnist.make_model(config)
+  params = model.init(jax.random.key(config.seed),
+                      envs.train["x"][:1])["params"]
+  batch = jax.device_put(envs.train)
+  step_times = [r["step_time"] for records in runs for r in records[1:]]
+  cost = {"examples": len(envs.train["y"]),
+          "train_step_s": float(np.median(step_times))}
+  for layers in landscape.LAYERS:
+    measure = landscape.recorder(
+        lambda p, x: model.apply({"params": p}, x),
+        len(config.data.train_color_flip_probs), layers)
+    measure(params, batch)  # compiles
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      measure(params, batch)
+      times.append(time.perf_counter() - start)
+    cost[f"{layers}_s"] = float(np.median(times))
+  return cost
+
+
 def colored_mnist(output_dir: str) -> None:
   runs, curves, config = {}, {}, None
   for name in _ALGORITHMS.value:
@@ -172,19 +208,28 @@ def colored_mnist(output_dir: str) -> None:
                           "gradient variances: ||v_0 - v_1||^2"),
                          (f"{part}/hessian_distance",
                           "Hessian diagonals: ||h_0 - h_1||^2")],
-                anneal, f"{setting}: the two training domains, {label}",
+                anneal, f"{setting}\nbetween the two training domains, "
+                f"{label}",
                 os.path.join(output_dir, f"landscape_{part}.png"))
   plot_panels(curves, [(f"{part}/{q}_cosine", f"{label}, {part}")
                        for part in ("head", "all")
                        for q, label in (("fishr", "variance cosine"),
                                         ("hessian", "Hessian cosine"))],
-              anneal, f"{setting}: cosine similarity of the two domains",
+              anneal, f"{setting}\ncosine similarity of the two training "
+              "domains",
               os.path.join(output_dir, "landscape_cosine.png"), log=False)
+  cost = diagnostics_cost(config, runs[_ALGORITHMS.value[-1]])
   with open(os.path.join(output_dir, "landscape.json"), "w") as f:
-    json.dump(curves, f, indent=1)
+    json.dump({**curves, "cost": cost}, f)
   table = markdown_table(
       curves, runs, f"{setting}; between the two training domains, mean ± "
       "std over restarts.")
+  table += (f"\nOne measurement on the {cost['examples']} training "
+            f"examples takes {cost['head_s'] * 1e3:.0f} ms for the head, "
+            f"{cost['all_s'] * 1e3:.0f} ms for the head and all layers; one "
+            f"update of the {config.restarts} restarts trained together "
+            f"{cost['train_step_s'] * 1e3:.0f} ms (the median step_time of "
+            "the last algorithm's records).\n")
   with open(os.path.join(output_dir, "landscape.md"), "w") as f:
     f.write(table)
   print(table)
@@ -219,7 +264,7 @@ def domainbed(runs_dir: str, output_dir: str) -> None:
               None, "DomainBed runs: mean distance between training domains",
               os.path.join(output_dir, "landscape_domainbed.png"))
   with open(os.path.join(output_dir, "landscape_domainbed.json"), "w") as f:
-    json.dump(curves, f, indent=1)
+    json.dump(curves, f)
   print(f"Wrote {output_dir}/landscape_domainbed.png from "
         + ", ".join(f"{len(r)} {n} run(s)" for n, r in by_algorithm.items()))
 

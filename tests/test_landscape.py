@@ -416,3 +416,40 @@ def test_layer_closed_form_equals_the_per_example_path(x64, num_classes):
                closed, generic)
   norm = {"scale": jnp.ones(3)}
   assert not landscape.closed_form_covers({**params, "norm": norm})
+
+
+@pytest.mark.slow
+def test_the_experiment_writes_its_plots_json_and_table(tmp_path):
+  """experiments/landscape.py, shortened; then its DomainBed mode over
+  run folders (here its own Colored MNIST runs')."""
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / "out"
+  run = lambda *args: subprocess.run(
+      [sys.executable, "-m", "experiments.landscape", *args], cwd=root,
+      capture_output=True, text=True, check=False)
+  result = run("--output_dir", str(out), "--restarts", "2", "--steps", "21",
+               "--every", "10", "--algorithms", "erm,fishr")
+  assert result.returncode == 0, result.stderr
+  for name in ("landscape_head.png", "landscape_all.png",
+               "landscape_cosine.png", "landscape.md"):
+    assert (out / name).stat().st_size > 0, name
+  curves = json.loads((out / "landscape.json").read_text())
+  assert set(curves) == {"erm", "fishr", "cost"}
+  assert curves["fishr"]["step"] == [0, 10, 20]
+  for key in ("head/hessian_distance", "all/fishr_distance_std",
+              "head/hessian_cosine_min", "test_acc"):
+    assert len(curves["erm"][key]) == 3, key
+  assert curves["cost"]["all_s"] > 0 and curves["cost"]["examples"] == 4000
+  table = (out / "landscape.md").read_text()
+  assert "| ERM | 0 |" in table and "| Fishr | 0 |" in table
+  # Its DomainBed mode reads any run folders whose records hold them.
+  result = run("--domainbed_runs", str(out / "fishr"), "--output_dir",
+               str(tmp_path / "db"))
+  assert result.returncode == 0, result.stderr
+  assert (tmp_path / "db" / "landscape_domainbed.png").stat().st_size > 0
+  result = run("--domainbed_runs", str(tmp_path / "db"), "--output_dir",
+               str(tmp_path / "db"))
+  assert result.returncode != 0 and "No run under" in result.stderr
