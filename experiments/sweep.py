@@ -39,6 +39,7 @@ from typing import Any, Callable, Sequence
 from fishr_jax import config_checks
 from fishr_jax import errors
 from fishr_jax import hparams as hparams_lib
+from fishr_jax import ranges
 from fishr_jax import workdir
 from fishr_jax.algorithms import registry
 from fishr_jax.data import domainbed
@@ -205,6 +206,8 @@ def make_jobs(flags: argparse.Namespace) -> list[Job]:
         f"--hparams {unknown}: no job's algorithm has them; their hparams: "
         f"{', '.join(sorted(names))}."
         + config_checks.suggest(unknown[0], names))
+  for name, value in hparams.items():  # before any job starts
+    ranges.check_hparam(name, value, f"--hparams {name}")
   for dataset in flags.datasets:
     num_envs = len(domainbed.DATASETS[dataset].environments)
     for algorithm in flags.algorithms:

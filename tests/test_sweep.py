@@ -118,6 +118,11 @@ def test_unknown_names_and_a_closed_stdin_are_one_line_errors(tmp_path):
   result = _sweep_result("launch", "--algorithms", "Fisher", "--output_dir",
                          str(tmp_path))
   assert result.returncode == 2 and "Did you mean 'Fishr'" in result.stderr
+  result = _sweep_result("launch", *ONE_DATASET, "--hparams", '{"lr": -0.001}',
+                         "--output_dir", str(tmp_path / "negative"))
+  assert result.returncode == 2
+  assert result.stderr == "error: --hparams lr must be > 0; got -0.001.\n"
+  assert not (tmp_path / "negative").exists()  # no job launched
   for job in sweep.make_jobs(sweep.parse_flags(
       ["list", *ONE_DATASET, "--output_dir", str(tmp_path)])):
     os.makedirs(job.output_dir)  # incomplete
