@@ -8,6 +8,7 @@ Every function here works on a batch (logits (N, C)) and on one example
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -21,8 +22,29 @@ def at_least_float32(x: jax.Array) -> jax.Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+def check_labels(logits: jax.Array, labels: jax.Array) -> None:
+  """ValueError if concrete `labels` (not traced) are not the head's: in
+  {0, 1} for a binary head, integers in [0, C) for C outputs (optax's
+  cross-entropy takes any other value without a word)."""
+  if isinstance(labels, jax.core.Tracer):
+    return
+  values = np.asarray(labels)
+  if values.size == 0:
+    return
+  if is_binary(logits):
+    if not np.isin(values, (0, 1)).all():
+      raise ValueError("A binary head's labels must be 0 or 1, got values "
+                       f"in [{values.min()}, {values.max()}].")
+  elif not np.issubdtype(values.dtype, np.integer) or values.min() < 0 or (
+      values.max() >= logits.shape[-1]):
+    raise ValueError(f"Labels must be integers in [0, {logits.shape[-1]}) "
+                     f"for {logits.shape[-1]} outputs, got {values.dtype} "
+                     f"values in [{values.min()}, {values.max()}].")
+
+
 def per_example_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Each example's own loss (no reduction): shape logits.shape[:-1]."""
+  check_labels(logits, labels)
   logits = at_least_float32(logits)
   if is_binary(logits):
     return optax.sigmoid_binary_cross_entropy(
@@ -37,6 +59,7 @@ def loss_residual(logits: jax.Array, labels: jax.Array) -> jax.Array:
   head. The per-example gradient of a linear head is this residual times
   [features; 1], which is what the closed-form variance builds on.
   """
+  check_labels(logits, labels)
   if is_binary(logits):
     return jax.nn.sigmoid(logits) - labels.astype(logits.dtype)[..., None]
   one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)

@@ -34,10 +34,26 @@ Reduction = Literal["mean", "sum"]
 _EXACT = jax.lax.Precision.HIGHEST
 
 
+def check_domain_ids(domain_ids: jax.Array, num_domains: int) -> None:
+  """ValueError if concrete `domain_ids` (not traced: under jit nothing
+  can be checked) are empty or outside [0, num_domains): one-hot
+  membership would drop such examples silently."""
+  if isinstance(domain_ids, jax.core.Tracer):
+    return
+  ids = np.asarray(domain_ids)
+  if ids.size == 0:
+    raise ValueError("No examples: domain_ids is empty.")
+  if not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or (
+      ids.max() >= num_domains):
+    raise ValueError(f"domain_ids must be integers in [0, {num_domains}), "
+                     f"got {ids.dtype} values in [{ids.min()}, {ids.max()}].")
+
+
 def _domain_one_hot(domain_ids: jax.Array, num_domains: int,
                     dtype: Any) -> tuple[jax.Array, jax.Array]:
   """One-hot membership (N, E) and per-domain counts (E,)."""
   chex.assert_rank(domain_ids, 1)
+  check_domain_ids(domain_ids, num_domains)
   one_hot = jax.nn.one_hot(domain_ids, num_domains, dtype=dtype)
   return one_hot, one_hot.sum(axis=0)
 

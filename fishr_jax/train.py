@@ -397,7 +397,7 @@ def train_loop(run: Run, progress_every_s: float = 30.0) -> list[Record]:
   """
   folder = run.folder()
   with folder.lock():
-    finished = folder.finished_records()
+    finished = folder.finished_records(run.recorded_steps(run.steps))
     if finished is not None:
       return finished
     state, records = folder.resume(run.state, run.recorded_steps)

@@ -344,12 +344,19 @@ def run_folder(config: ml_collections.ConfigDict, workdir: str
       workdir, resolve_config(config).to_json_best_effort(indent=2))
 
 
+def recorded_steps(config: ml_collections.ConfigDict) -> list[int]:
+  """The steps a finished run has records of."""
+  config = resolve_config(config)
+  return [s for s in range(config.steps)
+          if train.itstime(s, config.checkpoint_freq, config.steps)]
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> list[dict[str, Any]]:
   """Runs (or resumes) one DomainBed run; returns its records."""
   folder = run_folder(config, workdir)
   with folder.lock():  # before loading any data
-    finished = folder.finished_records()
+    finished = folder.finished_records(recorded_steps(config))
     if finished is not None:
       return finished
     return train.train_loop(make_run(config, workdir))
@@ -385,7 +392,7 @@ def train_runs(configs: list[ml_collections.ConfigDict], workdirs: list[str],
           except errors.WorkdirBusyError as e:
             print(f"skipped: {e}", flush=True)
             continue
-          finished = folder.finished_records()
+          finished = folder.finished_records(recorded_steps(configs[i]))
           if finished is None:
             todo.append(i)
           else:

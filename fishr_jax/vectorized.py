@@ -305,7 +305,8 @@ def train_group(group: Group, progress_every_s: float = 30.0
   with contextlib.ExitStack() as locks:
     for folder in folders:
       locks.enter_context(folder.lock())
-    results = [folder.finished_records() for folder in folders]
+    results = [folder.finished_records(run.recorded_steps(run.steps))
+               for run, folder in zip(group.runs, folders)]
     members: dict[int, _Member] = {}
     for i, (run, folder) in enumerate(zip(group.runs, folders)):
       if results[i] is not None:

@@ -470,9 +470,12 @@ class RunFolder:
   def records(self, up_to_step: int | None = None) -> list[Record]:
     return read_records(self.path, up_to_step)
 
-  def finished_records(self) -> list[Record] | None:
+  def finished_records(self, recorded_steps: list[int] | None = None
+                       ) -> list[Record] | None:
     """A finished run's records (says so), else None; checks the config
-    first."""
+    first. `recorded_steps`: the steps a finished run has records of;
+    errors.WorkdirError if any is missing (a table would count the run
+    with records lost)."""
     self.check_config()
     if not os.path.exists(self.file(DONE)):
       return None
@@ -481,6 +484,14 @@ class RunFolder:
       raise errors.WorkdirError(
           f"{self.path} is marked done but has no records in {RECORDS}; pass "
           "--fresh to move it aside and train it again.")
+    have = {r.get("step") for r in records}
+    missing = [s for s in recorded_steps or () if s not in have]
+    if missing:
+      raise errors.WorkdirError(
+          f"{self.path} is marked done but {RECORDS} lacks {len(missing)} of "
+          f"its {len(recorded_steps)} records (steps {_steps_text(missing)}; "
+          "deleted or cut?). Restore the file, or pass --fresh to move the "
+          "run aside and train it again.")
     print(f"{self.path} is done; pass --fresh to train it again (the old "
           "run is moved aside).", flush=True)
     return records

@@ -277,3 +277,21 @@ def test_jit_and_shape_checks():
   with pytest.raises(AssertionError):
     penalties.linear_head_grad_variance(features, logits[:-1], labels, domain,
                                         NUM_DOMAINS)
+
+
+def test_public_functions_refuse_domain_ids_and_labels_out_of_range():
+  from fishr_jax import losses  # pylint: disable=g-import-not-at-top
+  values = jnp.ones((4, 2))
+  with pytest.raises(ValueError, match=r"domain_ids must be integers in "
+                     r"\[0, 2\), got int32 values in \[0, 2\]"):
+    penalties.domain_mean(values, jnp.array([0, 1, 2, 1]), 2)
+  with pytest.raises(ValueError, match="No examples"):
+    penalties.domain_mean(jnp.ones((0, 2)), jnp.zeros(0, jnp.int32), 2)
+  with pytest.raises(ValueError, match=r"integers in \[0, 3\) for 3 outputs"):
+    losses.per_example_loss(jnp.zeros((2, 3)), jnp.array([0, 3]))
+  with pytest.raises(ValueError, match="binary head's labels must be 0 or 1"):
+    losses.loss_residual(jnp.zeros((2, 1)), jnp.array([0.0, 2.0]))
+  # Under jit the values are not known: nothing is checked (the loaders
+  # check the data before it gets there).
+  jax.jit(penalties.domain_mean, static_argnums=2)(
+      values, jnp.array([0, 1, 2, 1]), 2)

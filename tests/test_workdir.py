@@ -130,3 +130,19 @@ def test_a_save_into_a_folder_moved_meanwhile_is_undone(tmp_path):
   assert sorted(os.listdir(moved)) == [
       workdir.CHECKPOINTS, workdir.CONFIG, workdir.RECORDS]
   assert not os.listdir(moved / workdir.CHECKPOINTS)  # the save went astray
+
+
+def test_a_done_run_with_records_lost_is_refused(tmp_path):
+  path = str(tmp_path)
+  folder = workdir.RunFolder(path, '{"lr": 0.1}')
+  folder.resume(_state(0))
+  for step in (0, 2, 4):
+    folder.append({"step": step})
+  folder.mark_done()
+  assert len(folder.finished_records([0, 2, 4])) == 3
+  lines = (tmp_path / workdir.RECORDS).read_text().splitlines()
+  (tmp_path / workdir.RECORDS).write_text(lines[0] + "\n")  # cut
+  with pytest.raises(errors.WorkdirError,
+                     match=r"marked done but results.jsonl lacks 2 of its 3 "
+                     r"records \(steps 2, 4; deleted or cut\?\)"):
+    folder.finished_records([0, 2, 4])
