@@ -210,27 +210,21 @@ def _chunked_network_curvature(loss, logits_fn, params, x, labels,
                          fisher=per_count(fisher, counts))
 
 
-def layer_curvature(forward: Callable[[PyTree, jax.Array],
-                                     tuple[jax.Array, jax.Array]],
-                    params: PyTree, x: jax.Array, labels: jax.Array,
-                    domain_ids: jax.Array, num_domains: int
-                    ) -> DomainCurvature:
-  """`network_curvature` (all examples) for a network of flax Dense and
-  Conv layers, in closed form from each layer's inputs and backpropagated
-  signals (layer_signals.py): one forward pass and 1 + K backward passes
-  over the whole batch, no per-example gradient.
+def closed_form_layers(params: PyTree) -> list[str]:
+  """The layers whose parameters are a kernel and perhaps a bias (flax's
+  Dense and Conv; layer_signals checks that they are), by path."""
+  leaves: dict[str, list[str]] = {}
+  for name in layer_signals.param_names(params):
+    layer, _, leaf = name.rpartition("/")
+    leaves.setdefault(layer, []).append(leaf)
+  return [layer for layer, names in leaves.items()
+          if "kernel" in names and set(names) <= {"kernel", "bias"}]
 
-  The variance and Fisher are the centered and uncentered second moments of
-  the per-example gradients, whose signal is the loss residual. For the
-  Hessian, column c of S (`logit_hessian_factor`) backpropagated instead of
-  the residual gives J^T s_c for each example, so each parameter's
-  diagonal sum_c (J^T s_c)^2 is the sum over c of the uncentered second
-  moments under those signals.
 
-  forward(params, x) -> (features, logits), applying flax modules;
-  `params` holds only Dense and Conv kernels and biases (`closed_form_covers`).
-  """
-  layers = layer_signals.group_by_layer(layer_signals.param_names(params))
+def _layer_moments(forward, params, x, labels, domain_ids, num_domains,
+                   layers) -> DomainCurvature:
+  """The quantities of `layers` (Dense or Conv) in closed form, as flat
+  {"<layer>/<leaf>": (E, ...)} dicts."""
 
   def cotangents(logits):
     factors = jax.vmap(logit_hessian_factor)(logits).astype(logits.dtype)
@@ -238,17 +232,15 @@ def layer_curvature(forward: Callable[[PyTree, jax.Array],
             + [factors[:, :, k] for k in range(factors.shape[2])])
 
   _, _, (residual, *columns) = layer_signals.forward_with_backprops(
-      lambda p, x_, rng: forward(p, x_), params, x, None, list(layers),
-      cotangents)
+      lambda p, x_, rng: forward(p, x_), params, x, None, layers, cotangents)
 
   def moments(signals, centered):
-    per_layer = {layer: layer_signals.layer_grad_variance(
-        signals[layer], domain_ids, num_domains, centered)
-                 for layer in layers}
-    return layer_signals.with_subtree(params, {
-        f"{layer}/{leaf}": per_layer[layer][leaf]
-        for layer, leaves in layers.items() for leaf in leaves})
+    return {f"{layer}/{leaf}": value for layer in layers
+            for leaf, value in layer_signals.layer_grad_variance(
+                signals[layer], domain_ids, num_domains, centered).items()
+            if f"{layer}/{leaf}" in names}
 
+  names = set(layer_signals.param_names(params))
   hessian = functools.reduce(
       lambda a, b: jax.tree.map(jnp.add, a, b),
       [moments(signals, False) for signals in columns])
@@ -256,11 +248,44 @@ def layer_curvature(forward: Callable[[PyTree, jax.Array],
                          fisher=moments(residual, False))
 
 
-def closed_form_covers(params: PyTree) -> bool:
-  """Whether every parameter is a kernel or a bias (of Dense or Conv
-  layers, as `layer_curvature` needs; layer_signals checks the layers)."""
-  return all(name.rsplit("/", 1)[-1] in ("kernel", "bias")
-             for name in layer_signals.param_names(params))
+def all_layers_curvature(forward: Callable[[PyTree, jax.Array],
+                                          tuple[jax.Array, jax.Array]],
+                         params: PyTree, x: jax.Array, labels: jax.Array,
+                         domain_ids: jax.Array, num_domains: int,
+                         chunk_size: int | None = None) -> DomainCurvature:
+  """`network_curvature` of every parameter of a flax network (all
+  examples), the same values, faster: Dense and Conv layers in closed form
+  from their inputs and backpropagated signals (layer_signals.py: one
+  forward pass and 1 + K backward passes over the whole batch), any other
+  parameter (a norm's scale and bias) per example, `chunk_size` at a time.
+
+  The variance and Fisher are the centered and uncentered second moments of
+  the per-example gradients, whose signal is the loss residual. For the
+  Hessian, column c of S (`logit_hessian_factor`) backpropagated instead of
+  the residual gives J^T s_c for each example, so each parameter's
+  diagonal sum_c (J^T s_c)^2 is the sum over c of the uncentered second
+  moments under those signals. This needs each example's loss to depend on
+  that example only (not BatchNorm in train mode).
+
+  forward(params, x) -> (features, logits), applying flax modules.
+  """
+  layers = closed_form_layers(params)
+  names = layer_signals.param_names(params)
+  rest = [n for n in names if n.rpartition("/")[0] not in layers]
+  parts = []
+  if layers:
+    parts.append(_layer_moments(forward, params, x, labels, domain_ids,
+                                num_domains, layers))
+  if rest:
+    logits_fn = lambda chosen, x_i: forward(
+        layer_signals.with_subtree(params, chosen), x_i[None])[1][0]
+    parts.append(network_curvature(
+        logits_fn, layer_signals.subtree(params, rest), x, labels,
+        domain_ids, num_domains, chunk_size=chunk_size))
+  merged = [{k: v for part in parts for k, v in getattr(part, field).items()}
+            for field in DomainCurvature._fields]
+  return DomainCurvature(*(layer_signals.with_subtree(params, flat)
+                           for flat in merged))
 
 
 # --------------------------------------------------------- between domains
@@ -355,24 +380,19 @@ def record_fields(forward: Callable[[PyTree, jax.Array],
   forward(params, x) -> (features, logits), deterministic; the head is
   params[models.HEAD]'s linear layer on the features. batch: {"x", "y",
   "domain"}, the training domains' examples. "all" measures every
-  parameter: its Hessian is the generalized Gauss-Newton diagonal, the
-  Hessian's own for networks piecewise linear in each parameter
-  (`network_curvature`). A network of Dense and Conv layers only is
-  measured in closed form (`layer_curvature`), any other per example,
-  `chunk_size` examples at a time.
+  parameter (`all_layers_curvature`; `chunk_size` as there): its Hessian is
+  the generalized Gauss-Newton diagonal, the Hessian's own for networks
+  piecewise linear in each parameter (`network_curvature`).
   """
   if layers not in LAYERS:
     raise ValueError(f"layers must be one of {LAYERS}, got {layers!r}.")
   features, logits = forward(params, batch["x"])
   parts = {"head": head_curvature(features, logits, batch["y"],
                                   batch["domain"], num_domains)}
-  if layers == "all" and closed_form_covers(params):
-    parts["all"] = layer_curvature(forward, params, batch["x"], batch["y"],
-                                   batch["domain"], num_domains)
-  elif layers == "all":
-    parts["all"] = network_curvature(
-        lambda p, x_i: forward(p, x_i[None])[1][0], params, batch["x"],
-        batch["y"], batch["domain"], num_domains, chunk_size=chunk_size)
+  if layers == "all":
+    parts["all"] = all_layers_curvature(
+        forward, params, batch["x"], batch["y"], batch["domain"], num_domains,
+        chunk_size=chunk_size)
   return {f"landscape/{part}/{name}_{stat}": value
           for part, curvature in parts.items()
           for name, field in QUANTITIES.items()

@@ -223,17 +223,11 @@ def test_chunking_never_changes_the_network_quantities(x64, chunk_size):
 
 
 def test_record_fields_name_each_part_quantity_and_statistic():
+  from fishr_jax import models  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(7)
-  params = {"hidden": jnp.asarray(rng.normal(size=(4, 5)), jnp.float32),
-            "classifier": {"kernel": jnp.asarray(rng.normal(size=(5, 1)),
-                                                 jnp.float32),
-                           "bias": jnp.zeros(1)}}
-
-  def forward(p, x):
-    features = jax.nn.relu(x @ p["hidden"])
-    head = p["classifier"]
-    return features, features @ head["kernel"] + head["bias"]
-
+  module = models.MLP(hidden_dims=(5,), num_outputs=1)
+  params = module.init(jax.random.key(0), jnp.zeros((1, 4)))["params"]
+  forward = lambda p, x: module.apply({"params": p}, x)
   batch = {"x": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32),
            "y": jnp.asarray(rng.integers(0, 2, 8), jnp.float32),
            "domain": jnp.asarray([0, 1] * 4)}
@@ -384,16 +378,19 @@ def test_bad_diagnostics_examples_is_a_config_error():
 
 
 @pytest.mark.parametrize("num_classes", [1, 3])
-def test_layer_closed_form_equals_the_per_example_path(x64, num_classes):
-  """An MLP and a small CNN of flax Dense/Conv layers (what
-  record_fields measures in closed form) against network_curvature."""
+@pytest.mark.parametrize("norm", [False, True])
+def test_all_layers_equal_the_per_example_path(x64, num_classes, norm):
+  """Conv and Dense layers in closed form, a GroupNorm's scale and bias per
+  example: equal to network_curvature over every parameter."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
 
   class Net(nn.Module):
     @nn.compact
     def __call__(self, x):
-      h = nn.relu(nn.Conv(3, (3, 3), strides=2, padding=((1, 1), (1, 1)),
+      h = nn.relu(nn.Conv(4, (3, 3), strides=2, padding=((1, 1), (1, 1)),
                           param_dtype=jnp.float64)(x))
+      if norm:
+        h = nn.GroupNorm(num_groups=2, param_dtype=jnp.float64)(h)
       h = nn.relu(nn.Dense(5, param_dtype=jnp.float64)(h.mean(axis=(1, 2))))
       return h, nn.Dense(num_classes, param_dtype=jnp.float64,
                          name="classifier")(h)
@@ -404,18 +401,21 @@ def test_layer_closed_form_equals_the_per_example_path(x64, num_classes):
   domain_ids = jnp.asarray([0, 1, 2] * 3)
   module = Net()
   params = module.init(jax.random.key(0), x[:1])["params"]
+  if norm:  # not the init's 1 and 0, so their gradients are not special
+    params["GroupNorm_0"] = {"scale": jnp.asarray(rng.normal(size=4)),
+                             "bias": jnp.asarray(rng.normal(size=4))}
   forward = lambda p, x_: module.apply({"params": p}, x_)
-  assert landscape.closed_form_covers(params)
-  closed = jax.jit(landscape.layer_curvature, static_argnums=(0, 5))(
-      forward, params, x, labels, domain_ids, 3)
-  generic = jax.jit(landscape.network_curvature, static_argnums=(0, 5))(
+  assert sorted(landscape.closed_form_layers(params)) == [
+      "Conv_0", "Dense_0", "classifier"]
+  fast = jax.jit(landscape.all_layers_curvature, static_argnums=(0, 5, 6))(
+      forward, params, x, labels, domain_ids, 3, 4)
+  plain = jax.jit(landscape.network_curvature, static_argnums=(0, 5))(
       lambda p, x_i: forward(p, x_i[None])[1][0], params, x, labels,
       domain_ids, 3)
+  assert jax.tree.structure(fast) == jax.tree.structure(plain)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9,
                                                        atol=1e-14),
-               closed, generic)
-  norm = {"scale": jnp.ones(3)}
-  assert not landscape.closed_form_covers({**params, "norm": norm})
+               fast, plain)
 
 
 @pytest.mark.slow
