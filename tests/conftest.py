@@ -158,6 +158,19 @@ def made_in_background(tmp_path_factory, name: str) -> "os.PathLike":
   return folder
 
 
+def pytest_collection_modifyitems(config, items):
+  """The slow tests (end-to-end runs, 10-60 s each) first, so that the two
+  pytest-xdist workers, handed one test at a time (--maxschedchunk=1 in
+  pyproject's addopts), end the session on short ones instead of one worker
+  running a long test alone; the order is otherwise kept. Tests fed by a
+  BACKGROUND script keep their place: its result comes later."""
+  del config
+  fed = {module for module, _, _ in BACKGROUND.values()}
+  def later(item):
+    return item.get_closest_marker("slow") is None or item.path.name in fed
+  items[:] = sorted(items, key=later)  # stable: False (slow) first
+
+
 def pytest_collection_finish(session):
   if session.config.option.collectonly:
     return
