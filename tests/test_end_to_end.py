@@ -54,13 +54,15 @@ def test_bad_preset_is_an_error():
 
 @pytest.mark.slow
 def test_fishr_beats_erm_out_of_distribution(tmp_path):
-  """The default preset, 3 restarts: Fishr generalizes to the flipped colors,
-  ERM does not (official code: Fishr 0.528, ERM 0.236 test accuracy)."""
+  """The default preset, 2 restarts: Fishr generalizes to the flipped colors,
+  ERM does not (official code: Fishr 0.528, ERM 0.236 test accuracy). Each
+  restart alone clears both margins (Fishr 0.54-0.63, ERM 0.19-0.25 over
+  restarts 0-2), so 2 of them keep the check and save a third of its time."""
   results = {}
   for algorithm in ("erm", "fishr"):
     config = cmnist_config.get_config()
     config.algorithm = algorithm
-    config.restarts = 3
+    config.restarts = 2
     config.log_every = 100
     results[algorithm] = train_colored_mnist.train_and_evaluate(
         config, str(tmp_path / algorithm))

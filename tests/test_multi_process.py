@@ -34,9 +34,12 @@ def _env(**extra):
   return env
 
 
-def _start(workdir, *flags, process_id=None, port=None):
+def _start(workdir, digits, *flags, process_id=None, port=None):
+  """A run on `digits` (a folder of MNIST IDX files: the tests' few hundred
+  digits keep each evaluation short)."""
   env = _env()
-  args = [sys.executable, "-m", "fishr_jax.main", *RUN, *flags,
+  args = [sys.executable, "-m", "fishr_jax.main", *RUN,
+          "--config.digits_source=idx", f"--config.data_dir={digits}", *flags,
           "--workdir", str(workdir)]
   if process_id is not None:
     env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
@@ -52,12 +55,12 @@ def _records(workdir):
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_records_of_one(tmp_path):
+def test_two_processes_give_the_records_of_one(tmp_path, tiny_mnist_dir):
   steps = ["--config.steps=7", "--config.checkpoint_freq=3"]
   port = _free_port()
-  pair = [_start(tmp_path / "two", *steps, process_id=i, port=port)
-          for i in (0, 1)]
-  single = _start(tmp_path / "one", *steps)
+  pair = [_start(tmp_path / "two", tiny_mnist_dir, *steps, process_id=i,
+                 port=port) for i in (0, 1)]
+  single = _start(tmp_path / "one", tiny_mnist_dir, *steps)
   for proc in pair + [single]:
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
@@ -74,9 +77,10 @@ def test_two_processes_give_the_records_of_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_worker_stops_the_other_with_a_message(tmp_path):
+def test_a_killed_worker_stops_the_other_with_a_message(tmp_path,
+                                                       tiny_mnist_dir):
   port = _free_port()
-  lead, worker = [_start(tmp_path / "run", "--config.steps=2000",
+  lead, worker = [_start(tmp_path / "run", tiny_mnist_dir, "--config.steps=2000",
                          "--config.checkpoint_freq=50", process_id=i,
                          port=port) for i in (0, 1)]
   try:
