@@ -430,7 +430,7 @@ def test_the_experiment_writes_its_plots_json_and_table(tmp_path):
   run = lambda *args: subprocess.run(
       [sys.executable, "-m", "experiments.landscape", *args], cwd=root,
       capture_output=True, text=True, check=False)
-  result = run("--output_dir", str(out), "--restarts", "2", "--steps", "21",
+  result = run("--output_dir", str(out), "--restarts", "1", "--steps", "11",
                "--every", "10", "--algorithms", "erm,fishr")
   assert result.returncode == 0, result.stderr
   for name in ("landscape_head.png", "landscape_all.png",
@@ -438,10 +438,10 @@ def test_the_experiment_writes_its_plots_json_and_table(tmp_path):
     assert (out / name).stat().st_size > 0, name
   curves = json.loads((out / "landscape.json").read_text())
   assert set(curves) == {"erm", "fishr", "cost"}
-  assert curves["fishr"]["step"] == [0, 10, 20]
+  assert curves["fishr"]["step"] == [0, 10]
   for key in ("head/hessian_distance", "all/fishr_distance_std",
               "head/hessian_cosine_min", "test_acc"):
-    assert len(curves["erm"][key]) == 3, key
+    assert len(curves["erm"][key]) == 2, key
   assert curves["cost"]["all_s"] > 0 and curves["cost"]["examples"] == 4000
   table = (out / "landscape.md").read_text()
   assert "| ERM | 0 |" in table and "| Fishr | 0 |" in table

@@ -145,17 +145,6 @@ def test_torch_default_init_checks_the_kernel_fan_in():
     kernel_init(jax.random.key(0), (3, 3, 2, 5))
 
 
-def test_torch_default_init_matches_torch_itself():
-  """The formulas above are torch's: its own layers pass the same checks."""
-  torch = pytest.importorskip("torch")
-  torch.manual_seed(0)
-  for layer, fan_in in ((torch.nn.Conv2d(2, 64, 3), 18),
-                        (torch.nn.Linear(128, 500), 128)):
-    for name in ("weight", "bias"):
-      _uniform_check(getattr(layer, name).detach().numpy(),
-                     1 / np.sqrt(fan_in), f"{type(layer).__name__}.{name}")
-
-
 def test_colored_mnist_mlp_keeps_the_irm_scripts_init():
   """The IRM script's MLP: Xavier-uniform weights, zero biases (not torch's
   defaults: its numbers depend on it)."""
