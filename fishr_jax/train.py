@@ -104,7 +104,7 @@ def create_train_state(rng: jax.Array, params: PyTree,
                        batch: Batch) -> TrainState:
   """Step 0: fresh optimizer and algorithm state for `params`."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=tx.init(params),
+                    opt_state=algorithm.fresh_optimizer(tx, params),
                     alg_state=algorithm.init_state(params, batch), rng=rng)
 
 
@@ -114,22 +114,24 @@ def create_train_state(rng: jax.Array, params: PyTree,
 def make_train_step(algorithm: algorithms.Algorithm,
                     tx: optax.GradientTransformation,
                     schedule: algorithms.Schedule) -> TrainStep:
-  """The pure train step (jit it): gradient of the algorithm's loss, the
-  optimizer reset when the penalty switches on (if scheduled), the update.
-  """
+  """The pure train step (jit it): the optimizer reset when the penalty
+  switches on (if scheduled), then the algorithm's update (by default one
+  gradient step of its loss with `tx`; base.py)."""
+  update = algorithm.step_update()
+
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     step_rng = jax.random.fold_in(state.rng, state.step)
-    grads, (alg_state, metrics) = jax.grad(algorithm.loss_fn, has_aux=True)(
-        state.params, state.alg_state, batch, state.step, step_rng)
     opt_state = state.opt_state
     if schedule.reset_optimizer_at_anneal:
       # DomainBed builds a fresh Adam when the full penalty weight switches on.
       reset = schedule.resets_optimizer(state.step)
       opt_state = jax.tree.map(lambda new, old: jnp.where(reset, new, old),
-                               tx.init(state.params), opt_state)
-    updates, opt_state = tx.update(grads, opt_state, state.params)
-    new_state = state.replace(step=state.step + 1,
-                              params=optax.apply_updates(state.params, updates),
+                               algorithm.fresh_optimizer(tx, state.params),
+                               opt_state)
+    params, opt_state, alg_state, metrics = update(
+        tx, state.params, opt_state, state.alg_state, batch, state.step,
+        step_rng)
+    new_state = state.replace(step=state.step + 1, params=params,
                               opt_state=opt_state, alg_state=alg_state)
     return new_state, metrics
 

@@ -1,16 +1,30 @@
 """The one interface every algorithm implements, and the shared penalty recipe.
 
-An algorithm is a pure loss function
+Most algorithms are a pure loss function
 
     loss_fn(params, state, batch, step, rng) -> (loss, (new_state, metrics))
 
 over a batch {"x": (N, ...), "y": (N,), "domain": (N,) int} that holds every
 training domain, plus `init_state(params, batch)` for whatever it carries
 across steps (Fishr's moving averages, GroupDRO's weights; `()` for most).
-`rng` is this step's key (dropout, Mixup's draws). `train_step`
-differentiates `loss_fn` w.r.t. `params` and nothing else, so an algorithm
-never sees the optimizer. Algorithms call the model through a `Network`,
-which hides frozen collections (batch statistics) and dropout plumbing.
+`rng` is this step's key (dropout, Mixup's draws). The train step
+differentiates `loss_fn` w.r.t. `params` and applies the run's optimizer
+(`gradient_update`), so such an algorithm never sees the optimizer.
+Algorithms call the model through a `Network`, which hides frozen
+collections (batch statistics) and dropout plumbing.
+
+An algorithm that must own its update, as DomainBed's `update()` does
+(per-domain inner steps, edited gradients, meta updates), gives
+
+    update(tx, params, opt_state, state, batch, step, rng)
+        -> (params, opt_state, state, metrics)
+
+instead: `tx` is the run's optax optimizer (call `tx.init` for a fresh inner
+one), `opt_state` what `init_optimizer(tx, params)` made (default
+`tx.init(params)`; e.g. a dict of named optimizer states). The train step
+still resets `opt_state` to `init_optimizer`'s at the anneal step when the
+Schedule asks, and checkpoints, resume, data parallelism and vectorized
+groups see only these pure functions.
 
 Each algorithm module owns a frozen `Config` dataclass with its own fields;
 every algorithm shares one `Schedule` (penalty annealing, loss rescaling,
@@ -18,6 +32,12 @@ optimizer reset, L2). algorithms/settings.py builds both from each
 experiment's config. Most invariance methods are "mean risk +
 weight(step) * penalty"; `penalized` builds that from a penalty function so
 each of them is a few lines.
+
+Traced config fields: in a vectorized group (vectorized.py) every float
+field of a Config, the Schedule's scalars, the learning rate and weight
+decay may be a traced per-run value. Use them in arithmetic only; a Python
+decision on one (an `if`, a shape, `range`) must go through `is_zero` or
+`require`, or the field must not be a float (then runs share it).
 """
 
 import dataclasses
@@ -26,6 +46,7 @@ from typing import Any, Callable, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from fishr_jax import errors
 from fishr_jax import losses
@@ -37,6 +58,11 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 LossFn = Callable[[PyTree, PyTree, Batch, jax.Array, jax.Array],
                   tuple[jax.Array, tuple[PyTree, Metrics]]]
+# (tx, params, opt_state, state, batch, step, rng)
+#   -> (params, opt_state, state, metrics)
+UpdateFn = Callable[[optax.GradientTransformation, PyTree, PyTree, PyTree,
+                     Batch, jax.Array, jax.Array],
+                    tuple[PyTree, PyTree, PyTree, Metrics]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,12 +136,58 @@ class Schedule:
 
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
+  """An algorithm: a `loss_fn`, or its own `update` (module docstring)."""
   name: str
   init_state: Callable[[PyTree, Batch], PyTree]
-  loss_fn: LossFn
+  loss_fn: LossFn | None = None
+  update: UpdateFn | None = None
+  # (tx, params) -> the opt_state an own `update` reads; None: tx.init.
+  init_optimizer: Callable[[optax.GradientTransformation, PyTree],
+                           PyTree] | None = None
   # True: the batch must come as the loaders give it (on each device, E
   # equal blocks of examples in domain order); parallel.shard_batch checks.
   needs_domain_blocks: bool = False
+
+  def __post_init__(self):
+    if (self.loss_fn is None) == (self.update is None):
+      raise TypeError(f"Algorithm {self.name!r}: give exactly one of loss_fn "
+                      "and update.")
+    if self.init_optimizer is not None and self.update is None:
+      raise TypeError(f"Algorithm {self.name!r}: init_optimizer goes with an "
+                      "own update.")
+
+  def step_update(self) -> UpdateFn:
+    """The update the train step applies: the own one, or one gradient step
+    of `loss_fn` with the run's optimizer."""
+    return self.update or gradient_update(self.loss_fn)
+
+  def fresh_optimizer(self, tx: optax.GradientTransformation,
+                      params: PyTree) -> PyTree:
+    """The optimizer state of step 0 (and of the anneal step's reset)."""
+    if self.init_optimizer is None:
+      return tx.init(params)
+    return self.init_optimizer(tx, params)
+
+
+def apply_gradients(tx: optax.GradientTransformation, grads: PyTree,
+                    params: PyTree, opt_state: PyTree
+                    ) -> tuple[PyTree, PyTree]:
+  """(params, opt_state) after one step of `tx` along `grads`."""
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def gradient_update(loss_fn: LossFn) -> UpdateFn:
+  """The plain update: the gradient of `loss_fn` w.r.t. params, one step of
+  the run's optimizer."""
+
+  def update(tx, params, opt_state, state, batch, step, rng):
+    grads, (state, metrics) = jax.grad(loss_fn, has_aux=True)(
+        params, state, batch, step, rng)
+    params, opt_state = apply_gradients(tx, grads, params, opt_state)
+    return params, opt_state, state, metrics
+
+  return update
 
 
 class Forward(NamedTuple):
