@@ -84,6 +84,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
       "vrex": {"lambda_": PENALTY_WEIGHT, "reduction": "pairwise"},
       "fishr": {"lambda_": PENALTY_WEIGHT, "ema": 0.0, "reduction": "sum",
                 "moment_sums": "auto"},
+      # Two training domains: one meta-train, one meta-test.
+      "mldg": {"n_meta_test": 1},
   })
 
   if preset == "paper":

@@ -91,6 +91,15 @@ HPARAMS: dict[str, Range] = {
     "groupdro_eta": NON_NEGATIVE,
     "mixup_alpha": POSITIVE,  # a Beta(alpha, alpha) parameter
     "mmd_gamma": NON_NEGATIVE,  # MMD's and CORAL's penalty weight
+    "sd_reg": NON_NEGATIVE,
+    "penalty": NON_NEGATIVE,  # IGA
+    "tau": PROBABILITY,  # AND-mask's, SAND-mask's sign agreement
+    "k": NON_NEGATIVE,  # SAND-mask
+    "meta_lr": NON_NEGATIVE,  # Fish
+    "mldg_beta": NON_NEGATIVE,
+    "n_meta_test": POSITIVE_COUNT,
+    "rsc_f_drop_factor": PROBABILITY,
+    "rsc_b_drop_factor": PROBABILITY,
 }
 
 

@@ -42,6 +42,14 @@ CASES = {
     "irm": ("irm", {}, {"lambda_": (100.0, 10.0, 1.0)}),
     "groupdro": ("groupdro", {}, {"eta": (1e-2, 1e-1, 5e-2)}),
     "mixup": ("mixup", {}, {"alpha": (0.2, 1.0, 0.5)}),
+    "sd": ("sd", {}, {"lambda_": (0.1, 1.0, 0.01)}),
+    "iga": ("iga", {}, {"lambda_": (10.0, 100.0, 1.0)}),
+    "andmask": ("andmask", {}, {"tau": (1.0, 0.5, 0.7)}),
+    "sandmask": ("sandmask", {}, {"tau": (0.5, 0.2, 0.7), "k": (10.0, 1.0, 100.0)}),
+    "fish": ("fish", {}, {"meta_lr": (0.5, 0.1, 0.05)}),
+    "mldg": ("mldg", {"n_meta_test": 1}, {"beta": (1.0, 0.5, 2.0)}),
+    "rsc": ("rsc", {}, {"f_drop_factor": (1 / 3, 0.1, 0.5),
+                        "b_drop_factor": (1 / 3, 0.5, 0.1)}),
     # A network with dropout: each run its own rate (0 among them).
     "erm_dropout": ("erm", {}, {}),
 }

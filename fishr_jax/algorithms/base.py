@@ -299,8 +299,7 @@ def penalized(name: str, network: Network, num_domains: int,
   def loss_fn(params, state, batch, step, rng):
     forward, metrics = domain_losses(network, params, batch, num_domains, rng,
                                      forward_fn)
-    loss = metrics["nll"] + schedule.l2_regularizer_weight * squared_l2_norm(
-        params)
+    loss = metrics["nll"] + l2_term(params, schedule)
     if penalty_fn is not None:
       penalty, state = penalty_fn(params, state, batch, forward, rng)
       weight = penalty_weight(step, lambda_, schedule)
@@ -313,3 +312,50 @@ def penalized(name: str, network: Network, num_domains: int,
 
   return Algorithm(name=name, init_state=init_state, loss_fn=loss_fn,
                    needs_domain_blocks=needs_domain_blocks)
+
+
+# ------------------------------------- helpers of algorithms with own updates
+
+
+def l2_term(params: PyTree, schedule: Schedule) -> jax.Array:
+  """The Schedule's explicit L2 term (0 in DomainBed, which decays weights
+  in the optimizer instead)."""
+  return schedule.l2_regularizer_weight * squared_l2_norm(params)
+
+
+def domain_gradients(network: Network, params: PyTree, batch: Batch,
+                     num_domains: int, schedule: Schedule,
+                     rng: jax.Array | None) -> tuple[PyTree, Forward, Metrics]:
+  """Each domain's risk's gradient (leaves (E, ...)), from one forward pass:
+  the gradient of risk_e + the Schedule's L2 term, as DomainBed's
+  `autograd.grad(F.cross_entropy(network(x_e), y_e), params)` per domain."""
+
+  def risks(p):
+    forward, metrics = domain_losses(network, p, batch, num_domains, rng)
+    return forward.domain_nll + l2_term(p, schedule), (forward, metrics)
+
+  values, pullback, (forward, metrics) = jax.vjp(risks, params, has_aux=True)
+  grads, = jax.vmap(pullback)(jnp.eye(num_domains, dtype=values.dtype))
+  return grads, forward, metrics
+
+
+def domain_block(batch: Batch, domain: int | jax.Array, num_domains: int,
+                 shards: int) -> Batch:
+  """Domain `domain`'s examples of a batch laid out in domain blocks
+  (`Algorithm.needs_domain_blocks`: on each of `shards` devices, E equal
+  blocks in domain order); `domain` may be traced."""
+
+  def take(a):
+    blocks = a.reshape((shards, num_domains, -1) + a.shape[1:])
+    return jnp.take(blocks, domain, axis=1).reshape((-1,) + a.shape[1:])
+
+  return jax.tree.map(take, batch)
+
+
+def mean_risk(network: Network, params: PyTree, batch: Batch,
+              schedule: Schedule, rng: jax.Array | None) -> jax.Array:
+  """Cross-entropy over `batch`'s examples + the Schedule's L2 term."""
+  _, logits = network.forward(params, batch["x"], rng)
+  nll = losses.per_example_loss(losses.at_least_float32(logits),
+                                batch["y"]).mean()
+  return nll + l2_term(params, schedule)
