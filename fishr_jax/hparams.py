@@ -50,7 +50,8 @@ def shared_specs(algorithm: str, dataset: str) -> HParamSpecs:
 
 def specs(algorithm: str, dataset: str) -> HParamSpecs:
   """Every hparam of `algorithm` (a fishr-jax name) on `dataset`."""
-  own = registry.domainbed_spec(algorithm).hparams
+  own = registry.domainbed_spec(algorithm).hparams_for(
+      domainbed.dataset_spec(dataset).small_images)
   return {**shared_specs(algorithm, dataset), **own}
 
 

@@ -69,7 +69,8 @@ def test_every_algorithm_has_a_frozen_config_and_domainbed_mapping(name):
   config = entry.config_class()
   with pytest.raises(dataclasses.FrozenInstanceError):
     setattr(config, "x", 1)
-  hparams = {k: default for k, (default, _) in entry.domainbed.hparams.items()}
+  hparams = {k: default for k, (default, _)
+             in entry.domainbed.hparams_for(True).items()}
   from_hparams, schedule = settings.from_domainbed(name, hparams)
   assert isinstance(from_hparams, entry.config_class)
   assert isinstance(schedule, algorithms.Schedule)

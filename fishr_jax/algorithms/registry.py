@@ -36,6 +36,14 @@ class DomainBedSpec:
   # DomainBed hparams -> fields of base.Schedule, e.g.
   # {"penalty_anneal_iters": h["penalty_anneal_iters"]}.
   to_schedule: Callable[[HParams], dict[str, Any]] = _no_fields
+  # Hparams whose default and sampler depend on the dataset: small_images
+  # (DomainBed's SMALL_IMAGES) -> {name: (default, sampler)} (DANN's lr_d).
+  by_image_size: Callable[[bool], dict[str, tuple[Any, Callable]]] = (
+      lambda small_images: {})
+
+  def hparams_for(self, small_images: bool) -> dict[str, tuple[Any, Callable]]:
+    """Every own hparam of the algorithm on a dataset of that image size."""
+    return {**self.hparams, **self.by_image_size(small_images)}
 
 
 @dataclasses.dataclass(frozen=True)

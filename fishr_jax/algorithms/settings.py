@@ -101,7 +101,8 @@ def all_hparam_names() -> list[str]:
 def domainbed_options(name: str) -> tuple[str, ...]:
   """The fields of `name`'s Config that no DomainBed hparam sets."""
   spec = registry.get(name).domainbed
-  defaults = {k: default for k, (default, _) in spec.hparams.items()}
+  defaults = {k: default
+              for k, (default, _) in spec.hparams_for(True).items()}
   set_by_hparams = set(spec.to_config(defaults))
   return tuple(f.name for f in dataclasses.fields(registry.get(name).config_class)
                if f.name not in set_by_hparams)
