@@ -33,6 +33,22 @@ DOMAINBED = registry.DomainBedSpec(
     to_config=lambda h: {"alpha": h["mixup_alpha"]})
 
 
+def draw_pairs(rng: jax.Array, num_domains: int, alpha: float
+               ) -> tuple[jax.Array, jax.Array]:
+  """Mixup's random draws: (first (E,) int, lam (E,)). Pair i mixes domain
+  first[i] (weight lam[i]) with first[(i + 1) % E], as DomainBed's
+  random_pairs_of_minibatches cycle with one np.random.beta per pair.
+
+  Uses the first two of jax.random.split(rng, 3); the third is the step's
+  dropout key. The one function the draws come from, so a test can pin them
+  (tests/test_domainbed_updates.py replaces it by DomainBed's recorded draws).
+  """
+  perm_rng, lam_rng, _ = jax.random.split(rng, 3)
+  first = jax.random.permutation(perm_rng, num_domains)
+  lam = jax.random.beta(lam_rng, alpha, alpha, (num_domains,))
+  return first, lam
+
+
 @registry.register("mixup", Config, DOMAINBED)
 def make(network: base.Network, num_domains: int, config: Config,
          schedule: base.Schedule, mesh=None) -> base.Algorithm:
@@ -51,10 +67,9 @@ def make(network: base.Network, num_domains: int, config: Config,
       raise ValueError("Mixup draws random pairs and weights: it needs an rng.")
     per_domain = lambda a: a.reshape((num_domains, -1) + a.shape[1:])
     x, y = per_domain(x), per_domain(y)
-    perm_rng, lam_rng, dropout_rng = jax.random.split(rng, 3)
-    first = jax.random.permutation(perm_rng, num_domains)
+    first, lam = draw_pairs(rng, num_domains, alpha)
+    dropout_rng = jax.random.split(rng, 3)[2]
     second = jnp.roll(first, -1)
-    lam = jax.random.beta(lam_rng, alpha, alpha, (num_domains,))
     lam_x = lam.reshape((num_domains,) + (1,) * (x.ndim - 1))
     mixed = lam_x * x[first] + (1.0 - lam_x) * x[second]
     _, logits = network.forward(params, mixed.reshape((-1,) + x.shape[2:]),
