@@ -6,7 +6,7 @@ and the update steps along sum over pairs of (G_i + beta * G_j) / E, G_j
 the gradient on j at the copy's weights. DomainBed hparams: mldg_beta,
 n_meta_test.
 
-The split is `draw_split`'s; the batch comes in domain blocks.
+The split is `draw_domain_order`'s; the batch comes in domain blocks.
 """
 
 import dataclasses
@@ -38,7 +38,7 @@ DOMAINBED = registry.DomainBedSpec(
                          "n_meta_test": int(h["n_meta_test"])})
 
 
-def draw_split(rng: jax.Array, num_domains: int) -> jax.Array:
+def draw_domain_order(rng: jax.Array, num_domains: int) -> jax.Array:
   """A random order of the domains: the last n_meta_test are meta-test."""
   return jax.random.permutation(rng, num_domains)
 
@@ -60,7 +60,7 @@ def make(network: base.Network, num_domains: int, config: Config,
   def update(tx, params, opt_state, state, batch, step, rng):
     del step
     split_rng, rng = jax.random.split(rng)
-    order = draw_split(split_rng, num_domains)
+    order = draw_domain_order(split_rng, num_domains)
     block = lambda d: base.domain_block(batch, d, num_domains, shards)
     grads = jax.tree.map(jnp.zeros_like, params)
     objective = meta_train = 0.0
