@@ -165,6 +165,25 @@ class MLP(nn.Module):
     return features, self.classify(features)
 
 
+class DomainBedMLP(nn.Module):
+  """DomainBed's networks.MLP: Linear(in, width), then depth - 2 hidden
+  Linear(width, width), each followed by dropout and ReLU, then
+  Linear(width, num_outputs) with no activation; torch's default
+  initialization. DANN's discriminator (its mlp_* hparams)."""
+  width: int
+  depth: int
+  num_outputs: int
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    names = ["input"] + [f"hidden_{i}" for i in range(self.depth - 2)]
+    for name in names:
+      x = torch_dense(self.width, x.shape[-1], name)(x)
+      x = relu(Dropout(self.dropout_rate)(x, deterministic))
+    return torch_dense(self.num_outputs, x.shape[-1], "output")(x)
+
+
 class MNISTCNN(nn.Module):
   """DomainBed's MNIST_CNN featurizer (4 convs 64-128-128-128, each followed
   by ReLU then GroupNorm(8), global average pool: 128-d) and a linear head.

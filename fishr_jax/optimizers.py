@@ -72,6 +72,15 @@ def make(spec: str, lr: float | jax.Array, weight_decay: float | jax.Array = 0.0
                      getattr(optax, name)(learning_rate=lr, **kwargs))
 
 
+def torch_adam(lr: float | jax.Array, weight_decay: float | jax.Array = 0.0,
+               b1: float | jax.Array = 0.9, b2: float | jax.Array = 0.999
+               ) -> optax.GradientTransformation:
+  """torch.optim.Adam(lr, betas=(b1, b2), eps=1e-8, weight_decay): the
+  optimizers an algorithm fixes itself (DANN's two Adams)."""
+  return optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.adam(learning_rate=lr, b1=b1, b2=b2, eps=1e-8))
+
+
 def _bad(spec: str, why: str) -> str:
   return (f"config.optimizer={spec!r}: {why}. Write an optax call, e.g. "
           f"{ADAM!r} or 'sgd(momentum=0.9)'.")

@@ -100,6 +100,16 @@ HPARAMS: dict[str, Range] = {
     "n_meta_test": POSITIVE_COUNT,
     "rsc_f_drop_factor": PROBABILITY,
     "rsc_b_drop_factor": PROBABILITY,
+    "lr_d": POSITIVE,  # DANN, CDANN
+    "lr_g": POSITIVE,
+    "weight_decay_d": NON_NEGATIVE,
+    "weight_decay_g": NON_NEGATIVE,
+    "beta1": DECAY,
+    "d_steps_per_g_step": POSITIVE_COUNT,
+    "grad_penalty": NON_NEGATIVE,
+    "mlp_width": POSITIVE_COUNT,
+    "mlp_depth": Range(2, integer=True),
+    "mlp_dropout": DECAY,
 }
 
 

@@ -98,11 +98,20 @@ class TrainState:
   rng: jax.Array
 
 
+# fold_in(state.rng, step) keys the steps; this one, past any step, keys the
+# algorithm's own networks' initialization.
+_OWN_NETWORKS = 2**31 - 1
+
+
 def create_train_state(rng: jax.Array, params: PyTree,
                        algorithm: algorithms.Algorithm,
                        tx: optax.GradientTransformation,
                        batch: Batch) -> TrainState:
-  """Step 0: fresh optimizer and algorithm state for `params`."""
+  """Step 0: fresh optimizer and algorithm state for `params` (and the
+  algorithm's own networks' parameters, from a key of their own)."""
+  if algorithm.init_params is not None:
+    params = algorithm.init_params(jax.random.fold_in(rng, _OWN_NETWORKS),
+                                   params, batch)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=algorithm.fresh_optimizer(tx, params),
                     alg_state=algorithm.init_state(params, batch), rng=rng)

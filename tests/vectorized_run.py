@@ -50,6 +50,10 @@ CASES = {
     "mldg": ("mldg", {"n_meta_test": 1}, {"beta": (1.0, 0.5, 2.0)}),
     "rsc": ("rsc", {}, {"f_drop_factor": (1 / 3, 0.1, 0.5),
                         "b_drop_factor": (1 / 3, 0.5, 0.1)}),
+    "dann": ("dann", {"grad_penalty": 0.1}, {"lambda_": (1.0, 0.1, 0.5),
+                                              "lr_d": (1e-2, 1e-3, 5e-3)}),
+    "cdann": ("cdann", {}, {"beta1": (0.5, 0.9, 0.3),
+                            "lr_g": (1e-2, 1e-3, 5e-3)}),
     # A network with dropout: each run its own rate (0 among them).
     "erm_dropout": ("erm", {}, {}),
 }

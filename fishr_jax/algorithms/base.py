@@ -144,6 +144,10 @@ class Algorithm:
   # (tx, params) -> the opt_state an own `update` reads; None: tx.init.
   init_optimizer: Callable[[optax.GradientTransformation, PyTree],
                            PyTree] | None = None
+  # (rng, the network's params, batch) -> every trained parameter: the
+  # network's and, under their own keys, the algorithm's own networks'
+  # (DANN's discriminator); the network ignores keys it does not have.
+  init_params: Callable[[jax.Array, PyTree, Batch], PyTree] | None = None
   # True: the batch must come as the loaders give it (on each device, E
   # equal blocks of examples in domain order); parallel.shard_batch checks.
   needs_domain_blocks: bool = False
