@@ -110,6 +110,7 @@ HPARAMS: dict[str, Range] = {
     "mlp_width": POSITIVE_COUNT,
     "mlp_depth": Range(2, integer=True),
     "mlp_dropout": DECAY,
+    "sag_w_adv": NON_NEGATIVE,
 }
 
 
