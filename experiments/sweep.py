@@ -69,9 +69,17 @@ def check_dataset(name: str) -> None:
         + config_checks.suggest(name, domainbed.DATASETS))
 
 
-def test_env_sets(num_envs: int, single_test_envs: bool) -> list[list[int]]:
+def test_env_sets(num_envs: int, single_test_envs: bool,
+                  only: Sequence[int] | None = None) -> list[list[int]]:
   """Each env alone, plus every pair unless single_test_envs (DomainBed's
-  leave-one-domain-out selection needs the pairs)."""
+  leave-one-domain-out selection needs the pairs); `only`: just those envs,
+  each alone."""
+  if only:
+    bad = sorted(e for e in only if not 0 <= e < num_envs)
+    if bad:
+      raise errors.ConfigError(f"--test_envs {bad}: this dataset's envs are "
+                               f"0..{num_envs - 1}.")
+    return [[e] for e in only]
   singles = [[i] for i in range(num_envs)]
   if single_test_envs:
     return singles
@@ -212,7 +220,8 @@ def make_jobs(flags: argparse.Namespace) -> list[Job]:
     num_envs = len(domainbed.DATASETS[dataset].environments)
     for algorithm in flags.algorithms:
       ours = algorithm_name(algorithm)
-      for test_envs in test_env_sets(num_envs, flags.single_test_envs):
+      for test_envs in test_env_sets(num_envs, flags.single_test_envs,
+                                     flags.test_envs):
         for hparams_seed in range(flags.n_hparams_from, flags.n_hparams):
           for trial_seed in range(flags.n_trials):
             args = {"dataset": dataset, "algorithm": ours, "test_envs": test_envs,
@@ -371,6 +380,9 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--checkpoint_freq", type=int, default=None)
   parser.add_argument("--holdout_fraction", type=float, default=0.2)
   parser.add_argument("--single_test_envs", action="store_true")
+  parser.add_argument("--test_envs", type=int, nargs="+", default=None,
+                      help="Only these test envs, each alone (not DomainBed's "
+                      "flag; a quick table).")
   parser.add_argument("--hparams", default="",
                       help='JSON of hparams forced on every run, e.g. \'{"lr": 1e-4}\'.')
   parser.add_argument("--command_launcher", default="local", choices=sorted(LAUNCHERS))
