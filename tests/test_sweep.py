@@ -9,8 +9,10 @@ import pytest
 from PIL import Image
 
 from experiments import sweep
+from fishr_jax import algorithms
 from fishr_jax import errors
 from fishr_jax import workdir
+from fishr_jax.algorithms import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,6 +42,12 @@ def test_jobs_names_and_test_envs():
     sweep.algorithm_name("NotAnAlgorithm")
   assert sweep.test_env_sets(3, True) == [[0], [1], [2]]
   assert sweep.test_env_sets(3, False)[3:] == [[0, 1], [0, 2], [1, 2]]
+  assert sweep.test_env_sets(3, False, only=[2]) == [[2]]
+  with pytest.raises(ValueError, match=r"--test_envs \[3\]"):
+    sweep.test_env_sets(3, True, only=[3])
+  # Every registered algorithm, by DomainBed's name too.
+  for name in algorithms.names():
+    assert sweep.algorithm_name(registry.get(name).domainbed.name) == name
 
 
 @pytest.mark.slow
