@@ -16,6 +16,8 @@ Settings:
                             over all layers by the Dense closed form.
   domainbed_mnist_cnn       DomainBed's MNIST_CNN, 3 domains x 64 (or
                             --mnist_cnn_per_domain), 10 classes.
+  domainbed_mnist_cnn_all   the same, every registered algorithm (not run
+                            by default), penalties on from step 0.
   resnet50_pacs             ResNet-50 (frozen BN), 3 x 32, head C = 7.
   resnet50_domainnet        ResNet-50 (frozen BN), 3 x 32, head C = 345.
   weak_scaling              MNIST_CNN, 3 x 64 (--mnist_cnn_per_domain)
@@ -106,6 +108,12 @@ VARIANTS = {
 HEAD_VARIANTS = ("erm", "fishr_closed_form", "fishr_vmap")
 
 
+def _variant(variant: str) -> tuple[str, dict]:
+  """(algorithm, Fishr options) of a variant; any other registered
+  algorithm is a variant of its own name."""
+  return VARIANTS.get(variant, (variant, {}))
+
+
 def _random_batch(shape: tuple[int, ...], num_domains: int, n_per_domain: int,
                   num_classes: int) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(0)
@@ -135,8 +143,9 @@ def _domainbed_algorithm(dataset: str):
   """The same from DomainBed's default hparams on `dataset`."""
   def build(name: str, fishr_options: dict):
     values = hparams_lib.default_hparams(name, dataset)
-    if name == "fishr":
-      values["penalty_anneal_iters"] = 0
+    for hparam in values:  # time the step with the penalty on
+      if hparam.endswith("penalty_anneal_iters"):
+        values[hparam] = 0
     options = {"moment_sums": "auto", **fishr_options} if name == "fishr" else {}
     return (*settings.from_domainbed(name, values, options), values["lr"])
   return build
@@ -176,9 +185,20 @@ def resnet_head(num_classes: int, dataset: str, depth: int = 50,
                          f"3 x {n_per_domain}, {size} px"}
 
 
+def domainbed_mnist_cnn_all() -> dict[str, Any]:
+  """domainbed_mnist_cnn, every registered algorithm (Fishr's closed form)."""
+  setting = domainbed_mnist_cnn()
+  setting["variants"] = tuple(
+      "fishr_closed_form" if name == "fishr" else name
+      for name in ["erm"] + [n for n in algorithms.names() if n != "erm"])
+  setting["description"] += ", every algorithm"
+  return setting
+
+
 SETTINGS: dict[str, Callable[[], dict[str, Any]]] = {
     "colored_mnist_full_batch": colored_mnist_full_batch,
     "domainbed_mnist_cnn": lambda: domainbed_mnist_cnn(),
+    "domainbed_mnist_cnn_all": domainbed_mnist_cnn_all,
     "resnet50_pacs": lambda: resnet_head(7, "PACS"),
     "resnet50_domainnet": lambda: resnet_head(345, "DomainNet"),
 }
@@ -194,7 +214,7 @@ def compile_step(setting: dict[str, Any], variant: str, mesh=None):
   """The jitted step of one variant (sharded over `mesh`; None: one device),
   its start state and batch, its peak memory (bytes) and its floating-point
   operations (XLA's cost analysis; None where the backend gives none)."""
-  name, fishr_options = VARIANTS[variant]
+  name, fishr_options = _variant(variant)
   alg_config, schedule, lr = setting["algorithm"](name, fishr_options)
   model = setting["model"]
   variables = dict(jax.jit(model.init)(jax.random.key(1),
@@ -297,7 +317,7 @@ def compile_vectorized_step(setting: dict[str, Any], variant: str,
   """`num_runs` runs of one variant as one vectorized program (each its own
   initialization and learning rate), its stacked state and batch."""
   from fishr_jax import vectorized  # pylint: disable=g-import-not-at-top
-  name, fishr_options = VARIANTS[variant]
+  name, fishr_options = _variant(variant)
   alg_config, schedule, lr = setting["algorithm"](name, fishr_options)
   model = setting["model"]
   mesh = parallel.make_runs_mesh(num_runs, 1)
@@ -471,7 +491,8 @@ def report(results: dict[str, Any]) -> dict[str, Any]:
 def main(argv: Sequence[str]) -> None:
   cli.set_library_logs()
   extra = ["weak_scaling", "runs_per_program", "whole_run"]
-  names = argv[1:] or list(SETTINGS) + extra[:2]
+  default = [n for n in SETTINGS if n != "domainbed_mnist_cnn_all"]
+  names = argv[1:] or default + extra[:2]
   unknown = sorted(set(names) - set(SETTINGS) - set(extra))
   if unknown:
     raise app.UsageError(f"Unknown settings {unknown}; known: "

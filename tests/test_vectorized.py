@@ -55,7 +55,7 @@ def test_groups_of_restarts_on_two_devices_equal_the_restarts_alone(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("shape", ["(2, 1)", "(1, 2)"])
-@pytest.mark.parametrize("case", sorted(vectorized_run.CASES))
+@pytest.mark.parametrize("case", sorted(vectorized_run.TWO_DEVICE_CASES))
 def test_runs_together_on_two_devices_equal_the_runs_alone(
     two_device_differences, case, shape):
   _assert_close(two_device_differences[f"{case} {shape}"], case)
