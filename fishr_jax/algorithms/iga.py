@@ -7,8 +7,10 @@ hparam: penalty.
 
 The plain version is that loss (`gradient_spread` of `domain_gradients`,
 through `base.penalized`); the update below takes the same step with the
-spread's gradient as Hessian-vector products, 6.5x faster on MNIST_CNN on
-CPU (tests/test_iga.py: equal to 1e-10 in float64).
+spread's gradient as Hessian-vector products, forward-over-reverse, which
+XLA:CPU runs far faster than the reverse-over-reverse of that loss
+(results/benchmark_all_algorithms_cpu.md; tests/test_iga.py: equal to 1e-10
+in float64).
 """
 
 import dataclasses
