@@ -156,17 +156,20 @@ def _make(name: str, conditional: bool, network: base.Network,
     return disc_loss, gen_loss, {"nll": nll, "batch_acc": batch_acc}
 
   def side_step(params, opt_state, batch, rng, side):
-    """One step of `side`'s Adam along its objective."""
+    """One step of `side`'s Adam along its objective; with the params, its
+    opt_state and `losses_of` before the step."""
+    disc = side == "discriminator"
     own, net = split(params)
-    if side == "discriminator":
-      objective = lambda p: losses_of({**net, **p}, batch, rng)[0]
-      own, opt_state[side] = base.apply_gradients(
-          adam_d, jax.grad(objective)(own), own, opt_state[side])
-    else:
-      objective = lambda p: losses_of({**own, **p}, batch, rng)[1]
-      net, opt_state[side] = base.apply_gradients(
-          adam_g, jax.grad(objective)(net), net, opt_state[side])
-    return {**net, **own}, opt_state
+    adam, trained = (adam_d, own) if disc else (adam_g, net)
+
+    def objective(part):
+      out = losses_of({**params, **part}, batch, rng)
+      return out[0 if disc else 1], out
+
+    grads, out = jax.grad(objective, has_aux=True)(trained)
+    trained, opt_state[side] = base.apply_gradients(adam, grads, trained,
+                                                    opt_state[side])
+    return {**params, **trained}, opt_state, out
 
   def update(tx, params, opt_state, state, batch, step, rng):
     del tx
@@ -174,13 +177,13 @@ def _make(name: str, conditional: bool, network: base.Network,
     # generator step.
     d = config.d_steps_per_g_step
     disc_turn = (step + 1) % (1 + d) < d
-    disc_loss, gen_loss, metrics = losses_of(params, batch, rng)
     # Both sides' steps, then the one whose turn it is: XLA:CPU runs a conv
-    # network's backward pass inside a lax.cond branch ~100x slower.
-    params, opt_state = jax.tree.map(
-        lambda d, g: jnp.where(disc_turn, d, g),
-        side_step(params, dict(opt_state), batch, rng, "discriminator"),
-        side_step(params, dict(opt_state), batch, rng, "generator"))
+    # network's backward pass inside a lax.cond branch far slower.
+    *disc_side, (disc_loss, gen_loss, metrics) = side_step(
+        params, dict(opt_state), batch, rng, "discriminator")
+    *gen_side, _ = side_step(params, dict(opt_state), batch, rng, "generator")
+    params, opt_state = jax.tree.map(lambda d, g: jnp.where(disc_turn, d, g),
+                                     tuple(disc_side), tuple(gen_side))
     metrics.update(disc_loss=disc_loss, gen_loss=gen_loss,
                    loss=jnp.where(disc_turn, disc_loss, gen_loss))
     return params, opt_state, state, metrics
