@@ -122,4 +122,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(cli.reporting_main(main, "nothing was written (the report comes "
+                                   "at the end); run the same command again."))

@@ -31,6 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
+from fishr_jax import cli
 from fishr_jax import model_selection
 
 _INPUT_DIR = flags.DEFINE_string("input_dir", None, "Folder of run folders.")
@@ -136,4 +137,5 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("input_dir")
-  app.run(main)
+  app.run(cli.reporting_main(
+      main, "nothing was written; run the same command again."))

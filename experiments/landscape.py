@@ -280,4 +280,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(cli.reporting_main(
+      main, "run the same command again to go on: finished runs are kept."))

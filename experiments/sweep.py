@@ -31,11 +31,13 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from typing import Any, Callable, Sequence
 
+from fishr_jax import cli
 from fishr_jax import config_checks
 from fishr_jax import errors
 from fishr_jax import hparams as hparams_lib
@@ -257,20 +259,46 @@ def run_command(command: Sequence[str], log: str) -> int:
 
 def _run_logged(job: "Job", echo: bool, env: dict | None = None
                 ) -> subprocess.Popen:
-  """Starts `job`, its output appended to job.log (and echoed if `echo`)."""
+  """Starts `job`, its output appended to job.log (and echoed if `echo`).
+  The job runs in its own process group, so a terminal's Ctrl-C reaches the
+  sweep alone, which hands it on once (`_interrupt`)."""
   os.makedirs(job.output_dir, exist_ok=True)
   log = open(job.log, "a")  # pylint: disable=consider-using-with
   if not echo:
     return subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT,
-                            env=env)
+                            env=env, process_group=0)
   proc = subprocess.Popen(job.command, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, env=env)
-  for line in proc.stdout:
-    sys.stdout.write(line)
-    log.write(line)
-  proc.wait()
-  log.close()
+                          stderr=subprocess.STDOUT, text=True, env=env,
+                          process_group=0)
+  try:
+    for line in proc.stdout:
+      sys.stdout.write(line)
+      log.write(line)
+  except KeyboardInterrupt:
+    _interrupt([proc])
+    for line in proc.stdout:  # the job's own last words
+      sys.stdout.write(line)
+      log.write(line)
+    raise
+  finally:
+    proc.wait()
+    log.close()
   return proc
+
+
+def _interrupt(procs: Sequence[subprocess.Popen]) -> None:
+  """Ctrl-C for the running jobs: each gets SIGINT once and is waited for,
+  so it ends as an interrupted run does (its folder unlocked, resumable from
+  its last checkpoint) before the sweep exits."""
+  for proc in procs:
+    if proc.poll() is None:
+      proc.send_signal(signal.SIGINT)
+  for proc in procs:
+    try:
+      proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
 
 
 def local_launcher(jobs: Sequence[Job]) -> dict[Job, int | None]:
@@ -299,21 +327,25 @@ def multi_device_launcher(jobs: Sequence[Job]) -> dict[Job, int | None]:
                          check=False)
     devices = [str(i) for i in range(len(out.stdout.splitlines()))] or ["0"]
   pending, running, codes = list(jobs), {}, {}
-  while pending or running:
-    for device in devices:
-      job, proc = running.get(device, (None, None))
-      if proc is not None and proc.poll() is not None:
-        codes[job] = proc.returncode
-        del running[device]
-      while device not in running and pending:
-        job = pending.pop(0)
-        if job.status in ("done", "running"):
-          codes[job] = None
-          continue
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": device}
-        print(f"device {device}: {job.output_dir}", flush=True)
-        running[device] = (job, _run_logged(job, echo=False, env=env))
-    time.sleep(1)
+  try:
+    while pending or running:
+      for device in devices:
+        job, proc = running.get(device, (None, None))
+        if proc is not None and proc.poll() is not None:
+          codes[job] = proc.returncode
+          del running[device]
+        while device not in running and pending:
+          job = pending.pop(0)
+          if job.status in ("done", "running"):
+            codes[job] = None
+            continue
+          env = {**os.environ, "CUDA_VISIBLE_DEVICES": device}
+          print(f"device {device}: {job.output_dir}", flush=True)
+          running[device] = (job, _run_logged(job, echo=False, env=env))
+      time.sleep(1)
+  except KeyboardInterrupt:
+    _interrupt([proc for _, proc in running.values()])
+    raise
   return codes
 
 
@@ -474,11 +506,11 @@ def run(flags: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
   flags = parse_flags(sys.argv[1:] if argv is None else argv)
-  try:
-    sys.exit(run(flags))
-  except errors.UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(e.exit_code)
+  run_sweep = cli.reporting_main(
+      lambda _: run(flags),
+      "launch the same sweep again to go on: finished runs are skipped, the "
+      "interrupted ones resume from their last checkpoint.")
+  sys.exit(run_sweep([]))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ owns the workdir; 130
 interrupted (run the same command again to resume).
 """
 
+import functools
 import importlib.util
 import keyword
 import logging as std_logging
@@ -313,9 +314,7 @@ def run_reporting_errors(fn: Callable[[], Any], workdir: str,
     # file is closed and the lock released by now, so the process ends here.
     _exit(e.exit_code, now=isinstance(e, errors.NoSpaceError))
   except KeyboardInterrupt:
-    print(f"Interrupted; run the same command again to resume {workdir}.",
-          file=sys.stderr)
-    sys.exit(INTERRUPTED)
+    _interrupted(f"run the same command again to resume {workdir}.")
   except Exception as e:  # pylint: disable=broad-except
     if verbose:
       raise
@@ -347,6 +346,35 @@ def run_reporting_errors(fn: Callable[[], Any], workdir: str,
     print(f"error: {type(e).__name__}: {e}\n(an unexpected error: {where}; "
           "--verbose prints it)", file=sys.stderr)
     _exit(1)
+
+
+def _interrupted(how_to_go_on: str) -> None:
+  """Ends the process after Ctrl-C. Every finally block has run (locks
+  released, checkpoints finished), but a computation that XLA's threads were
+  still running when the interrupt came would crash the interpreter's
+  shutdown (a segfault, exit -11), so the process ends here."""
+  print(f"Interrupted; {how_to_go_on}", file=sys.stderr, flush=True)
+  _exit(INTERRUPTED, now=True)
+
+
+def reporting_main(main: Callable[[Sequence[str]], Any], interrupted: str
+                   ) -> Callable[[Sequence[str]], Any]:
+  """`main` for absl's app.run, for the experiments' commands: Ctrl-C ends
+  it in one line, `Interrupted; <interrupted>` (what is kept and how to go
+  on), exit 130; a mistake the user can fix in one line with its exit code.
+  Any other error is a bug and keeps its traceback."""
+
+  @functools.wraps(main)
+  def reporting(argv: Sequence[str]) -> Any:
+    try:
+      return main(argv)
+    except KeyboardInterrupt:
+      _interrupted(interrupted)
+    except errors.UserError as e:
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      sys.exit(e.exit_code)
+
+  return reporting
 
 
 def _exit(code: int, now: bool = False) -> None:
