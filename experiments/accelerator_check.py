@@ -123,4 +123,5 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   app.run(cli.reporting_main(main, "nothing was written (the report comes "
-                                   "at the end); run the same command again."))
+                                   "at the end); run the same command again."),
+          flags_parser=cli.parse_flags)

@@ -69,13 +69,17 @@ from fishr_jax import train
 from fishr_jax.algorithms import settings
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/benchmark", "Output folder.")
-_REPEATS = flags.DEFINE_integer("repeats", 20, "Timed steps per algorithm.")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling.")
+_REPEATS = flags.DEFINE_integer("repeats", 20, "Timed steps per algorithm.",
+                                lower_bound=1)
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling.",
+                               lower_bound=0)
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224,
-                                   "Image side of the ResNet-50 rows.")
+                                   "Image side of the ResNet-50 rows.",
+                                   lower_bound=32)
 _MNIST_CNN_PER_DOMAIN = flags.DEFINE_integer(
     "mnist_cnn_per_domain", 64, "Examples per domain of the MNIST_CNN rows "
-    "(weak_scaling: per device; runs_per_program's MNIST_CNN too).")
+    "(weak_scaling: per device; runs_per_program's MNIST_CNN too).",
+    lower_bound=1)
 _COMPUTE_DTYPE = flags.DEFINE_enum(
     "compute_dtype", "float32", list(models.COMPUTE_DTYPES),
     "The networks' compute dtype (Fishr's moments stay float32).")
@@ -88,9 +92,11 @@ _WHOLE_RUN_DATA_DIR = flags.DEFINE_string(
     "whole_run_data_dir", "", "whole_run: the folder of MNIST's four IDX "
     "files (both sides read the same digits).")
 _WHOLE_RUN_STEPS = flags.DEFINE_integer("whole_run_steps", 2001,
-                                        "whole_run: steps per run.")
+                                        "whole_run: steps per run.",
+                                        lower_bound=1)
 _WHOLE_RUN_EVERY = flags.DEFINE_integer(
-    "whole_run_every", 500, "whole_run: steps between evaluations.")
+    "whole_run_every", 500, "whole_run: steps between evaluations.",
+    lower_bound=1)
 _OFFICIAL_DOMAINBED = flags.DEFINE_string(
     "official_domainbed", "", "whole_run: a checkout of "
     "facebookresearch/DomainBed to time as well (empty: ours only).")
@@ -527,4 +533,5 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   app.run(cli.reporting_main(main, "nothing was written (the tables come at "
-                                   "the end); run the same command again."))
+                                   "the end); run the same command again."),
+          flags_parser=cli.parse_flags)

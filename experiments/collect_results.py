@@ -138,4 +138,5 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
   flags.mark_flag_as_required("input_dir")
   app.run(cli.reporting_main(
-      main, "nothing was written; run the same command again."))
+      main, "nothing was written; run the same command again."),
+      flags_parser=cli.parse_flags)

@@ -30,10 +30,12 @@ _DATA = flags.DEFINE_enum("data", "embedded", ["embedded", "tfds", "idx"],
                           "Digit source.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "For --data=idx (or tfds).")
 _PRESET = flags.DEFINE_enum("preset", "", ["", "paper"], "configs/colored_mnist.py preset.")
-_RESTARTS = flags.DEFINE_integer("restarts", 10, "Restarts per algorithm.")
+_RESTARTS = flags.DEFINE_integer("restarts", 10, "Restarts per algorithm.",
+                                 lower_bound=1)
 _ALGORITHMS = flags.DEFINE_list("algorithms", ["erm", "irm", "vrex", "fishr"],
                                 "Algorithms, in table order.")
-_LOG_EVERY = flags.DEFINE_integer("log_every", 10, "Steps between curve points.")
+_LOG_EVERY = flags.DEFINE_integer("log_every", 10, "Steps between curve points.",
+                                  lower_bound=1)
 _VERBOSE = flags.DEFINE_bool("verbose", False,
                              "Show the libraries' INFO logs (orbax, JAX).")
 
@@ -112,4 +114,5 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   app.run(cli.reporting_main(
-      main, "run the same command again to go on: finished runs are kept."))
+      main, "run the same command again to go on: finished runs are kept."),
+          flags_parser=cli.parse_flags)

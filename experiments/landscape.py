@@ -56,12 +56,15 @@ from fishr_jax.data import mnist
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/landscape",
                                   "Where the plots, JSON, table and runs go.")
-_RESTARTS = flags.DEFINE_integer("restarts", 3, "Restarts per algorithm.")
+_RESTARTS = flags.DEFINE_integer("restarts", 3, "Restarts per algorithm.",
+                                 lower_bound=1)
 _ALGORITHMS = flags.DEFINE_list("algorithms", ["erm", "irm", "vrex", "fishr"],
                                 "Algorithms, in plot order.")
 _EVERY = flags.DEFINE_integer("every", 10,
-                              "Steps between two measurements (records).")
-_STEPS = flags.DEFINE_integer("steps", 501, "Steps per run (the paper's 501).")
+                              "Steps between two measurements (records).",
+                              lower_bound=1)
+_STEPS = flags.DEFINE_integer("steps", 501, "Steps per run (the paper's 501).",
+                              lower_bound=2)
 _SOURCE = flags.DEFINE_enum("data.source", "embedded",
                             ["embedded", "tfds", "idx"], "Digit source.")
 _DATA_DIR = flags.DEFINE_string("data.data_dir", "",
@@ -281,4 +284,5 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   app.run(cli.reporting_main(
-      main, "run the same command again to go on: finished runs are kept."))
+      main, "run the same command again to go on: finished runs are kept."),
+          flags_parser=cli.parse_flags)

@@ -245,6 +245,23 @@ def make_jobs(flags: argparse.Namespace) -> list[Job]:
   return jobs
 
 
+def check_configs(jobs: Sequence[Job]) -> None:
+  """Each (dataset, algorithm)'s config checked as its runs would check it,
+  before any job starts: a flag that no run can take (--steps -5,
+  --holdout_fraction 1.5, a --config.X=Y) is one error, not a failed job
+  each. The jobs of one pair differ only in seeds, test envs (in range by
+  construction) and sampled hparams (in their ranges by construction)."""
+  checked = set()
+  for job in jobs:
+    pair = (job.args["dataset"], job.args["algorithm"])
+    if pair in checked:
+      continue
+    checked.add(pair)
+    config = cli.config_with_flags(CONFIG, job.flags)
+    config_checks.check(config)
+    config_checks.check_overrides(config, cli.overridden_paths(job.flags))
+
+
 # ----------------------------------------------------------------- launchers
 
 
@@ -257,19 +274,23 @@ def run_command(command: Sequence[str], log: str) -> int:
                           check=False).returncode
 
 
+# The jobs started by this process. Each runs in its own process group, so a
+# terminal's Ctrl-C reaches the sweep alone, which hands it on once
+# (`_interrupt`); SIGTERM and SIGHUP are handed on too (`_end_jobs_too`).
+_STARTED: list[subprocess.Popen] = []
+
+
 def _run_logged(job: "Job", echo: bool, env: dict | None = None
                 ) -> subprocess.Popen:
-  """Starts `job`, its output appended to job.log (and echoed if `echo`).
-  The job runs in its own process group, so a terminal's Ctrl-C reaches the
-  sweep alone, which hands it on once (`_interrupt`)."""
+  """Starts `job`, its output appended to job.log (and echoed if `echo`)."""
   os.makedirs(job.output_dir, exist_ok=True)
   log = open(job.log, "a")  # pylint: disable=consider-using-with
+  proc = subprocess.Popen(
+      job.command, stdout=subprocess.PIPE if echo else log,
+      stderr=subprocess.STDOUT, text=True, env=env, process_group=0)
+  _STARTED.append(proc)
   if not echo:
-    return subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT,
-                            env=env, process_group=0)
-  proc = subprocess.Popen(job.command, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, env=env,
-                          process_group=0)
+    return proc
   try:
     for line in proc.stdout:
       sys.stdout.write(line)
@@ -284,6 +305,18 @@ def _run_logged(job: "Job", echo: bool, env: dict | None = None
     proc.wait()
     log.close()
   return proc
+
+
+def _end_jobs_too(signum: int, frame: Any) -> None:
+  """SIGTERM or SIGHUP (`timeout`, a scheduler, a closed terminal) to the
+  sweep: the running jobs get it too, then the sweep ends as the signal
+  would have ended it."""
+  del frame
+  for proc in _STARTED:
+    if proc.poll() is None:
+      proc.send_signal(signum)
+  signal.signal(signum, signal.SIG_DFL)
+  os.kill(os.getpid(), signum)
 
 
 def _interrupt(procs: Sequence[subprocess.Popen]) -> None:
@@ -475,6 +508,7 @@ def run(flags: argparse.Namespace) -> int:
                           os.path.join(os.path.abspath(flags.output_dir), ".jax_cache"))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     todo = [j for j in jobs if j.status not in ("done", "running")]
+    check_configs(todo)
     if not todo or not (flags.skip_confirmation
                         or _confirm(f"Launch {len(todo)} jobs?")):
       return 0
@@ -506,6 +540,8 @@ def run(flags: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
   flags = parse_flags(sys.argv[1:] if argv is None else argv)
+  for signum in (signal.SIGTERM, signal.SIGHUP):
+    signal.signal(signum, _end_jobs_too)
   run_sweep = cli.reporting_main(
       lambda _: run(flags),
       "launch the same sweep again to go on: finished runs are skipped, the "

@@ -232,6 +232,11 @@ def check_domainbed(config: ml_collections.ConfigDict) -> None:
             f"{field.unread_because}; drop it")
   if spec.reads_digits:
     _check_choice("digits_source", config.digits_source, mnist.SOURCES)
+    if config.digits_source == "embedded" and config.data_dir:
+      _fail("data_dir", config.data_dir,
+            f"is not read by {config.dataset} on the embedded digits; pass "
+            "--config.digits_source=idx (or tfds) to read MNIST from it, or "
+            "drop it")
   if spec.is_image_folder:
     _require(config, "image_size", _at_least(32), "must be an integer >= 32")
   check_block_ranges(config)

@@ -64,6 +64,24 @@ def test_bad_flags_end_in_one_line_and_exit_code_2(tmp_path, args, message):
   assert not (tmp_path / "run").exists()  # nothing written
 
 
+@pytest.mark.parametrize("module,flag,message", [
+    ("colored_mnist_table", "--restarts=0",
+     "error: flag --restarts=0: 0 is not a positive integer"),
+    ("landscape", "--every=0",
+     "error: flag --every=0: 0 is not a positive integer"),
+    ("benchmark", "--repeats=0",
+     "error: flag --repeats=0: 0 is not a positive integer"),
+])
+def test_the_experiments_bad_flags_end_in_one_line_and_exit_code_2(
+    tmp_path, module, flag, message):
+  result = subprocess.run(
+      [sys.executable, "-m", f"experiments.{module}", flag,
+       f"--output_dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True,
+      text=True, timeout=120)
+  assert (result.returncode, result.stderr) == (2, message + "\n")
+  assert not (tmp_path / "out").exists()
+
+
 def test_a_diverged_run_exits_4_without_done_or_results(tmp_path):
   workdir = tmp_path / "run"
   result = _main("--config", COLORED, "--workdir", str(workdir),

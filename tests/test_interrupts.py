@@ -22,11 +22,12 @@ DOMAINBED = os.path.join(ROOT, "configs", "domainbed.py")
 STEP_10 = r"step +10/"
 
 
-def ctrl_c(command, marker, delay_s=0.0, timeout_s=120):
+def ctrl_c(command, marker, delay_s=0.0, timeout_s=120,
+           signum=signal.SIGINT):
   """Runs `command` in its own process group and sends the group SIGINT, as
-  a terminal's Ctrl-C does, once a line of its output matches the regular
-  expression `marker` (then after `delay_s`). Returns (exit code, output
-  lines)."""
+  a terminal's Ctrl-C does (or `signum`), once a line of its output matches
+  the regular expression `marker` (then after `delay_s`). Returns (exit
+  code, output lines)."""
   proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True,
                           start_new_session=True)
@@ -38,7 +39,7 @@ def ctrl_c(command, marker, delay_s=0.0, timeout_s=120):
         break
       assert time.time() < deadline, "\n".join(lines)
     time.sleep(delay_s)
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, signum)
     rest, _ = proc.communicate(timeout=timeout_s)
   finally:
     if proc.poll() is None:
@@ -91,13 +92,17 @@ def test_ctrl_c_in_a_colored_mnist_run(tmp_path):
   assert_resumable(workdir / "restart_0")
 
 
+def _sweep_flags(output_dir, data_dir):
+  return ["--algorithms", "ERM", "--test_envs", "2", "--n_hparams", "1",
+          "--n_trials", "1", "--output_dir", str(output_dir),
+          "--data_dir", data_dir, "--config.digits_source=idx",
+          "--steps", "100000"]
+
+
 @pytest.mark.slow
 def test_ctrl_c_in_a_sweep_hands_it_to_the_job_and_waits(tmp_path,
                                                          tiny_mnist_dir):
-  output_dir = tmp_path / "sweep"
-  flags = ["--algorithms", "ERM", "--test_envs", "2", "--n_hparams", "1",
-           "--n_trials", "1", "--output_dir", str(output_dir),
-           "--data_dir", tiny_mnist_dir, "--steps", "100000"]
+  flags = _sweep_flags(tmp_path / "sweep", tiny_mnist_dir)
   code, lines = ctrl_c([sys.executable, "-m", "experiments.sweep", "launch",
                         "--skip_confirmation", *flags], marker=r"step +0/")
   assert_interrupted(code, lines, (
@@ -130,3 +135,20 @@ def test_ctrl_c_in_an_experiment(tmp_path, command, marker, how_to_go_on):
                         f"--output_dir={tmp_path / 'out'}"], marker=marker,
                        delay_s=3.0)
   assert_interrupted(code, lines, how_to_go_on)
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_sweep_ends_its_job_too(tmp_path, tiny_mnist_dir):
+  """`timeout`'s or a scheduler's SIGTERM to the sweep's process group: the
+  job, in a process group of its own, must not train on as an orphan."""
+  flags = _sweep_flags(tmp_path / "sweep", tiny_mnist_dir)
+  code, lines = ctrl_c([sys.executable, "-m", "experiments.sweep", "launch",
+                        "--skip_confirmation", *flags], marker=r"step +0/",
+                       signum=signal.SIGTERM)
+  assert code == -signal.SIGTERM, "\n".join(lines)
+  (job,) = sweep.make_jobs(sweep.parse_flags(["list", *flags]))
+  deadline = time.time() + 60
+  while workdir_lib.is_locked(job.output_dir):
+    assert time.time() < deadline, "the job outlived its sweep"
+    time.sleep(0.5)
+  assert job.status == "incomplete"

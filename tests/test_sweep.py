@@ -99,20 +99,37 @@ def _sweep_result(*args, stdin=subprocess.DEVNULL):
 
 ONE_DATASET = ["--datasets", "ColoredMNIST", "--algorithms", "ERM",
                "--n_hparams", "1", "--n_trials", "1", "--single_test_envs"]
+# Every job fails (exit 3) on data the sweep does not read itself.
+MISSING_DATA = ["--data_dir=/nonexistent", "--config.digits_source=idx"]
 
 
 def test_failed_jobs_make_the_sweep_fail_and_name_their_logs(tmp_path):
   result = _sweep_result("launch", *ONE_DATASET, "--output_dir",
-                         str(tmp_path), "--skip_confirmation",
-                         "--config.steps=0")
+                         str(tmp_path), "--skip_confirmation", *MISSING_DATA)
   assert result.returncode == 1, result.stdout + result.stderr
   assert "0 jobs finished, 3 failed" in result.stdout
   assert "3 of 3 jobs failed; their logs:" in result.stderr
   logs = [l.split(": ", 1)[1] for l in result.stderr.splitlines()
-          if l.startswith("  exit 2: ")]
+          if l.startswith("  exit 3: ")]
   assert len(logs) == 3
-  assert all("error: config.steps=0: must be an integer >= 1." in open(l).read()
-             for l in logs)
+  assert all("train-images-idx3-ubyte[.gz] (the standard MNIST files); it "
+             "is missing." in open(l).read() for l in logs)
+
+
+def test_a_config_no_run_can_take_is_refused_before_any_job(tmp_path):
+  for flag, message in [
+      (["--steps", "-5"], "config.steps=-5: must be an integer >= 1."),
+      (["--holdout_fraction", "1.5"], "config.holdout_fraction=1.5: must be "
+       "in (0, 1): the part of each env held out for validation."),
+      (["--data_dir", str(tmp_path)], f"config.data_dir='{tmp_path}': is not "
+       "read by ColoredMNIST on the embedded digits; pass "
+       "--config.digits_source=idx (or tfds) to read MNIST from it, or drop "
+       "it.")]:
+    result = _sweep_result("launch", *ONE_DATASET, "--skip_confirmation",
+                           "--output_dir", str(tmp_path / "sweep"), *flag)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"error: {message}\n"
+    assert not (tmp_path / "sweep").exists()
 
 
 def test_unknown_names_and_a_closed_stdin_are_one_line_errors(tmp_path):
@@ -153,7 +170,7 @@ def test_a_running_job_is_neither_launched_nor_deleted(tmp_path):
     assert "Deleted 2 incomplete runs; 1 running ones kept." in result.stdout
     assert os.path.isdir(jobs[0].output_dir)
     assert not any(os.path.exists(j.output_dir) for j in jobs[1:])
-    result = _sweep_result("launch", "--skip_confirmation", "--config.steps=0",
+    result = _sweep_result("launch", "--skip_confirmation", *MISSING_DATA,
                            *flags)
     assert result.returncode == 1  # the two others ran (and failed)
     assert "0 jobs finished, 2 failed" in result.stdout

@@ -131,15 +131,15 @@ def _find_idx(data_dir: str, stem: str) -> str:
     if os.path.exists(path):
       return path
   raise errors.DataError(
-      f"data.source='idx' expects {os.path.join(data_dir, stem)}[.gz] "
+      f"MNIST from IDX files expects {os.path.join(data_dir, stem)}[.gz] "
       "(the standard MNIST files); it is missing.")
 
 
 def _load_idx(data_dir: str | None) -> DigitPools:
   if not data_dir:
     raise errors.ConfigError(
-        "data.source='idx' needs data.data_dir: the folder with "
-        "the MNIST IDX files.")
+        "MNIST from IDX files needs their folder: config.data.data_dir "
+        "(Colored MNIST) or config.data_dir (DomainBed).")
   images_path = _find_idx(data_dir, IDX_FILES["images"])
   labels_path = _find_idx(data_dir, IDX_FILES["labels"])
   images, digits = read_idx(images_path), read_idx(labels_path)
