@@ -2,19 +2,26 @@
 
 from typing import Any, Callable, Sequence
 
-import flax.linen as nn
 import jax
 import numpy as np
 
 from fishr_jax import losses
 
 
-def make_accuracy_fn(model: nn.Module) -> Callable[[Any, dict], jax.Array]:
-  """jitted (params, {"x", "y"}) -> mean accuracy of `model` on the batch."""
+# The key of an evaluation's draws (MTL's noise), fixed: evaluating the same
+# parameters twice gives the same accuracy.
+EVAL_KEY = 0
+
+LogitsFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+
+
+def make_accuracy_fn(logits_fn: LogitsFn) -> Callable[[Any, dict], jax.Array]:
+  """jitted (params, {"x", "y"}) -> mean accuracy on the batch of
+  `logits_fn(params, x, rng)` (Algorithm.logits_fn)."""
 
   @jax.jit
   def accuracy(params, batch):
-    _, logits = model.apply({"params": params}, batch["x"])
+    logits = logits_fn(params, batch["x"], jax.random.key(EVAL_KEY))
     return losses.correct(logits, batch["y"]).mean()
 
   return accuracy

@@ -111,6 +111,7 @@ HPARAMS: dict[str, Range] = {
     "mlp_depth": Range(2, integer=True),
     "mlp_dropout": DECAY,
     "sag_w_adv": NON_NEGATIVE,
+    "mtl_ema": PROBABILITY,
 }
 
 

@@ -81,13 +81,12 @@ def make_groups(config: ml_collections.ConfigDict, workdir: str
   spec = train.StepSpec(alg_config, schedule, config.lr, config.weight_decay,
                         optimizer=config.optimizer)
 
+  make_algorithm = lambda s, m: algorithms.make_algorithm(
+      config.algorithm, model, num_domains, s.algorithm, s.schedule, m)
+
   def build(mesh, runs):
-    return steps.build(
-        lambda s, m: algorithms.make_algorithm(config.algorithm, model,
-                                               num_domains, s.algorithm,
-                                               s.schedule, m),
-        spec, mesh, num_domains, runs=runs,
-        xla_cpu_dot_fusion=config.xla_cpu_dot_fusion)
+    return steps.build(make_algorithm, spec, mesh, num_domains, runs=runs,
+                       xla_cpu_dot_fusion=config.xla_cpu_dot_fusion)
 
   if alone:
     mesh = parallel.make_mesh(config.num_devices)
@@ -99,7 +98,8 @@ def make_groups(config: ml_collections.ConfigDict, workdir: str
   group_step = vectorized.resolve_group_step(config.group_step,
                                              mesh.devices.flat[0].platform)
 
-  accuracy = evaluation.make_accuracy_fn(model)
+  accuracy = evaluation.make_accuracy_fn(make_algorithm(spec, None).logits_fn(
+      algorithms.Network.from_module(model)))
   landscape_fields = landscape.recorder(
       lambda params, x: model.apply({"params": params}, x), num_domains,
       config.diagnostics_layers)

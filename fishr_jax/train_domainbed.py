@@ -22,6 +22,7 @@ import numpy as np
 from fishr_jax import algorithms
 from fishr_jax import config_checks
 from fishr_jax import errors
+from fishr_jax import evaluation
 from fishr_jax import hparams as hparams_lib
 from fishr_jax import landscape
 from fishr_jax import losses
@@ -111,26 +112,28 @@ def as_network(module: nn.Module, frozen: PyTree,
 # --------------------------------------------------------------- evaluation
 
 
-def make_accuracy_fn(network: algorithms.Network):
-  """(params, batches) -> accuracy over a split. Batches are zero-padded to a
-  power of two so the jitted forward compiles for a few shapes only."""
+def make_accuracy_fn(logits_fn: evaluation.LogitsFn):
+  """(params, batches) -> accuracy over a split of `logits_fn(params, x,
+  rng)` (Algorithm.logits_fn; batch i's rng is fold_in(EVAL_KEY, i)).
+  Batches are zero-padded to a power of two so the jitted forward compiles
+  for a few shapes only."""
 
   @jax.jit
-  def correct_count(params, x, y, valid):
-    _, logits = network.forward(params, x, None)
-    return jnp.sum(losses.correct(logits, y) * valid)
+  def correct_count(params, x, y, valid, index):
+    rng = jax.random.fold_in(jax.random.key(evaluation.EVAL_KEY), index)
+    return jnp.sum(losses.correct(logits_fn(params, x, rng), y) * valid)
 
   def accuracy(params, batches) -> float:
     # The count stays on the device until the end (exact: integers far
     # below 2**24), so the host prepares the next batch while one runs.
     correct, total = jnp.zeros((), jnp.float32), 0
-    for batch in batches:
+    for index, batch in enumerate(batches):
       n = len(batch["y"])
       pad = max(8, 1 << (n - 1).bit_length()) - n
       x = np.pad(batch["x"], [(0, pad)] + [(0, 0)] * (batch["x"].ndim - 1))
       y = np.pad(batch["y"], (0, pad))
       valid = (np.arange(n + pad) < n).astype(np.float32)
-      correct = correct + correct_count(params, x, y, valid)
+      correct = correct + correct_count(params, x, y, valid, np.int32(index))
       total += n
     if total == 0:  # domainbed.check_splits refuses empty splits first
       raise ValueError("An accuracy over no examples: the split is empty.")
@@ -150,6 +153,7 @@ class _RunParts(NamedTuple):
   frozen: PyTree
   num_domains: int
   host_batches: Callable[[int], Iterator[dict[str, np.ndarray]]]
+  measures: "_Measures"  # its evaluation's jitted functions, to share
 
 
 class _Measures(NamedTuple):
@@ -160,10 +164,11 @@ class _Measures(NamedTuple):
 
 
 def _measures(config: ml_collections.ConfigDict, module: nn.Module,
-              frozen: PyTree, num_domains: int) -> _Measures:
+              frozen: PyTree, num_domains: int,
+              algorithm: algorithms.Algorithm) -> _Measures:
   network = as_network(module, frozen)
   return _Measures(
-      make_accuracy_fn(network),
+      make_accuracy_fn(algorithm.logits_fn(network)),
       landscape.recorder(lambda params, x: network.forward(params, x, None),
                          num_domains, config.diagnostics_layers))
 
@@ -200,11 +205,15 @@ def _make_parts(config: ml_collections.ConfigDict, workdir: str,
   module, frozen, params = make_network(dataset, hparams, config, init_rng,
                                         sample["x"][:1])
   spec = _step_spec(config, hparams, alg_config, schedule)
-  built = steps.build(
-      algorithm_factory(config.algorithm, module, frozen, len(train_envs)),
-      spec, mesh, len(train_envs), runs=not alone,
-      xla_cpu_dot_fusion=config.xla_cpu_dot_fusion)
-  measures = measures or _measures(config, module, frozen, len(train_envs))
+  make_algorithm = algorithm_factory(config.algorithm, module, frozen,
+                                     len(train_envs))
+  built = steps.build(make_algorithm, spec, mesh, len(train_envs),
+                      runs=not alone,
+                      xla_cpu_dot_fusion=config.xla_cpu_dot_fusion)
+  # A group's runs share the first run's: how an algorithm predicts depends
+  # on no per-run field.
+  measures = measures or _measures(config, module, frozen, len(train_envs),
+                                   make_algorithm(spec, None))
   diagnosed = config.diagnostics_every and domainbed.diagnostics_batch(
       dataset, splits, train_envs, config.diagnostics_examples)
   state = built.init_state(state_rng, params, jax.device_put(sample))
@@ -235,7 +244,8 @@ def _make_parts(config: ml_collections.ConfigDict, workdir: str,
       name=f"{config.dataset} {config.algorithm}",
       diagnose=lambda params: measures.landscape(params, diagnosed),
       diagnostics_every=config.diagnostics_every)
-  return _RunParts(run, spec, module, frozen, len(train_envs), host_batches)
+  return _RunParts(run, spec, module, frozen, len(train_envs), host_batches,
+                   measures)
 
 
 def make_run(config: ml_collections.ConfigDict, workdir: str) -> train.Run:
@@ -306,8 +316,7 @@ def make_group(configs: list[ml_collections.ConfigDict],
   mesh = parallel.make_runs_mesh(len(configs), configs[0].num_devices)
   parts = [_make_parts(configs[0], workdirs[0], mesh, alone=False)]
   module, frozen = parts[0].module, parts[0].frozen
-  measures = _measures(configs[0], module, frozen, parts[0].num_domains)
-  parts += [_make_parts(c, w, mesh, alone=False, measures=measures)
+  parts += [_make_parts(c, w, mesh, alone=False, measures=parts[0].measures)
             for c, w in zip(configs[1:], workdirs[1:])]
   for part in parts[1:]:
     if not all(np.array_equal(a, b) for a, b in zip(

@@ -8,6 +8,7 @@ import dataclasses
 import os
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,9 +17,12 @@ import pytest
 from configs import colored_mnist as cmnist_config
 from configs import domainbed as domainbed_config
 from fishr_jax import algorithms
+from fishr_jax import evaluation
+from fishr_jax import models
 from fishr_jax import train
 from fishr_jax import train_colored_mnist
 from fishr_jax import train_domainbed
+from fishr_jax.algorithms import mtl as mtl_lib
 from fishr_jax.algorithms import registry
 from fishr_jax.algorithms import settings
 
@@ -92,3 +96,44 @@ def test_an_unknown_option_is_named():
     settings.from_domainbed("fishr", {"lambda": 1.0, "ema": 0.9,
                                       "penalty_anneal_iters": 0},
                             {"lambda_": 5.0})
+
+
+class _TinyNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    features = nn.relu(nn.Dense(4)(x))
+    return features, self.classify(features)
+
+  def classify(self, features):
+    return nn.Dense(3, name=models.HEAD)(features)
+
+
+def test_evaluation_scores_an_algorithms_own_predictions():
+  """MTL predicts with noise beside the features, as DomainBed's predict
+  does; evaluation scores that (reproducibly), any other algorithm the
+  network's logits."""
+  module = _TinyNet()
+  x = jax.random.normal(jax.random.key(1), (6, 5))
+  batch = {"x": x, "y": jnp.arange(6) % 3, "domain": jnp.arange(6) % 2}
+  network = algorithms.Network.from_module(module)
+  params = module.init(jax.random.key(0), x)["params"]
+  erm = algorithms.make_algorithm("erm", module, 2)
+  np.testing.assert_array_equal(erm.logits_fn(network)(params, x, None),
+                                module.apply({"params": params}, x)[1])
+
+  mtl = algorithms.make_algorithm("mtl", module, 2)
+  params = mtl.init_params(jax.random.key(2), params, batch)
+  rng = jax.random.key(evaluation.EVAL_KEY)
+  features, logits = module.apply({"params": params}, x)
+  noise = mtl_lib.draw_embedding_noise(rng, features.shape)
+  np.testing.assert_allclose(
+      mtl.logits_fn(network)(params, x, rng),
+      logits + noise @ params[mtl_lib.EMBEDDING_KERNEL], rtol=1e-6)
+  assert not np.allclose(mtl.logits_fn(network)(params, x, rng), logits)
+  # Its classifier starts as torch's Linear(2 D, C): U(+-1/sqrt(2 D)).
+  bound = 1 / np.sqrt(2 * features.shape[-1])
+  for leaf in (params[models.HEAD]["kernel"], params[models.HEAD]["bias"],
+               params[mtl_lib.EMBEDDING_KERNEL]):
+    assert np.abs(leaf).max() <= bound
+  accuracy = evaluation.make_accuracy_fn(mtl.logits_fn(network))
+  assert float(accuracy(params, batch)) == float(accuracy(params, batch))

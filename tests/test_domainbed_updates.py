@@ -16,13 +16,16 @@ What a new algorithm module may need to be picked up here:
   `draw_pairs(rng, num_domains, alpha) -> (first (E,), lam (E,))`; MLDG
   `draw_domain_order(rng, num_domains) -> perm (E,)`; SagNet
   `draw_randomizations(rng, num_examples) -> (alpha (3, N), idx_swap (3, N))`;
-  MTL `draw_embedding_noise(rng, shape) -> noise of shape (E, B, W)`.
+  MTL `draw_embedding_noise(rng, shape) -> noise (N, W)`, batch order.
 - DomainBed parameters beyond the featurizer and classifier (DANN's
   discriminator, SagNet's network_s, ...): the module defines
   `load_domainbed_extras(params, alg_state, extras) -> (params, alg_state)`
   (extras: {DomainBed name: torch-layout array}) and
   `domainbed_extras(params, alg_state) -> {DomainBed name: array}` (torch
-  layout), compared after each step like the parameters.
+  layout), compared after each step like the parameters. A module whose
+  classifier is not the network's head alone (MTL's reads noise too) names
+  the DomainBed prefixes it maps itself in `DOMAINBED_OWN_PARAMS`, and they
+  go through the same two functions.
 - Every DomainBed hparam of the algorithm has a DomainBedSpec entry of the
   same name (a missing one fails the test).
 """
@@ -80,12 +83,14 @@ LOSS_METRICS = {
     "Mixup": {"loss": "loss"},
     "CORAL": {"loss": "nll", "penalty": "penalty"},
     "MMD": {"loss": "nll", "penalty": "penalty"},
+    "MTL": {"loss": "loss"},
 }
 
 # Algorithm state compared with DomainBed's buffers after each step:
 # {DomainBed name: fn(alg_state) -> {"buffer.<name>": array}}.
 STATE_CHECKS = {
     "GroupDRO": lambda q: {"buffer.q": q},
+    "MTL": lambda embeddings: {"buffer.embeddings": embeddings},
 }
 
 
@@ -138,11 +143,12 @@ def _flax_path(torch_name):
   return None
 
 
-def _split_params(values, names):
-  """(flax params of the network, {DomainBed name: array} of the rest)."""
+def _split_params(values, names, own_prefixes=()):
+  """(flax params of the network, {DomainBed name: array} of the rest and of
+  those under `own_prefixes`)."""
   params, extras = {}, {}
   for name in names:
-    path = _flax_path(name)
+    path = None if name.startswith(own_prefixes) else _flax_path(name)
     value = np.asarray(values[name])
     if path is None:
       extras[name] = value
@@ -153,11 +159,11 @@ def _split_params(values, names):
   return params, extras
 
 
-def _torch_layout(params, names):
+def _torch_layout(params, names, own_prefixes=()):
   """{DomainBed name: array} of the network's params, torch layout."""
   out = {}
   for name in names:
-    path = _flax_path(name)
+    path = None if name.startswith(own_prefixes) else _flax_path(name)
     if path is None:
       continue
     layer, leaf = path
@@ -248,6 +254,7 @@ def _pin_sagnet(arrays, call):
 
 def _pin_mtl(arrays, call):
   noise = arrays[f"call{call}.draw.normal_"]  # (E, B, W)
+  noise = noise.reshape((-1, noise.shape[-1]))  # the batch's domain order
 
   def draw_embedding_noise(rng, shape):
     del rng
@@ -288,9 +295,10 @@ def check_against_domainbed(name, monkeypatch):
   num_domains, calls = setup["num_domains"], setup["calls"]
   names = meta["parameters"]
   module_of = importlib.import_module(entry.make.__module__)
+  own_prefixes = getattr(module_of, "DOMAINBED_OWN_PARAMS", ())
 
   init = {n: arrays[f"init.{n}"] for n in names}
-  params, extras = _split_params(init, names)
+  params, extras = _split_params(init, names, own_prefixes)
   network = DomainBedMLP(width=meta["hparams"]["mlp_width"],
                          depth=meta["hparams"]["mlp_depth"],
                          num_classes=setup["num_classes"])
@@ -306,6 +314,8 @@ def check_against_domainbed(name, monkeypatch):
             "domain": jnp.asarray(np.repeat(np.arange(num_domains),
                                             y.shape[1]))}
 
+  if own_prefixes:  # the network's head is among them: whole before init
+    params, _ = module_of.load_domainbed_extras(params, None, extras)
   state = train.create_train_state(jax.random.key(0), params, algorithm, tx,
                                    batch_of(0))
   if extras:
@@ -340,7 +350,7 @@ def check_against_domainbed(name, monkeypatch):
       monkeypatch.setattr(module_of, pin[0], pin[1](arrays, call))
       step = jax.jit(train.make_train_step(algorithm, tx, schedule))
     state, metrics = step(state, batch_of(call))
-    got = _torch_layout(state.params, names)
+    got = _torch_layout(state.params, names, own_prefixes)
     if extras:
       got.update(module_of.domainbed_extras(state.params, state.alg_state))
     for n in names:

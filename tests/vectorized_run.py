@@ -55,6 +55,7 @@ CASES = {
     "cdann": ("cdann", {}, {"beta1": (0.5, 0.9, 0.3),
                             "lr_g": (1e-2, 1e-3, 5e-3)}),
     "sagnet": ("sagnet", {}, {"w_adv": (0.1, 1.0, 0.5)}),
+    "mtl": ("mtl", {}, {"ema": (0.99, 0.5, 0.9)}),
     # A network with dropout: each run its own rate (0 among them).
     "erm_dropout": ("erm", {}, {}),
 }
