@@ -1,4 +1,5 @@
-"""The README stays true: its API example runs, CI runs its test command."""
+"""The README stays true: CI runs its test command, its commands name real
+files."""
 
 import os
 import re
@@ -26,9 +27,3 @@ def test_readme_main_command_names_real_files():
   main = next(b for b in _blocks("bash") if "--workdir" in b and "pytest" not in b)
   config = re.search(r"--config (\S+)", main).group(1).split(":")[0]
   assert os.path.exists(os.path.join(ROOT, config))
-
-
-def test_readme_api_example_runs(capsys):
-  (example,) = _blocks("python")
-  exec(compile(example, "README.md", "exec"), {})  # pylint: disable=exec-used
-  assert float(capsys.readouterr().out) >= 0.0
