@@ -22,6 +22,13 @@ DOMAINBED = os.path.join(ROOT, "configs", "domainbed.py")
 STEP_10 = r"step +10/"
 
 
+def _hear_sigint():
+  """A child of a shell's background job inherits SIGINT ignored (POSIX:
+  asynchronous commands without job control ignore it), and Python then
+  never raises KeyboardInterrupt; a terminal's foreground job hears it."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def ctrl_c(command, marker, delay_s=0.0, timeout_s=120,
            signum=signal.SIGINT):
   """Runs `command` in its own process group and sends the group SIGINT, as
@@ -30,7 +37,7 @@ def ctrl_c(command, marker, delay_s=0.0, timeout_s=120,
   code, output lines)."""
   proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True,
-                          start_new_session=True)
+                          start_new_session=True, preexec_fn=_hear_sigint)
   lines, deadline = [], time.time() + timeout_s
   try:
     for line in proc.stdout:
