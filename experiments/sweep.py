@@ -541,7 +541,8 @@ def run(flags: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> None:
   flags = parse_flags(sys.argv[1:] if argv is None else argv)
   for signum in (signal.SIGTERM, signal.SIGHUP):
-    signal.signal(signum, _end_jobs_too)
+    if signal.getsignal(signum) is not signal.SIG_IGN:  # e.g. under nohup
+      signal.signal(signum, _end_jobs_too)
   run_sweep = cli.reporting_main(
       lambda _: run(flags),
       "launch the same sweep again to go on: finished runs are skipped, the "
