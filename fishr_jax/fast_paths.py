@@ -28,8 +28,9 @@ Also XLA:CPU's YNNPACK dot fusion, a compile option of the train step
 """
 
 import functools
+import re
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -224,6 +225,71 @@ def cpu_compiler_options(platform: str,
   if platform != "cpu" or not dot_fusion:
     return None
   return _known_options(tuple(_CPU_DOT_FUSION.items())) or None
+
+
+def jit(fun: Callable, platform: str, dot_fusion: bool,
+        **jit_kwargs: Any) -> Callable:
+  """`jax.jit(fun, **jit_kwargs)`, with the CPU dot fusion where it is safe.
+
+  jaxlib 0.10's YNNPACK fusion miscompiles a dot that reads a broadcast
+  inside the fusion, e.g. `a @ broadcast(v)` with `a` of shape (16, 3) and
+  128 columns: every call gives other numbers, some NaN (IB_ERM's gradient
+  of a per-domain mean has one; docs/troubleshooting.md). So each program
+  is compiled with the fusion, checked for such a dot, and compiled without
+  the fusion if it has one, with a one-line note.
+  """
+  options = cpu_compiler_options(platform, dot_fusion)
+  if options is None:
+    return jax.jit(fun, **jit_kwargs)
+  return _CheckedDotFusion(fun, options, jit_kwargs)
+
+
+class _CheckedDotFusion:
+  """`fast_paths.jit`'s function with the dot fusion: `__call__` and
+  `lower` as a jitted function's, one program per argument signature."""
+
+  def __init__(self, fun, options, jit_kwargs):
+    self._fused = jax.jit(fun, compiler_options=options, **jit_kwargs)
+    self._plain = jax.jit(fun, **jit_kwargs)
+    self._name = getattr(fun, "__name__", "step")
+    self._programs = {}  # argument signature -> the fused executable or None
+
+  def _program(self, args):
+    leaves, tree = jax.tree.flatten(args)
+    key = (tree, tuple((jax.typeof(x), getattr(x, "sharding", None))
+                       for x in leaves))
+    if key not in self._programs:
+      compiled = self._fused.lower(*args).compile()
+      bad = ynn_dots_reading_broadcasts(compiled.as_text())
+      if bad:
+        print(f"note: compiling {self._name} without XLA:CPU's dot fusion: "
+              f"its fused dot(s) {', '.join(bad)} read a broadcast, which "
+              "this jaxlib miscompiles.", file=sys.stderr, flush=True)
+      self._programs[key] = None if bad else compiled
+    return self._programs[key]
+
+  def __call__(self, *args):
+    compiled = self._program(args)
+    return (self._plain if compiled is None else compiled)(*args)
+
+  def lower(self, *args):
+    return (self._plain if self._program(args) is None
+            else self._fused).lower(*args)
+
+
+def ynn_dots_reading_broadcasts(compiled_text: str) -> list[str]:
+  """The YNNPACK fusions of a compiled CPU program (its `as_text()`) in
+  which a dot reads a broadcast made inside the fusion."""
+  found = []
+  for name in re.findall(r"fusion\([^)]*\), kind=kCustom, calls=%([\w.\-]+)"
+                         r"[^\n]*__ynn_fusion", compiled_text):
+    body = re.search(rf"\n%{re.escape(name)} \(.*?\n}}", compiled_text,
+                     re.S).group(0)
+    broadcasts = set(re.findall(r"%([\w.\-]+) = \S+ broadcast\(", body))
+    if any(broadcasts & set(dot.groups()) for dot in re.finditer(
+        r"= \S+ dot\(%([\w.\-]+), %([\w.\-]+)\)", body)):
+      found.append(name)
+  return found
 
 
 @functools.cache

@@ -151,13 +151,12 @@ def jit_train_step(train_step: TrainStep, mesh: jax.sharding.Mesh,
                    xla_cpu_dot_fusion: bool = True,
                    donate: bool = True) -> TrainStep:
   """`train_step` jitted for `mesh` (state replicated on it), with the
-  compiler options of its backend (fast_paths.cpu_compiler_options);
+  CPU dot fusion where it is safe (fast_paths.jit);
   `donate` reuses the old state's buffers."""
   platform = mesh.devices.flat[0].platform
-  return jax.jit(train_step, donate_argnums=0 if donate else (),
-                 out_shardings=parallel.replicated(mesh),
-                 compiler_options=fast_paths.cpu_compiler_options(
-                     platform, xla_cpu_dot_fusion))
+  return fast_paths.jit(train_step, platform, xla_cpu_dot_fusion,
+                        donate_argnums=0 if donate else (),
+                        out_shardings=parallel.replicated(mesh))
 
 
 # ------------------------------------------------------ records and progress

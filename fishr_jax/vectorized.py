@@ -157,10 +157,8 @@ def jit_train_step(step: VectorizedStep, mesh: jax.sharding.Mesh,
   """`step` jitted for a `parallel.make_runs_mesh` mesh: states and metrics
   split over its run axis, the old states' buffers reused."""
   platform = mesh.devices.flat[0].platform
-  return jax.jit(step, donate_argnums=0,
-                 out_shardings=parallel.run_sharding(mesh),
-                 compiler_options=fast_paths.cpu_compiler_options(
-                     platform, xla_cpu_dot_fusion))
+  return fast_paths.jit(step, platform, xla_cpu_dot_fusion, donate_argnums=0,
+                        out_shardings=parallel.run_sharding(mesh))
 
 
 # (member indices, the start step, the program's steps.BuiltStep) -> each

@@ -115,6 +115,37 @@ def test_cpu_compiler_options_only_on_cpu_when_asked():
   assert fast_paths.cpu_compiler_options("gpu", True) is None
 
 
+def test_a_fused_dot_reading_a_broadcast_is_compiled_without_the_fusion(
+    capsys):
+  """jaxlib 0.10's YNNPACK dot fusion miscompiles `a @ broadcast(v)` at
+  these shapes (other numbers on every call); `fast_paths.jit` finds such a
+  dot in the compiled program and compiles it unfused, with a note."""
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(3,)), jnp.float32)
+
+  def fn(a, v):
+    return jnp.matmul(a, jnp.broadcast_to(v[:, None], (3, 128)),
+                      precision="highest")
+
+  fused = jax.jit(fn, compiler_options=fast_paths.cpu_compiler_options(
+      "cpu", True))
+  assert fast_paths.ynn_dots_reading_broadcasts(
+      fused.lower(a, v).compile().as_text())
+  checked = fast_paths.jit(fn, "cpu", dot_fusion=True)
+  expected = np.asarray(a) @ np.broadcast_to(np.asarray(v)[:, None], (3, 128))
+  for _ in range(5):
+    np.testing.assert_allclose(checked(a, v), expected, rtol=1e-6, atol=1e-6)
+  assert "compiling fn without XLA:CPU's dot fusion" in capsys.readouterr().err
+  # ...and a program without such a dot keeps the fusion, with no note.
+  dense = fast_paths.jit(lambda a, w: a @ w + 1.0, "cpu", dot_fusion=True)
+  w = jnp.ones((3, 128), jnp.float32)
+  assert "__ynn_fusion" in dense.lower(a, w).compile().as_text()
+  np.testing.assert_allclose(dense(a, w), np.asarray(a) @ np.asarray(w) + 1,
+                             rtol=1e-6)
+  assert not capsys.readouterr().err
+
+
 def test_bfloat16_inputs_take_float32_moments():
   inputs, signals, domain = _dense_problem(3)
   for moment_sums in FAST:
