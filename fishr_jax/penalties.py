@@ -358,6 +358,19 @@ def coral_penalty(features: jax.Array, domain_ids: jax.Array,
   return (mean_diff + cov_diff).mean()
 
 
+def ib_penalty(features: jax.Array, domain_ids: jax.Array,
+               num_domains: int) -> jax.Array:
+  """The information bottleneck of IB_ERM, as DomainBed: mean over domains
+  of the mean over feature dimensions of each feature's unbiased variance
+  within the domain."""
+  _, counts = _domain_one_hot(domain_ids, num_domains, features.dtype)
+  means = domain_mean(features, domain_ids, num_domains)  # (E, D)
+  squares = domain_mean((features - means[domain_ids])**2, domain_ids,
+                        num_domains)
+  variances = squares * (counts / (counts - 1))[:, None]
+  return variances.mean()
+
+
 MMD_GAMMAS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 
 

@@ -112,6 +112,8 @@ HPARAMS: dict[str, Range] = {
     "mlp_dropout": DECAY,
     "sag_w_adv": NON_NEGATIVE,
     "mtl_ema": PROBABILITY,
+    "ib_lambda": NON_NEGATIVE,
+    "ib_penalty_anneal_iters": COUNT,
 }
 
 

@@ -84,6 +84,8 @@ LOSS_METRICS = {
     "CORAL": {"loss": "nll", "penalty": "penalty"},
     "MMD": {"loss": "nll", "penalty": "penalty"},
     "MTL": {"loss": "loss"},
+    # IB_ERM's 'nll' is the loss: `loss = nll; loss += ...` adds in place.
+    "IB_ERM": {"loss": "loss", "IB_penalty": "penalty"},
 }
 
 # Algorithm state compared with DomainBed's buffers after each step:

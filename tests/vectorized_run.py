@@ -56,16 +56,17 @@ CASES = {
                             "lr_g": (1e-2, 1e-3, 5e-3)}),
     "sagnet": ("sagnet", {}, {"w_adv": (0.1, 1.0, 0.5)}),
     "mtl": ("mtl", {}, {"ema": (0.99, 0.5, 0.9)}),
+    "ib_erm": ("ib_erm", {}, {"lambda_": (100.0, 10.0, 1.0)}),
     # A network with dropout: each run its own rate (0 among them).
     "erm_dropout": ("erm", {}, {}),
 }
 DROPOUT_RATES = (0.1, 0.5, 0.0)
 # On 2 devices: one case per way a step can depend on the batch's layout
 # (a penalty's per-domain statistics, per-domain gradients, domain blocks,
-# random draws per example, own networks); SD, IGA, SAND-mask and CDANN
-# share theirs with fishr, andmask and dann.
-TWO_DEVICE_CASES = tuple(c for c in CASES
-                         if c not in ("sd", "iga", "sandmask", "cdann"))
+# random draws per example, own networks); SD, IB_ERM, IGA, SAND-mask and
+# CDANN share theirs with fishr, andmask and dann.
+TWO_DEVICE_CASES = tuple(c for c in CASES if c not in (
+    "sd", "ib_erm", "iga", "sandmask", "cdann"))
 
 
 def run_hparams(case: str, run: int) -> train.StepSpec:

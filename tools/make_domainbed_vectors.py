@@ -81,6 +81,7 @@ OVERRIDES = {
     "CDANN": {"lr_g": 1e-2, "lr_d": 2e-2, "weight_decay_g": 1e-3,
               "weight_decay_d": 2e-3, "grad_penalty": 0.1, "lambda": 0.5},
     "SagNet": {},
+    "IB_ERM": {"ib_penalty_anneal_iters": 1},
 }
 
 # What each algorithm's recorded draws are (keys call{k}.draw.<function>).
