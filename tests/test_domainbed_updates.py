@@ -86,6 +86,8 @@ LOSS_METRICS = {
     "MTL": {"loss": "loss"},
     # IB_ERM's 'nll' is the loss: `loss = nll; loss += ...` adds in place.
     "IB_ERM": {"loss": "loss", "IB_penalty": "penalty"},
+    "IB_IRM": {"loss": "loss", "IRM_penalty": "irm_penalty",
+               "IB_penalty": "ib_penalty"},
 }
 
 # Algorithm state compared with DomainBed's buffers after each step:

@@ -57,6 +57,8 @@ CASES = {
     "sagnet": ("sagnet", {}, {"w_adv": (0.1, 1.0, 0.5)}),
     "mtl": ("mtl", {}, {"ema": (0.99, 0.5, 0.9)}),
     "ib_erm": ("ib_erm", {}, {"lambda_": (100.0, 10.0, 1.0)}),
+    "ib_irm": ("ib_irm", {"ib_penalty_anneal_iters": 2},
+               {"ib_lambda": (100.0, 10.0, 1.0)}),
     # A network with dropout: each run its own rate (0 among them).
     "erm_dropout": ("erm", {}, {}),
 }
@@ -66,7 +68,7 @@ DROPOUT_RATES = (0.1, 0.5, 0.0)
 # random draws per example, own networks); SD, IB_ERM, IGA, SAND-mask and
 # CDANN share theirs with fishr, andmask and dann.
 TWO_DEVICE_CASES = tuple(c for c in CASES if c not in (
-    "sd", "ib_erm", "iga", "sandmask", "cdann"))
+    "sd", "ib_erm", "ib_irm", "iga", "sandmask", "cdann"))
 
 
 def run_hparams(case: str, run: int) -> train.StepSpec:

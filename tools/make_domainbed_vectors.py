@@ -82,6 +82,8 @@ OVERRIDES = {
               "weight_decay_d": 2e-3, "grad_penalty": 0.1, "lambda": 0.5},
     "SagNet": {},
     "IB_ERM": {"ib_penalty_anneal_iters": 1},
+    # Both anneal steps inside the 3 calls, each with its fresh Adam.
+    "IB_IRM": {"irm_penalty_anneal_iters": 1, "ib_penalty_anneal_iters": 2},
 }
 
 # What each algorithm's recorded draws are (keys call{k}.draw.<function>).
