@@ -22,6 +22,7 @@ from fishr_jax import models
 from fishr_jax import train
 from fishr_jax import train_colored_mnist
 from fishr_jax import train_domainbed
+from fishr_jax.algorithms import causirl as causirl_lib
 from fishr_jax.algorithms import mtl as mtl_lib
 from fishr_jax.algorithms import registry
 from fishr_jax.algorithms import settings
@@ -137,3 +138,27 @@ def test_evaluation_scores_an_algorithms_own_predictions():
     assert np.abs(leaf).max() <= bound
   accuracy = evaluation.make_accuracy_fn(mtl.logits_fn(network))
   assert float(accuracy(params, batch)) == float(accuracy(params, batch))
+
+
+@pytest.mark.parametrize("name", ["causirl_coral", "causirl_mmd"])
+@pytest.mark.parametrize("cuts", [(0, 0, 0), (1, 0, 0), (1, 1, 0)])
+def test_causirl_without_two_examples_a_half_has_no_penalty(
+    monkeypatch, name, cuts):
+  """DomainBed's CausIRL penalty is 0 when a half has fewer than 2 examples
+  (the first half of cuts (0, 0, 0) has none, of (1, 0, 0) one), with a
+  finite gradient; otherwise it is the distance."""
+  module = _TinyNet()
+  x = jax.random.normal(jax.random.key(1), (12, 5))
+  batch = {"x": x, "y": jnp.arange(12) % 3, "domain": jnp.arange(12) % 3}
+  params = module.init(jax.random.key(0), x)["params"]
+  monkeypatch.setattr(causirl_lib, "draw_cuts",
+                      lambda rng, counts: jnp.asarray(cuts))
+  algorithm = algorithms.make_algorithm(name, module, 3)
+  grad_fn = jax.grad(algorithm.loss_fn, has_aux=True)
+  grads, (_, metrics) = grad_fn(params, (), batch, jnp.int32(0),
+                                jax.random.key(2))
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+  if sum(cuts) < 2:
+    assert float(metrics["penalty"]) == 0.0
+  else:
+    assert float(metrics["penalty"]) > 0.0

@@ -88,6 +88,8 @@ LOSS_METRICS = {
     "IB_ERM": {"loss": "loss", "IB_penalty": "penalty"},
     "IB_IRM": {"loss": "loss", "IRM_penalty": "irm_penalty",
                "IB_penalty": "ib_penalty"},
+    "CausIRL_CORAL": {"loss": "nll", "penalty": "penalty"},
+    "CausIRL_MMD": {"loss": "nll", "penalty": "penalty"},
 }
 
 # Algorithm state compared with DomainBed's buffers after each step:
@@ -267,6 +269,16 @@ def _pin_mtl(arrays, call):
   return draw_embedding_noise
 
 
+def _pin_causirl(arrays, call):
+  cuts = arrays[f"call{call}.draw.randint"]  # (E,)
+
+  def draw_cuts(rng, counts):
+    del rng
+    assert counts.shape == cuts.shape
+    return jnp.asarray(cuts)
+  return draw_cuts
+
+
 # {DomainBed name: (the algorithm module's function, fn(arrays, call) -> its
 # replacement returning that call's recorded draws)}.
 PINS = {
@@ -274,6 +286,8 @@ PINS = {
     "MLDG": ("draw_domain_order", _pin_mldg),
     "SagNet": ("draw_randomizations", _pin_sagnet),
     "MTL": ("draw_embedding_noise", _pin_mtl),
+    "CausIRL_CORAL": ("draw_cuts", _pin_causirl),
+    "CausIRL_MMD": ("draw_cuts", _pin_causirl),
 }
 
 

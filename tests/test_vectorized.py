@@ -24,7 +24,12 @@ TOLERANCE = {"params": 1e-4, "alg_state": 1e-5, "loss": 1e-5, "step": 0}
 # DANN's discriminator has near-zero gradients (ReLU units off on the tiny
 # batch) that Adam scales up to steps of ~lr: one run jitted vs. eager
 # already differs by 6e-5 relative after 5 steps.
-TOLERANCE_FOR = {"dann": {"params": 1e-3}, "cdann": {"params": 1e-3}}
+# CausIRL_MMD's kernel exp(-1000 d^2) takes d^2 = |a|^2 + |b|^2 - 2 a.b in
+# float32, where rounding is large next to d^2 for nearby features; its
+# K runs together differ from the runs alone by 8.3e-4 (parameters) and
+# 7.4e-5 (losses) after 5 steps.
+TOLERANCE_FOR = {"dann": {"params": 1e-3}, "cdann": {"params": 1e-3},
+                 "causirl_mmd": {"params": 2e-3, "loss": 2e-4}}
 
 
 def _assert_close(differences: dict[str, float], case: str = "") -> None:

@@ -59,16 +59,19 @@ CASES = {
     "ib_erm": ("ib_erm", {}, {"lambda_": (100.0, 10.0, 1.0)}),
     "ib_irm": ("ib_irm", {"ib_penalty_anneal_iters": 2},
                {"ib_lambda": (100.0, 10.0, 1.0)}),
+    "causirl_coral": ("causirl_coral", {}, {"lambda_": (1.0, 0.1, 10.0)}),
+    "causirl_mmd": ("causirl_mmd", {}, {"lambda_": (1.0, 0.1, 10.0)}),
     # A network with dropout: each run its own rate (0 among them).
     "erm_dropout": ("erm", {}, {}),
 }
 DROPOUT_RATES = (0.1, 0.5, 0.0)
 # On 2 devices: one case per way a step can depend on the batch's layout
 # (a penalty's per-domain statistics, per-domain gradients, domain blocks,
-# random draws per example, own networks); SD, IB_ERM, IGA, SAND-mask and
-# CDANN share theirs with fishr, andmask and dann.
+# random draws per example, own networks); SD, IB_ERM, IB_IRM, IGA,
+# SAND-mask, CDANN and CausIRL_MMD share theirs with fishr, andmask, dann
+# and CausIRL_CORAL (random cuts inside each domain).
 TWO_DEVICE_CASES = tuple(c for c in CASES if c not in (
-    "sd", "ib_erm", "ib_irm", "iga", "sandmask", "cdann"))
+    "sd", "ib_erm", "ib_irm", "iga", "sandmask", "cdann", "causirl_mmd"))
 
 
 def run_hparams(case: str, run: int) -> train.StepSpec:

@@ -84,6 +84,8 @@ OVERRIDES = {
     "IB_ERM": {"ib_penalty_anneal_iters": 1},
     # Both anneal steps inside the 3 calls, each with its fresh Adam.
     "IB_IRM": {"irm_penalty_anneal_iters": 1, "ib_penalty_anneal_iters": 2},
+    "CausIRL_CORAL": {},
+    "CausIRL_MMD": {},
 }
 
 # What each algorithm's recorded draws are (keys call{k}.draw.<function>).
@@ -107,6 +109,10 @@ DRAWS = {
                 "does not use it",
         "randperm": "(3, N): idx_swap = torch.randperm(N) of the same three "
                     "randomize calls"},
+    **{name: {"randint": "(E,): np.random.randint(0, len(features[e])) for "
+                         "each domain e in order: its first randint[e] "
+                         "examples go to `first`, the rest to `second`"}
+       for name in ("CausIRL_CORAL", "CausIRL_MMD")},
     "MTL": {
         "normal_": "(E, B, W): the N(0, 1) values torch.Tensor.normal_ writes "
                    "over each domain's repeated embedding in MTL.predict "
@@ -203,6 +209,7 @@ class DrawRecorder:
     wrap(torch, "randperm", "randperm")
     wrap(torch, "rand", "rand")
     wrap(np.random, "beta", "beta")
+    wrap(np.random, "randint", "randint")
     wrap(torch.Tensor, "normal_", "normal_")
     return self
 
