@@ -114,6 +114,8 @@ HPARAMS: dict[str, Range] = {
     "mtl_ema": PROBABILITY,
     "ib_lambda": NON_NEGATIVE,
     "ib_penalty_anneal_iters": COUNT,
+    "lmbda": NON_NEGATIVE,  # CAD, CondCAD
+    "temperature": POSITIVE,
 }
 
 

@@ -162,3 +162,23 @@ def test_causirl_without_two_examples_a_half_has_no_penalty(
     assert float(metrics["penalty"]) == 0.0
   else:
     assert float(metrics["penalty"]) > 0.0
+
+
+@pytest.mark.parametrize("name", ["cad", "condcad"])
+def test_cad_bottleneck_leaves_out_examples_without_a_partner(name):
+  """An example with no other example of its label (CAD) or of its label in
+  another domain (CondCAD) adds no term, as in DomainBed: all labels
+  distinct gives a zero bottleneck with a finite gradient; one pair across
+  domains gives a nonzero one."""
+  module = _TinyNet()
+  algorithm = algorithms.make_algorithm(name, module, 2)
+  grad_fn = jax.grad(algorithm.loss_fn, has_aux=True)
+  for labels, domains, nonzero in (([0, 1, 2], [0, 0, 1], False),
+                                   ([0, 0, 0, 1], [0, 0, 1, 1], True)):
+    x = jax.random.normal(jax.random.key(1), (len(labels), 5))
+    params = module.init(jax.random.key(0), x)["params"]
+    batch = {"x": x, "y": jnp.asarray(labels), "domain": jnp.asarray(domains)}
+    grads, (_, metrics) = grad_fn(params, (), batch, jnp.int32(0),
+                                  jax.random.key(2))
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+    assert (float(metrics["penalty"]) != 0.0) == nonzero, labels

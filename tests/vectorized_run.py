@@ -61,17 +61,22 @@ CASES = {
                {"ib_lambda": (100.0, 10.0, 1.0)}),
     "causirl_coral": ("causirl_coral", {}, {"lambda_": (1.0, 0.1, 10.0)}),
     "causirl_mmd": ("causirl_mmd", {}, {"lambda_": (1.0, 0.1, 10.0)}),
+    "cad": ("cad", {"normalize": True}, {"lambda_": (0.1, 1.0, 0.01),
+                                         "temperature": (0.1, 0.05, 0.2)}),
+    "condcad": ("condcad", {}, {"lambda_": (0.1, 1.0, 0.01)}),
     # A network with dropout: each run its own rate (0 among them).
     "erm_dropout": ("erm", {}, {}),
 }
 DROPOUT_RATES = (0.1, 0.5, 0.0)
 # On 2 devices: one case per way a step can depend on the batch's layout
 # (a penalty's per-domain statistics, per-domain gradients, domain blocks,
-# random draws per example, own networks); SD, IB_ERM, IB_IRM, IGA,
-# SAND-mask, CDANN and CausIRL_MMD share theirs with fishr, andmask, dann
-# and CausIRL_CORAL (random cuts inside each domain).
+# random draws per example, own networks, pairs of examples across the
+# batch); SD, IB_ERM, IB_IRM, IGA, SAND-mask, CDANN, CausIRL_MMD and CondCAD
+# share theirs with fishr, andmask, dann, CausIRL_CORAL (random cuts inside
+# each domain) and CAD.
 TWO_DEVICE_CASES = tuple(c for c in CASES if c not in (
-    "sd", "ib_erm", "ib_irm", "iga", "sandmask", "cdann", "causirl_mmd"))
+    "sd", "ib_erm", "ib_irm", "iga", "sandmask", "cdann", "causirl_mmd",
+    "condcad"))
 
 
 def run_hparams(case: str, run: int) -> train.StepSpec:

@@ -85,6 +85,9 @@ OVERRIDES = {
     # Both anneal steps inside the 3 calls, each with its fresh Adam.
     "IB_IRM": {"irm_penalty_anneal_iters": 1, "ib_penalty_anneal_iters": 2},
     "CausIRL_CORAL": {},
+    # CAD with normalized features (CondCAD keeps DomainBed's defaults).
+    "CAD": {"is_normalized": True},
+    "CondCAD": {},
     "CausIRL_MMD": {},
 }
 

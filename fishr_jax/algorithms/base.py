@@ -228,9 +228,10 @@ PenaltyFn = Callable[[PyTree, PyTree, Batch, Forward, jax.Array | None],
 
 def penalty_weight(step: jax.Array, lambda_: float,
                    schedule: Schedule) -> jax.Array:
-  """`penalty_warmup_weight` before `penalty_anneal_iters`, `lambda_` from it."""
+  """`penalty_warmup_weight` before `penalty_anneal_iters`, `lambda_` from it
+  (float32, or float64 under jax_enable_x64: 0.1 is not a float32)."""
   return jnp.where(step >= schedule.penalty_anneal_iters, lambda_,
-                   schedule.penalty_warmup_weight).astype(jnp.float32)
+                   schedule.penalty_warmup_weight).astype(float)
 
 
 def squared_l2_norm(params: PyTree) -> jax.Array:

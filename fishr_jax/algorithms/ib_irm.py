@@ -60,7 +60,7 @@ def make(network: base.Network, num_domains: int, config: Config,
                                       num_domains)
     irm_weight = base.penalty_weight(step, config.lambda_, schedule)
     ib_weight = jnp.where(step >= config.ib_penalty_anneal_iters,
-                          config.ib_lambda, 0.0).astype(jnp.float32)
+                          config.ib_lambda, 0.0).astype(float)
     loss = (metrics["nll"] + base.l2_term(params, schedule)
             + irm_weight * irm_penalty + ib_weight * ib_penalty)
     metrics.update(loss=loss, irm_penalty=irm_penalty, ib_penalty=ib_penalty,
