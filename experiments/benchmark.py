@@ -61,6 +61,7 @@ import numpy as np
 from configs import colored_mnist as cmnist_config
 from fishr_jax import algorithms
 from fishr_jax import cli
+from fishr_jax import errors
 from fishr_jax import hparams as hparams_lib
 from fishr_jax import models
 from fishr_jax import parallel
@@ -83,6 +84,10 @@ _MNIST_CNN_PER_DOMAIN = flags.DEFINE_integer(
 _COMPUTE_DTYPE = flags.DEFINE_enum(
     "compute_dtype", "float32", list(models.COMPUTE_DTYPES),
     "The networks' compute dtype (Fishr's moments stay float32).")
+_ALGORITHMS = flags.DEFINE_list(
+    "algorithms", None,
+    "domainbed_mnist_cnn_all: only these algorithms (and ERM, the baseline); "
+    "default every registered one.")
 _XLA_CPU_DOT_FUSION = flags.DEFINE_bool(
     "xla_cpu_dot_fusion", True,
     "On CPU, compile the steps with YNNPACK's dot fusion "
@@ -194,9 +199,14 @@ def resnet_head(num_classes: int, dataset: str, depth: int = 50,
 def domainbed_mnist_cnn_all() -> dict[str, Any]:
   """domainbed_mnist_cnn, every registered algorithm (Fishr's closed form)."""
   setting = domainbed_mnist_cnn()
+  names = _ALGORITHMS.value or algorithms.names()
+  unknown = sorted(set(names) - set(algorithms.names()))
+  if unknown:
+    raise errors.ConfigError(f"--algorithms: unknown {unknown}; the "
+                             f"algorithms are {algorithms.names()}.")
   setting["variants"] = tuple(
       "fishr_closed_form" if name == "fishr" else name
-      for name in ["erm"] + [n for n in algorithms.names() if n != "erm"])
+      for name in ["erm"] + [n for n in names if n != "erm"])
   setting["description"] += ", every algorithm"
   return setting
 

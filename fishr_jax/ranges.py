@@ -116,6 +116,9 @@ HPARAMS: dict[str, Range] = {
     "ib_penalty_anneal_iters": COUNT,
     "lmbda": NON_NEGATIVE,  # CAD, CondCAD
     "temperature": POSITIVE,
+    "eqrm_quantile": Range(0.0, 1.0, low_open=True, high_open=True),
+    "eqrm_burnin_iters": NON_NEGATIVE,  # drawn as a float (eqrm.py)
+    "eqrm_lr": POSITIVE,
 }
 
 

@@ -89,6 +89,7 @@ LOSS_METRICS = {
     "IB_IRM": {"loss": "loss", "IRM_penalty": "irm_penalty",
                "IB_penalty": "ib_penalty"},
     "CausIRL_CORAL": {"loss": "nll", "penalty": "penalty"},
+    "EQRM": {"loss": "loss"},
     "CAD": {"clf_loss": "nll", "bn_loss": "penalty", "total_loss": "loss"},
     "CondCAD": {"clf_loss": "nll", "bn_loss": "penalty",
                 "total_loss": "loss"},

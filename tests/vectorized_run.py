@@ -64,6 +64,8 @@ CASES = {
     "cad": ("cad", {"normalize": True}, {"lambda_": (0.1, 1.0, 0.01),
                                          "temperature": (0.1, 0.05, 0.2)}),
     "condcad": ("condcad", {}, {"lambda_": (0.1, 1.0, 0.01)}),
+    "eqrm": ("eqrm", {"burnin_iters": 2}, {"quantile": (0.75, 0.5, 0.9),
+                                            "lr": (1e-3, 1e-2, 1e-4)}),
     # A network with dropout: each run its own rate (0 among them).
     "erm_dropout": ("erm", {}, {}),
 }

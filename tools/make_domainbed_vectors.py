@@ -88,6 +88,8 @@ OVERRIDES = {
     # CAD with normalized features (CondCAD keeps DomainBed's defaults).
     "CAD": {"is_normalized": True},
     "CondCAD": {},
+    # Burn-in for the first call, then two quantile steps with a visible lr.
+    "EQRM": {"eqrm_burnin_iters": 1, "eqrm_lr": 1e-3},
     "CausIRL_MMD": {},
 }
 
