@@ -62,3 +62,17 @@ def test_api_examples_run(capsys):
   for example in examples:
     exec(compile(example, "docs/api.md", "exec"), {})  # pylint: disable=exec-used
   assert capsys.readouterr().out
+
+
+def test_every_algorithm_is_listed_in_the_readme_and_docs_algorithms():
+  """A registered algorithm is in README's list and has a row in
+  docs/algorithms.md, with its DomainBed name."""
+  from fishr_jax.algorithms import registry
+  with open(os.path.join(ROOT, "README.md")) as f:
+    readme = " ".join(f.read().split())
+  with open(os.path.join(ROOT, "docs", "algorithms.md")) as f:
+    rows = f.read()
+  for name in registry.names():
+    domainbed = registry.get(name).domainbed.name
+    assert f"`{name}` ({domainbed})" in readme, name
+    assert f"| `{name}` | {domainbed} |" in rows, name
