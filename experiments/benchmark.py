@@ -207,7 +207,8 @@ def domainbed_mnist_cnn_all() -> dict[str, Any]:
   setting["variants"] = tuple(
       "fishr_closed_form" if name == "fishr" else name
       for name in ["erm"] + [n for n in names if n != "erm"])
-  setting["description"] += ", every algorithm"
+  setting["description"] += (", every algorithm" if _ALGORITHMS.value is None
+                             else ", " + ", ".join(setting["variants"]))
   return setting
 
 

@@ -312,6 +312,14 @@ def fishr_penalty(variances: PyTree, reduction: Reduction = "mean") -> jax.Array
       f"reduction must be 'mean' or 'sum', got {reduction!r}.")
 
 
+def rank_in_domain(domain_ids: jax.Array, num_domains: int) -> jax.Array:
+  """(N,) each example's position among its domain's examples, in batch
+  order (0 for the first)."""
+  one_hot = jax.nn.one_hot(domain_ids, num_domains, dtype=jnp.int32)
+  return jnp.take_along_axis(jnp.cumsum(one_hot, axis=0),
+                             domain_ids[:, None], axis=1)[:, 0] - 1
+
+
 def irm_penalty(logits: jax.Array, labels: jax.Array, domain_ids: jax.Array,
                 num_domains: int, split_halves: bool = False) -> jax.Array:
   """IRMv1: mean over domains of (d nll_e(logits * s) / ds at s = 1)^2.
@@ -322,9 +330,7 @@ def irm_penalty(logits: jax.Array, labels: jax.Array, domain_ids: jax.Array,
   """
   groups, num_groups = domain_ids, num_domains
   if split_halves:
-    one_hot = jax.nn.one_hot(domain_ids, num_domains, dtype=jnp.int32)
-    rank = jnp.take_along_axis(jnp.cumsum(one_hot, axis=0),
-                               domain_ids[:, None], axis=1)[:, 0] - 1
+    rank = rank_in_domain(domain_ids, num_domains)
     groups, num_groups = 2 * domain_ids + rank % 2, 2 * num_domains
 
   def total_nll(scales):
@@ -378,16 +384,24 @@ def ib_penalty(features: jax.Array, domain_ids: jax.Array,
 MMD_GAMMAS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 
 
+def gaussian_kernels(features: jax.Array,
+                     gammas: tuple[float, ...] = MMD_GAMMAS) -> jax.Array:
+  """(N, N) sum over gammas of exp(-gamma ||x_i - x_j||^2), the squared
+  distances from the norms and one matmul, clamped at 1e-30 (DomainBed's
+  my_cdist)."""
+  sq_norms = (features**2).sum(axis=1)
+  sq_dists = jnp.maximum(
+      sq_norms[:, None] + sq_norms[None, :]
+      - 2.0 * jnp.matmul(features, features.T, precision=_EXACT), 1e-30)
+  return sum(jnp.exp(-g * sq_dists) for g in gammas)
+
+
 def mmd_penalty(features: jax.Array, domain_ids: jax.Array, num_domains: int,
                 gammas: tuple[float, ...] = MMD_GAMMAS) -> jax.Array:
   """Gaussian-kernel MMD^2 (a sum of RBF kernels, as DomainBed's MMD), mean
   over domain pairs of K_ee + K_ff - 2 K_ef with K averaged over examples."""
   one_hot, counts = _domain_one_hot(domain_ids, num_domains, features.dtype)
-  sq_norms = (features**2).sum(axis=1)
-  sq_dists = jnp.maximum(
-      sq_norms[:, None] + sq_norms[None, :]
-      - 2.0 * jnp.matmul(features, features.T, precision=_EXACT), 1e-30)
-  kernel = sum(jnp.exp(-g * sq_dists) for g in gammas)
+  kernel = gaussian_kernels(features, gammas)
   mean_kernel = (jnp.matmul(one_hot.T, jnp.matmul(kernel, one_hot), precision=_EXACT)
                  / (counts[:, None] * counts[None, :]))  # (E, E)
   e, f = _domain_pairs(num_domains)

@@ -47,11 +47,10 @@ def draw_cuts(rng: jax.Array, counts: jax.Array) -> jax.Array:
 def _first_half(batch: base.Batch, num_domains: int,
                 rng: jax.Array) -> jax.Array:
   """(N,) True for the examples before their domain's cut."""
-  one_hot = jax.nn.one_hot(batch["domain"], num_domains, dtype=jnp.int32)
-  rank = jnp.take_along_axis(jnp.cumsum(one_hot, axis=0),
-                             batch["domain"][:, None], axis=1)[:, 0] - 1
-  cuts = draw_cuts(rng, one_hot.sum(axis=0))
-  return rank < cuts[batch["domain"]]
+  counts = jnp.bincount(batch["domain"], length=num_domains)
+  cuts = draw_cuts(rng, counts)
+  return (penalties.rank_in_domain(batch["domain"], num_domains)
+          < cuts[batch["domain"]])
 
 
 def _halves(first: jax.Array, dtype) -> jax.Array:
@@ -74,15 +73,11 @@ def coral_distance(features: jax.Array, first: jax.Array) -> jax.Array:
 
 
 def mmd_distance(features: jax.Array, first: jax.Array) -> jax.Array:
-  """K_11 + K_22 - 2 K_12 with K the sum of Gaussian kernels of
-  penalties.MMD_GAMMAS averaged over each pair of halves."""
+  """K_11 + K_22 - 2 K_12 with K MMD's sum of Gaussian kernels
+  (penalties.gaussian_kernels) averaged over each pair of halves."""
   halves = _halves(first, features.dtype)
   counts = jnp.maximum(halves.sum(axis=1), 1.0)
-  sq_norms = (features**2).sum(axis=1)
-  sq_dists = jnp.maximum(
-      sq_norms[:, None] + sq_norms[None, :] - 2.0 * jnp.matmul(
-          features, features.T, precision=_EXACT), 1e-30)
-  kernel = sum(jnp.exp(-g * sq_dists) for g in penalties.MMD_GAMMAS)
+  kernel = penalties.gaussian_kernels(features)
   mean_kernel = jnp.matmul(jnp.matmul(halves, kernel, precision=_EXACT),
                            halves.T, precision=_EXACT)
   mean_kernel = mean_kernel / (counts[:, None] * counts[None])

@@ -118,18 +118,17 @@ def make(network: base.Network, num_domains: int, config: Config,
     grads, (state, metrics) = jax.grad(loss_fn, has_aux=True)(
         params, state, batch, step, rng)
     burn_in = step < config.burnin_iters
-    stepped = {
-        "burn_in": base.apply_gradients(tx, grads, params,
-                                        opt_state["burn_in"]),
-        "eqrm": base.apply_gradients(adam, grads, params, opt_state["eqrm"])}
-    chosen = jax.tree.map(lambda a, b: jnp.where(burn_in, a, b),
-                          stepped["burn_in"][0], stepped["eqrm"][0])
-    opt_state = {
-        "burn_in": jax.tree.map(lambda new, old: jnp.where(burn_in, new, old),
-                                stepped["burn_in"][1], opt_state["burn_in"]),
-        "eqrm": jax.tree.map(lambda new, old: jnp.where(burn_in, old, new),
-                             stepped["eqrm"][1], opt_state["eqrm"])}
-    return chosen, opt_state, state, metrics
+    # Both optimizers' steps, the one whose phase it is kept; the other's
+    # state stays as it was (the eqrm Adam is fresh at the burn-in step).
+    pick = lambda during, after: jax.tree.map(
+        lambda a, b: jnp.where(burn_in, a, b), during, after)
+    erm_params, erm_opt = base.apply_gradients(tx, grads, params,
+                                               opt_state["burn_in"])
+    eqrm_params, eqrm_opt = base.apply_gradients(adam, grads, params,
+                                                 opt_state["eqrm"])
+    opt_state = {"burn_in": pick(erm_opt, opt_state["burn_in"]),
+                 "eqrm": pick(opt_state["eqrm"], eqrm_opt)}
+    return pick(erm_params, eqrm_params), opt_state, state, metrics
 
   return base.Algorithm(name="eqrm", init_state=base.no_state, update=update,
                         init_optimizer=init_optimizer)
