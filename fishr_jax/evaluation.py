@@ -3,6 +3,7 @@
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fishr_jax import losses
@@ -12,16 +13,19 @@ from fishr_jax import losses
 # parameters twice gives the same accuracy.
 EVAL_KEY = 0
 
-LogitsFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+# (params, x, valid, rng) -> logits: Algorithm.logits_fn.
+LogitsFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def make_accuracy_fn(logits_fn: LogitsFn) -> Callable[[Any, dict], jax.Array]:
   """jitted (params, {"x", "y"}) -> mean accuracy on the batch of
-  `logits_fn(params, x, rng)` (Algorithm.logits_fn)."""
+  `logits_fn(params, x, valid, rng)` (Algorithm.logits_fn); every row is
+  an example."""
 
   @jax.jit
   def accuracy(params, batch):
-    logits = logits_fn(params, batch["x"], jax.random.key(EVAL_KEY))
+    valid = jnp.ones(batch["y"].shape[:1], bool)
+    logits = logits_fn(params, batch["x"], valid, jax.random.key(EVAL_KEY))
     return losses.correct(logits, batch["y"]).mean()
 
   return accuracy

@@ -114,14 +114,15 @@ def as_network(module: nn.Module, frozen: PyTree,
 
 def make_accuracy_fn(logits_fn: evaluation.LogitsFn):
   """(params, batches) -> accuracy over a split of `logits_fn(params, x,
-  rng)` (Algorithm.logits_fn; batch i's rng is fold_in(EVAL_KEY, i)).
+  valid, rng)` (Algorithm.logits_fn; batch i's rng is fold_in(EVAL_KEY, i)).
   Batches are zero-padded to a power of two so the jitted forward compiles
   for a few shapes only."""
 
   @jax.jit
   def correct_count(params, x, y, valid, index):
     rng = jax.random.fold_in(jax.random.key(evaluation.EVAL_KEY), index)
-    return jnp.sum(losses.correct(logits_fn(params, x, rng), y) * valid)
+    logits = logits_fn(params, x, valid, rng)
+    return jnp.sum(losses.correct(logits, y) * valid)
 
   def accuracy(params, batches) -> float:
     # The count stays on the device until the end (exact: integers far
@@ -132,7 +133,7 @@ def make_accuracy_fn(logits_fn: evaluation.LogitsFn):
       pad = max(8, 1 << (n - 1).bit_length()) - n
       x = np.pad(batch["x"], [(0, pad)] + [(0, 0)] * (batch["x"].ndim - 1))
       y = np.pad(batch["y"], (0, pad))
-      valid = (np.arange(n + pad) < n).astype(np.float32)
+      valid = np.arange(n + pad) < n
       correct = correct + correct_count(params, x, y, valid, np.int32(index))
       total += n
     if total == 0:  # domainbed.check_splits refuses empty splits first

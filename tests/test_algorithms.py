@@ -119,7 +119,8 @@ def test_evaluation_scores_an_algorithms_own_predictions():
   network = algorithms.Network.from_module(module)
   params = module.init(jax.random.key(0), x)["params"]
   erm = algorithms.make_algorithm("erm", module, 2)
-  np.testing.assert_array_equal(erm.logits_fn(network)(params, x, None),
+  valid = jnp.ones(6, bool)
+  np.testing.assert_array_equal(erm.logits_fn(network)(params, x, valid, None),
                                 module.apply({"params": params}, x)[1])
 
   mtl = algorithms.make_algorithm("mtl", module, 2)
@@ -128,9 +129,10 @@ def test_evaluation_scores_an_algorithms_own_predictions():
   features, logits = module.apply({"params": params}, x)
   noise = mtl_lib.draw_embedding_noise(rng, features.shape)
   np.testing.assert_allclose(
-      mtl.logits_fn(network)(params, x, rng),
+      mtl.logits_fn(network)(params, x, valid, rng),
       logits + noise @ params[mtl_lib.EMBEDDING_KERNEL], rtol=1e-6)
-  assert not np.allclose(mtl.logits_fn(network)(params, x, rng), logits)
+  assert not np.allclose(mtl.logits_fn(network)(params, x, valid, rng),
+                         logits)
   # Its classifier starts as torch's Linear(2 D, C): U(+-1/sqrt(2 D)).
   bound = 1 / np.sqrt(2 * features.shape[-1])
   for leaf in (params[models.HEAD]["kernel"], params[models.HEAD]["bias"],

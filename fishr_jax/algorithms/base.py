@@ -25,8 +25,11 @@ one), `opt_state` what `init_optimizer(tx, params)` made (default
 still resets `opt_state` to `init_optimizer`'s at the anneal step when the
 Schedule asks, and checkpoints, resume, data parallelism and vectorized
 groups see only these pure functions. An algorithm whose predictions are not
-its network's logits (MTL's classifier reads noise beside the features)
-gives `predict(params, x, rng) -> logits`, which evaluation calls.
+its network's logits (MTL's classifier reads noise beside the features;
+ARM's reads a context shared by a support set of examples) gives
+`predict(params, x, valid, rng) -> logits`, which evaluation calls; `valid`
+(N,) bool marks the rows that are examples (evaluation pads a batch's tail),
+which a predictor that mixes examples must keep apart from padding.
 
 Each algorithm module owns a frozen `Config` dataclass with its own fields;
 every algorithm shares one `Schedule` (penalty annealing, loss rescaling,
@@ -153,8 +156,9 @@ class Algorithm:
   # True: the batch must come as the loaders give it (on each device, E
   # equal blocks of examples in domain order); parallel.shard_batch checks.
   needs_domain_blocks: bool = False
-  # (params, x, rng) -> logits at evaluation; None: the network's logits.
-  predict: Callable[[PyTree, jax.Array, jax.Array], jax.Array] | None = None
+  # (params, x, valid, rng) -> logits at evaluation; None: the network's.
+  predict: Callable[[PyTree, jax.Array, jax.Array, jax.Array],
+                    jax.Array] | None = None
 
   def __post_init__(self):
     if (self.loss_fn is None) == (self.update is None):
@@ -170,12 +174,13 @@ class Algorithm:
     return self.update or gradient_update(self.loss_fn)
 
   def logits_fn(self, network: Network
-                ) -> Callable[[PyTree, jax.Array, jax.Array], jax.Array]:
-    """(params, x, rng) -> the logits evaluation scores: `predict`, or the
-    network's deterministic forward pass (rng unused)."""
+                ) -> Callable[[PyTree, jax.Array, jax.Array, jax.Array],
+                              jax.Array]:
+    """(params, x, valid, rng) -> the logits evaluation scores: `predict`,
+    or the network's deterministic forward pass (valid and rng unused)."""
     if self.predict is not None:
       return self.predict
-    return lambda params, x, rng: network.forward(params, x, None)[1]
+    return lambda params, x, valid, rng: network.forward(params, x, None)[1]
 
   def fresh_optimizer(self, tx: optax.GradientTransformation,
                       params: PyTree) -> PyTree:

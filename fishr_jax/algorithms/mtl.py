@@ -101,7 +101,8 @@ def make(network: base.Network, num_domains: int, config: Config,
     loss = domain_nll.sum()
     return loss, (embeddings, {"loss": loss, "nll": domain_nll.mean()})
 
-  def predict(params, x, rng):
+  def predict(params, x, valid, rng):
+    del valid  # each example's noise is its own
     return logits_with_noise(network, params, x, None, rng)[1]
 
   return base.Algorithm(name="mtl", init_state=init_state, loss_fn=loss_fn,
