@@ -22,6 +22,7 @@ from fishr_jax import models
 from fishr_jax import optimizers
 from fishr_jax import ranges
 from fishr_jax import vectorized
+from fishr_jax.algorithms import arm
 from fishr_jax.algorithms import registry
 from fishr_jax.algorithms import settings
 from fishr_jax.data import domainbed
@@ -88,6 +89,12 @@ def _check_diagnostics_fields(config: ml_collections.ConfigDict,
            f"must be 0 (off) or a multiple of {record_field}={record_every}")
   _check_choice("diagnostics_layers", config.diagnostics_layers,
                 landscape.LAYERS)
+  if config.diagnostics_every and registry.get(
+      config.algorithm).added_input_channels:
+    _fail("diagnostics_every", config.diagnostics_every,
+          f"must be 0 for {config.algorithm}: the landscape measures the "
+          "network on the data's own inputs, and this algorithm's network "
+          "reads more channels (a context)")
   if "diagnostics_examples" in config:
     _require(config, "diagnostics_examples", _at_least(2),
              "must be an integer >= 2 (examples per training domain)")
@@ -219,6 +226,11 @@ def check_domainbed(config: ml_collections.ConfigDict) -> None:
   for field in ("hparams_seed", "trial_seed", "seed", "worker_count"):
     _require(config, field, _at_least(0), "must be an integer >= 0")
   _require(config, "eval_batch_size", _at_least(1), "must be an integer >= 1")
+  if config.algorithm == "arm" and config.eval_batch_size % arm.EVAL_CHUNK:
+    _fail("eval_batch_size", config.eval_batch_size,
+          f"must be a multiple of {arm.EVAL_CHUNK} for arm: its support sets "
+          f"are cut from DomainBed's eval batches of {arm.EVAL_CHUNK} "
+          "examples")
   _require(config, "holdout_fraction",
            lambda v: _finite_at_least(0.0, strict=True)(v) and v < 1.0,
            "must be in (0, 1): the part of each env held out for validation")

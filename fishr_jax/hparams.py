@@ -44,7 +44,8 @@ def shared_specs(algorithm: str, dataset: str) -> HParamSpecs:
     specs["lr"] = (5e-5, lambda r: 10**r.uniform(-5, -3.5))
     specs["weight_decay"] = (0.0, lambda r: 10**r.uniform(-6, -2))
     specs["batch_size"] = (32, lambda r: int(2**r.uniform(3, high)))
-  del algorithm  # (DomainBed's ARM/DANN-specific shared entries: not ported)
+    if algorithm == "arm":  # DomainBed: ARM's support sets of 8 examples
+      specs["batch_size"] = (8, lambda r: 8)
   return specs
 
 

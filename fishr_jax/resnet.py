@@ -310,6 +310,17 @@ def with_fresh_head(model: ResNet, pretrained: Variables,
   return {**pretrained, "params": {**pretrained["params"], models.HEAD: head}}
 
 
+def with_input_channels(variables: Variables, channels: int) -> Variables:
+  """Pretrained `variables` for inputs of `channels` channels, as DomainBed's
+  ResNet adapts torchvision's stem: conv1's input channel i is the
+  pretrained one i % 3 (ARM's 4-channel input)."""
+  kernel = variables["params"]["conv1"]["kernel"]  # (7, 7, 3, 64)
+  kernel = kernel[:, :, [i % kernel.shape[2] for i in range(channels)]]
+  params = {**variables["params"], "conv1": {**variables["params"]["conv1"],
+                                             "kernel": kernel}}
+  return {**variables, "params": params}
+
+
 def merge_pretrained(variables: Variables, pretrained: Variables) -> Variables:
   """`variables` (e.g. a fresh `model.init`) with every leaf of `pretrained`.
 

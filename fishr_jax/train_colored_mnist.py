@@ -117,7 +117,8 @@ def make_groups(config: ml_collections.ConfigDict, workdir: str
     evals = {"train": batch, **place(envs.evals)}
     init_rng, rng = jax.random.split(
         jax.random.fold_in(jax.random.key(config.seed), restart))
-    params = model.init(init_rng, batch["x"][:1])["params"]
+    params = model.init(init_rng, algorithms.network_input(
+        config.algorithm, batch["x"][:1]))["params"]
     state = built.init_state(rng, params, batch)
     run = train.Run(
         workdir=restart_folder(workdir, restart),

@@ -90,6 +90,8 @@ def make_network(dataset: domainbed.Dataset, hparams: dict[str, Any],
     pretrained = resnet.load_torchvision_checkpoint(
         config.pretrained_checkpoint, depth, num_classes=dataset.num_classes)
     variables = resnet.with_fresh_head(module, pretrained, rng)
+    if sample_x.shape[-1] != 3:  # ARM's context channel
+      variables = resnet.with_input_channels(variables, sample_x.shape[-1])
   else:
     print("No config.pretrained_checkpoint: the ResNet starts from random "
           "weights, unlike DomainBed's ImageNet initialization.", flush=True)
@@ -203,8 +205,9 @@ def _make_parts(config: ml_collections.ConfigDict, workdir: str,
   init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
   sample = next(domainbed.train_batches(dataset, splits, train_envs, batch_size,
                                         config.seed))
-  module, frozen, params = make_network(dataset, hparams, config, init_rng,
-                                        sample["x"][:1])
+  module, frozen, params = make_network(
+      dataset, hparams, config, init_rng,
+      algorithms.network_input(config.algorithm, sample["x"][:1]))
   spec = _step_spec(config, hparams, alg_config, schedule)
   make_algorithm = algorithm_factory(config.algorithm, module, frozen,
                                      len(train_envs))

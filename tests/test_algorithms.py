@@ -18,6 +18,7 @@ from configs import colored_mnist as cmnist_config
 from configs import domainbed as domainbed_config
 from fishr_jax import algorithms
 from fishr_jax import evaluation
+from fishr_jax import hparams as hparams_lib
 from fishr_jax import models
 from fishr_jax import train
 from fishr_jax import train_colored_mnist
@@ -75,7 +76,7 @@ def test_every_algorithm_has_a_frozen_config_and_domainbed_mapping(name):
   with pytest.raises(dataclasses.FrozenInstanceError):
     setattr(config, "x", 1)
   hparams = {k: default for k, (default, _)
-             in entry.domainbed.hparams_for(True).items()}
+             in hparams_lib.specs(name, "ColoredMNIST").items()}
   from_hparams, schedule = settings.from_domainbed(name, hparams)
   assert isinstance(from_hparams, entry.config_class)
   assert isinstance(schedule, algorithms.Schedule)

@@ -108,3 +108,24 @@ def test_another_algorithms_block_on_the_command_line_is_refused():
     config_checks.check_overrides(config, ["steps", "fishr.lambda_"])
   config.algorithm = "fishr"
   config_checks.check_overrides(config, ["steps", "fishr.lambda_"])
+
+
+def test_arm_needs_whole_eval_batches_and_no_landscape():
+  """ARM's support sets are cut from DomainBed's eval batches of 64; its
+  network reads a context channel the landscape does not give it."""
+  config = domainbed_config.get_config()
+  config.algorithm = "arm"
+  config_checks.check(config)
+  config.eval_batch_size = 100
+  with pytest.raises(errors.ConfigError,
+                     match=r"eval_batch_size=100: must be a multiple of 64"):
+    config_checks.check(config)
+  config.eval_batch_size = 128
+  config.diagnostics_every = config.checkpoint_freq or 100
+  with pytest.raises(errors.ConfigError, match=r"must be 0 for arm"):
+    config_checks.check(config)
+  cmnist = colored_mnist_config.get_config()
+  cmnist.algorithm = "arm"
+  cmnist.diagnostics_every = cmnist.log_every
+  with pytest.raises(errors.ConfigError, match=r"must be 0 for arm"):
+    config_checks.check(cmnist)

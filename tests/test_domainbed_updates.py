@@ -1,8 +1,11 @@
 """fishr-jax's algorithms against DomainBed's own `update()`, step by step.
 
 tests/data/domainbed_updates/<DomainBed name>.npz (+ .json) hold three
-consecutive calls of DomainBed's update() in float64 on its MLP featurizer
-(tools/make_domainbed_vectors.py; tests/data/README.md). For every
+consecutive calls of DomainBed's update() in float64 on its MLP featurizer,
+or MNIST_CNN for an algorithm that needs images (ARM)
+(tools/make_domainbed_vectors.py; tests/data/README.md). Arrays too large
+to store are rebuilt from the sidecar's seeds (`_seeded_array`) or compared
+through stored random projections (`_projection`), by the generator's rules. For every
 registered algorithm with such a file, `check_against_domainbed` builds the
 same network in flax from the same initial weights, the algorithm exactly as
 the DomainBed experiment does (settings.from_domainbed, optimizers.make,
@@ -28,6 +31,9 @@ What a new algorithm module may need to be picked up here:
   go through the same two functions.
 - Every DomainBed hparam of the algorithm has a DomainBedSpec entry of the
   same name (a missing one fails the test).
+- A vector file with predict<N>.x / .logits (DomainBed's eval-mode
+  predict() after the calls) is compared with `Algorithm.logits_fn` on that
+  batch padded as evaluation pads it.
 """
 
 import importlib
@@ -35,6 +41,7 @@ import inspect
 import json
 import os
 import re
+import zlib
 
 import flax.linen as nn
 import jax
@@ -133,7 +140,9 @@ class DomainBedMLP(nn.Module):
 
 
 def _flax_path(torch_name):
-  """'featurizer.hiddens.0.weight' -> (('hiddens_0', 'kernel'), True)."""
+  """'featurizer.hiddens.0.weight' -> ('hiddens_0', 'kernel');
+  MNIST_CNN's 'featurizer.conv1.weight' -> ('conv1', 'kernel'),
+  'featurizer.bn0.weight' -> ('norm0', 'scale')."""
   for prefixes, head in ((FEATURIZER_PREFIXES, False),
                          (CLASSIFIER_PREFIXES, True)):
     for prefix in prefixes:
@@ -142,6 +151,13 @@ def _flax_path(torch_name):
         if head:
           layer, leaf = models.HEAD, rest
         else:
+          cnn = re.fullmatch(r"(conv|bn)(\d)\.(weight|bias)", rest)
+          if cnn is not None:
+            if cnn.group(1) == "bn":
+              return (f"norm{cnn.group(2)}",
+                      {"weight": "scale", "bias": "bias"}[cnn.group(3)])
+            return (f"conv{cnn.group(2)}",
+                    {"weight": "kernel", "bias": "bias"}[cnn.group(3)])
           match = re.fullmatch(r"(input|output|hiddens\.(\d+))\.(weight|bias)",
                                rest)
           if match is None:
@@ -151,6 +167,16 @@ def _flax_path(torch_name):
           leaf = match.group(3)
         return layer, {"weight": "kernel", "bias": "bias"}[leaf]
   return None
+
+
+def _to_flax(kernel):
+  """A torch Linear (out, in) / Conv2d (out, in, kh, kw) weight as a flax
+  kernel (in, out) / (kh, kw, in, out)."""
+  return kernel.T if kernel.ndim == 2 else kernel.transpose(2, 3, 1, 0)
+
+
+def _to_torch(kernel):
+  return kernel.T if kernel.ndim == 2 else kernel.transpose(3, 2, 0, 1)
 
 
 def _split_params(values, names, own_prefixes=()):
@@ -165,7 +191,7 @@ def _split_params(values, names, own_prefixes=()):
       continue
     layer, leaf = path
     params.setdefault(layer, {})[leaf] = jnp.asarray(
-        value.T if leaf == "kernel" else value)
+        _to_flax(value) if leaf == "kernel" else value)
   return params, extras
 
 
@@ -178,7 +204,7 @@ def _torch_layout(params, names, own_prefixes=()):
       continue
     layer, leaf = path
     value = np.asarray(params[layer][leaf])
-    out[name] = value.T if leaf == "kernel" else value
+    out[name] = _to_torch(value) if leaf == "kernel" else value
   return out
 
 
@@ -191,12 +217,34 @@ def _files():
   return {f[:-len(".npz")] for f in os.listdir(VECTORS) if f.endswith(".npz")}
 
 
-def _load(domainbed_name):
+def _seeded_array(spec):
+  """The generator's `seeded_array`: the array a sidecar's "seeded" entry
+  describes (its rule is in the sidecar's "large_arrays")."""
+  rng = np.random.RandomState(spec["seed"])
+  if spec["distribution"] == "normal":
+    return rng.standard_normal(spec["shape"])
+  return rng.uniform(-spec["bound"], spec["bound"], spec["shape"])
+
+
+def _projection(name, value, meta):
+  """The generator's `projection` of a parameter or buffer `name`."""
+  value = np.asarray(value, np.float64).ravel()
+  seed = zlib.crc32(("projection." + name).encode())
+  matrix = np.random.RandomState(seed).standard_normal(
+      (meta["large_arrays"]["projections"], value.size))
+  return matrix @ value
+
+
+def _load(domainbed_name, stored_only=False):
+  """(arrays, sidecar); the seeded arrays rebuilt unless `stored_only`."""
   path = os.path.join(VECTORS, domainbed_name)
   with np.load(path + ".npz") as f:
     arrays = {k: f[k] for k in f.files}
   with open(path + ".json") as f:
     meta = json.load(f)
+  if not stored_only:
+    arrays.update({key: _seeded_array(spec)
+                   for key, spec in meta.get("seeded", {}).items()})
   return arrays, meta
 
 
@@ -224,7 +272,7 @@ def _hparams(name, meta):
   if hparams["mlp_dropout"] or hparams["nonlinear_classifier"]:
     pytest.fail(f"{name}: the harness's network has no dropout and a linear "
                 "classifier.")
-  return {h: hparams[h] for h in (*own, *OPTIMIZER_HPARAMS)}
+  return {h: hparams[h] for h in (*own, *OPTIMIZER_HPARAMS, "batch_size")}
 
 
 # -------------------------------------------------------------- draw pinning
@@ -321,17 +369,23 @@ def check_against_domainbed(name, monkeypatch):
 
   init = {n: arrays[f"init.{n}"] for n in names}
   params, extras = _split_params(init, names, own_prefixes)
-  network = DomainBedMLP(width=meta["hparams"]["mlp_width"],
-                         depth=meta["hparams"]["mlp_depth"],
-                         num_classes=setup["num_classes"])
+  if len(setup["input_shape"]) == 3:  # images: DomainBed's MNIST_CNN
+    network = models.MNISTCNN(num_outputs=setup["num_classes"])
+  else:
+    network = DomainBedMLP(width=meta["hparams"]["mlp_width"],
+                           depth=meta["hparams"]["mlp_depth"],
+                           num_classes=setup["num_classes"])
   config, schedule = settings.from_domainbed(name, hparams)
   algorithm = algorithms.make_algorithm(name, network, num_domains, config,
                                         schedule)
   tx = optimizers.make(optimizers.ADAM, hparams["lr"], hparams["weight_decay"])
 
+  def nhwc(x):  # torch's NCHW images as flax's NHWC
+    return x.transpose(0, 2, 3, 1) if x.ndim == 4 else x
+
   def batch_of(call):
     x, y = arrays[f"call{call}.x"], arrays[f"call{call}.y"]
-    return {"x": jnp.asarray(x.reshape((-1,) + x.shape[2:])),
+    return {"x": jnp.asarray(nhwc(x.reshape((-1,) + x.shape[2:]))),
             "y": jnp.asarray(y.reshape(-1)),
             "domain": jnp.asarray(np.repeat(np.arange(num_domains),
                                             y.shape[1]))}
@@ -378,15 +432,36 @@ def check_against_domainbed(name, monkeypatch):
     for n in names:
       # A parameter DomainBed builds but never trains (DANN's class
       # embeddings) may be left out: it must keep its initial value there.
-      expected = arrays[f"call{call}.param.{n}"]
-      errors[f"call{call}.param.{n}"] = _rel_error(
-          got[n] if n in got else arrays[f"init.{n}"], expected)
+      value = got[n] if n in got else arrays[f"init.{n}"]
+      if f"call{call}.projection.{n}" in arrays:
+        errors[f"call{call}.projection.{n}"] = _rel_error(
+            _projection(n, value, meta), arrays[f"call{call}.projection.{n}"])
+      else:
+        errors[f"call{call}.param.{n}"] = _rel_error(
+            value, arrays[f"call{call}.param.{n}"])
+    for n in sorted(set(got) - set(names)):  # buffers (ARM's running stats)
+      for kind, value in (("buffer", got[n]),
+                          ("projection", _projection(n, got[n], meta))):
+        if f"call{call}.{kind}.{n}" in arrays:
+          errors[f"call{call}.{kind}.{n}"] = _rel_error(
+              value, arrays[f"call{call}.{kind}.{n}"])
     for key, value in STATE_CHECKS.get(domainbed_name,
                                        lambda s: {})(state.alg_state).items():
       errors[f"call{call}.{key}"] = _rel_error(value, arrays[f"call{call}.{key}"])
     for key, metric in LOSS_METRICS.get(domainbed_name, {}).items():
       errors[f"call{call}.loss.{key}"] = _rel_error(
           metrics[metric], arrays[f"call{call}.loss.{key}"])
+  logits_fn = jax.jit(algorithm.logits_fn(algorithms.Network.from_module(
+      network)))
+  for key in sorted(k for k in arrays if re.fullmatch(r"predict\d+\.x", k)):
+    x = nhwc(arrays[key])
+    n = len(x)
+    pad = max(8, 1 << (n - 1).bit_length()) - n  # as evaluation pads
+    x = np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+    logits = logits_fn(state.params, x, np.arange(n + pad) < n,
+                       jax.random.key(0))[:n]
+    errors[key[:-len(".x")] + ".logits"] = _rel_error(
+        logits, arrays[key[:-len(".x")] + ".logits"])
   bound = RTOL_FOR.get(name, RTOL)
   worst = max(errors, key=errors.get)
   print(f"{name} ({domainbed_name}): max relative error {errors[worst]:.3g} "
@@ -432,7 +507,7 @@ def test_every_algorithm_has_domainbed_vectors(name):
 def test_vector_files_are_small_and_described():
   total = 0
   for domainbed_name in sorted(_files()):
-    arrays, meta = _load(domainbed_name)
+    arrays, meta = _load(domainbed_name, stored_only=True)
     assert set(arrays) == set(meta["keys"]), domainbed_name
     for key, (dtype, shape) in meta["keys"].items():
       assert str(arrays[key].dtype) == dtype and list(arrays[key].shape) == shape

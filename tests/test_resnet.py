@@ -172,6 +172,20 @@ def test_new_head_is_freshly_initialized(seven_classes):
     resnet.merge_pretrained(zeros, imagenet_head)
 
 
+def test_a_pretrained_stem_reads_a_fourth_channel_as_domainbed(seven_classes):
+  """ARM's 4-channel input: channel i of conv1 is pretrained channel i % 3."""
+  model, _, variables = seven_classes
+  kernel = variables["params"]["conv1"]["kernel"]
+  adapted = resnet.with_input_channels(variables, 4)
+  got = adapted["params"]["conv1"]["kernel"]
+  np.testing.assert_array_equal(got[:, :, :3], kernel)
+  np.testing.assert_array_equal(got[:, :, 3], kernel[:, :, 0])
+  x = jax.random.normal(jax.random.key(1), (1, 32, 32, 3))
+  with_zeros = jnp.concatenate([x, jnp.zeros_like(x[..., :1])], -1)
+  np.testing.assert_allclose(model.apply(adapted, with_zeros)[1],
+                             model.apply(variables, x)[1], rtol=1e-5, atol=1e-6)
+
+
 def test_dropout_only_when_not_deterministic(seven_classes):
   model, _, variables = seven_classes
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))

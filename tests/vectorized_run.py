@@ -66,6 +66,9 @@ CASES = {
     "condcad": ("condcad", {}, {"lambda_": (0.1, 1.0, 0.01)}),
     "eqrm": ("eqrm", {"burnin_iters": 2}, {"quantile": (0.75, 0.5, 0.9),
                                             "lr": (1e-3, 1e-2, 1e-4)}),
+    # Images (5 x 2, one channel): its context network, BatchNorm over the
+    # whole batch, support sets per domain.
+    "arm": ("arm", {}, {}),
     # A network with dropout: each run its own rate (0 among them).
     "erm_dropout": ("erm", {}, {}),
 }
@@ -93,10 +96,13 @@ def run_hparams(case: str, run: int) -> train.StepSpec:
       dropout_rate=DROPOUT_RATES[run] if case == "erm_dropout" else 0.0)
 
 
-def make_batch(run: int) -> dict[str, np.ndarray]:
+def make_batch(run: int, case: str = "erm") -> dict[str, np.ndarray]:
   rng = np.random.default_rng(run)
   n = NUM_DOMAINS * PER_DOMAIN
-  return {"x": rng.normal(size=(n, 10)).astype(np.float32),
+  x = rng.normal(size=(n, 10)).astype(np.float32)
+  if case == "arm":  # its context network reads images
+    x = x.reshape(n, 5, 2, 1)
+  return {"x": x,
           "y": rng.integers(0, 4, n).astype(np.int32),
           "domain": np.repeat(np.arange(NUM_DOMAINS, dtype=np.int32),
                               PER_DOMAIN)}
@@ -138,9 +144,10 @@ def factory(case: str) -> train.AlgorithmFactory:
 
 def initial_state(case: str, run: int, hparams: train.StepSpec
                   ) -> train.TrainState:
-  batch = make_batch(run)
+  batch = make_batch(run, case)
   module = DropoutMLP() if case == "erm_dropout" else MODULE
-  params = module.init(jax.random.key(100 + run), batch["x"][:1])["params"]
+  params = module.init(jax.random.key(100 + run), algorithms.network_input(
+      CASES[case][0], batch["x"][:1]))["params"]
   algorithm = factory(case)(hparams)
   tx = optimizers.make(hparams.optimizer, hparams.lr, hparams.weight_decay)
   return train.create_train_state(jax.random.key(200 + run), params, algorithm,
@@ -163,7 +170,7 @@ def _alone(case: str, run: int, data_shards: int
   algorithm = factory(case)(hparams)
   tx = optimizers.make(hparams.optimizer, hparams.lr, hparams.weight_decay)
   step = jax.jit(train.make_train_step(algorithm, tx, hparams.schedule))
-  state, batch = initial_state(case, run, hparams), make_batch(run)
+  state, batch = initial_state(case, run, hparams), make_batch(run, case)
   if case == "erm_dropout":
     order = parallel.spread_domains(batch["domain"], data_shards)
     batch = {k: v[order] for k, v in batch.items()}
@@ -183,7 +190,7 @@ def together(case: str, runs: list[int], mesh) -> tuple[train.TrainState, list]:
   algorithm = factory(case)(shared, mesh)
   states = vectorized.stack(
       [initial_state(case, r, h) for r, h in zip(runs, hparams)], mesh)
-  batch = parallel.shard_run_batches([make_batch(r) for r in runs], mesh,
+  batch = parallel.shard_run_batches([make_batch(r, case) for r in runs], mesh,
                                      algorithm.needs_domain_blocks, NUM_DOMAINS)
   values = jax.device_put(varying, parallel.run_sharding(mesh))
   losses = []

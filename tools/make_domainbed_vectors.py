@@ -12,7 +12,8 @@ DomainBed commit in the sidecars when --domainbed is not a git checkout.)
 
 For each algorithm it builds DomainBed's class (domainbed/algorithms.py, read
 from --domainbed, never copied) on a vector input (its Featurizer is then
-DomainBed's MLP), with torch.set_default_dtype(torch.float64), from
+DomainBed's MLP; ARM, whose context network reads images, on (2, 28, 28)
+inputs and so MNIST_CNN), with torch.set_default_dtype(torch.float64), from
 torch.manual_seed(SEED) weights, and calls `update()` on CALLS different
 minibatch lists. After each call it saves every parameter and buffer
 (state_dict, DomainBed's names), every optimizer's Adam state, the returned
@@ -22,7 +23,20 @@ torch.Tensor.normal_ are wrapped while update() runs, and the call fails if
 the torch or numpy RNG moved without one of them (apart from the algorithms
 in RNG_USE_WITHOUT_DRAWS, whose reason is given). One .npz per algorithm,
 with a .json sidecar naming every key, its shape and meaning, the DomainBed
-commit, the hparams and this command.
+commit, the hparams and this command. For the algorithms in PREDICT_SIZES
+it also records, after the calls, `predict()` in eval mode on batches of
+those sizes (ARM: its support sets and BatchNorm running statistics).
+
+Arrays of more than LARGE elements (MNIST_CNN's and ARM's context network's
+weights, image batches) would not fit the files' budget, so they are not
+stored: such an input (an initial weight, a batch x) is drawn by
+`seeded_array` from a numpy RandomState whose seed and rule the sidecar's
+"seeded" entry gives (weights as torch's default init: U(-1/sqrt(fan_in),
+1/sqrt(fan_in))), and loaded into DomainBed's module before the first call;
+such a result (a parameter or buffer after a call) is stored as PROJECTIONS
+random projections (`projection`: a seeded standard-normal matrix times the
+flattened array), under call{k}.projection.<name>. The tests rebuild both
+from the sidecar.
 
 networks.py imports torchvision and timm at the top; neither is used by the
 MLP featurizer, so when they are not installed empty stand-in modules are
@@ -38,6 +52,7 @@ import shlex
 import subprocess
 import sys
 import types
+import zlib
 
 import numpy as np
 import torch
@@ -46,10 +61,17 @@ SEED = 0  # torch.manual_seed before building each algorithm (its weights)
 DATA_SEED = 1  # np.random.RandomState of the minibatches
 DRAW_SEED = 2  # np.random.seed before the first update (Mixup's np.random.beta)
 INPUT_SHAPE = (6,)
+# Algorithms that need images: their input shape (C, H, W).
+IMAGE_INPUTS = {"ARM": (2, 28, 28)}
+# Batch sizes of the eval-mode predict() recorded after the calls: ARM's 12
+# (not a multiple of its support size 8: one support set) and 16 (two).
+PREDICT_SIZES = {"ARM": (12, 16)}
 NUM_CLASSES = 3
 NUM_DOMAINS = 3
 BATCH = 8  # examples per domain minibatch
 CALLS = 3
+LARGE = 2000  # elements: larger arrays are seeded or projected (docstring)
+PROJECTIONS = 16
 DATASET = "PACS"  # whose defaults hparams_registry gives (overridden below)
 
 # Set for every algorithm: a small MLP featurizer, a learning rate and weight
@@ -91,6 +113,8 @@ OVERRIDES = {
     # Burn-in for the first call, then two quantile steps with a visible lr.
     "EQRM": {"eqrm_burnin_iters": 1, "eqrm_lr": 1e-3},
     "CausIRL_MMD": {},
+    # batch_size is PACS's default for ARM (8): the support size.
+    "ARM": {},
 }
 
 # What each algorithm's recorded draws are (keys call{k}.draw.<function>).
@@ -148,6 +172,39 @@ FLOAT32_NOTES = {
     "CDANN": "class_balance weights: 1/(y_counts[y] * C).float() are float32 "
              "(relative rounding ~6e-8 on each example's discriminator loss)",
 }
+
+
+# ------------------------------------------- arrays too large to be stored
+
+
+def seed_of(key):
+  return zlib.crc32(key.encode())
+
+
+def seeded_array(spec):
+  """The array a sidecar's "seeded" entry describes."""
+  rng = np.random.RandomState(spec["seed"])
+  if spec["distribution"] == "normal":
+    return rng.standard_normal(spec["shape"])
+  return rng.uniform(-spec["bound"], spec["bound"], spec["shape"])
+
+
+def seeded(key, shape, seeded_specs, bound=None):
+  """A seeded array for `key`, its spec recorded in `seeded_specs`."""
+  spec = {"seed": seed_of(key), "shape": list(shape),
+          "distribution": "normal" if bound is None else "uniform"}
+  if bound is not None:
+    spec["bound"] = bound
+  seeded_specs[key] = spec
+  return seeded_array(spec)
+
+
+def projection(name, value):
+  """PROJECTIONS seeded random projections of `value` (flattened)."""
+  value = np.asarray(value, np.float64).ravel()
+  matrix = np.random.RandomState(seed_of("projection." + name)).standard_normal(
+      (PROJECTIONS, value.size))
+  return matrix @ value
 
 
 # ------------------------------------------------------------------ imports
@@ -299,12 +356,17 @@ def algorithm_state(name, algorithm):
 # ----------------------------------------------------------------- batches
 
 
-def make_batches(rng):
-  """CALLS lists of NUM_DOMAINS (x, y): x ~ N(0, 1), y a shuffled
-  arange(B) % C (every class in every domain: CDANN's one_hot needs it)."""
+def make_batches(rng, input_shape, seeded_specs):
+  """CALLS lists of NUM_DOMAINS (x, y): x ~ N(0, 1) (seeded when large), y
+  a shuffled arange(B) % C (every class in every domain: CDANN's one_hot
+  needs it)."""
   calls = []
-  for _ in range(CALLS):
-    x = rng.standard_normal((NUM_DOMAINS, BATCH) + INPUT_SHAPE)
+  for call in range(CALLS):
+    shape = (NUM_DOMAINS, BATCH) + input_shape
+    if np.prod(shape) > LARGE:
+      x = seeded(f"call{call}.x", shape, seeded_specs)
+    else:
+      x = rng.standard_normal(shape)
     y = np.stack([rng.permutation(np.arange(BATCH) % NUM_CLASSES)
                   for _ in range(NUM_DOMAINS)]).astype(np.int64)
     calls.append((x, y))
@@ -326,23 +388,34 @@ def run_one(name, algorithms, hparams_registry):
   hparams = {**defaults, **changes}
 
   torch.manual_seed(SEED)
+  input_shape = IMAGE_INPUTS.get(name, INPUT_SHAPE)
   algorithm = algorithms.get_algorithm_class(name)(
-      INPUT_SHAPE, NUM_CLASSES, NUM_DOMAINS, hparams)
+      input_shape, NUM_CLASSES, NUM_DOMAINS, hparams)
   algorithm.train()
-  arrays = {}
+  arrays, seeded_specs = {}, {}
   aliases = state_aliases(algorithm)
+  with torch.no_grad():
+    for key, value in algorithm.state_dict().items():
+      if key not in aliases and value.is_floating_point() and (
+          value.numel() > LARGE):
+        bound = 1 / np.sqrt(np.prod(value.shape[1:]))
+        value.copy_(torch.tensor(seeded(f"init.{key}", value.shape,
+                                        seeded_specs, bound)))
   # Only what exists before the first call (Fish's network_inner appears
   # later: it is saved under call*.state).
   initial = set(algorithm.state_dict())
   for key, value in unique_state(algorithm, aliases, initial).items():
-    arrays[f"init.{key}"] = value
+    if f"init.{key}" not in seeded_specs:
+      arrays[f"init.{key}"] = value
   param_names = {n for n, _ in algorithm.named_parameters()}
 
-  batches = make_batches(np.random.RandomState(DATA_SEED))
+  data_rng = np.random.RandomState(DATA_SEED)
+  batches = make_batches(data_rng, input_shape, seeded_specs)
   np.random.seed(DRAW_SEED)
   loss_keys = []
   for call, (x, y) in enumerate(batches):
-    arrays[f"call{call}.x"] = x
+    if f"call{call}.x" not in seeded_specs:
+      arrays[f"call{call}.x"] = x
     arrays[f"call{call}.y"] = y
     minibatches = [(torch.tensor(x[d]), torch.tensor(y[d]))
                    for d in range(NUM_DOMAINS)]
@@ -366,7 +439,10 @@ def run_one(name, algorithms, hparams_registry):
       arrays[f"call{call}.loss.{key}"] = np.float64(value)
     for key, value in unique_state(algorithm, aliases, initial).items():
       kind = "param" if key in param_names else "buffer"
-      arrays[f"call{call}.{kind}.{key}"] = value
+      if value.dtype.kind == "f" and value.size > LARGE:
+        arrays[f"call{call}.projection.{key}"] = projection(key, value)
+      else:
+        arrays[f"call{call}.{kind}.{key}"] = value
     if name == "Fish":  # its inner Adam carries over to the next call
       names_by_param = {id(p): n for n, p in
                         algorithm.network_inner.named_parameters()}
@@ -376,10 +452,17 @@ def run_one(name, algorithms, hparams_registry):
           arrays[f"call{call}.adam.optimizer_inner.{pname}.{k}"] = v
     for key, value in algorithm_state(name, algorithm).items():
       arrays[f"call{call}.state.{key}"] = value
+  algorithm.eval()
+  for size in PREDICT_SIZES.get(name, ()):
+    x = seeded(f"predict{size}.x", (size,) + input_shape, seeded_specs)
+    with torch.no_grad():
+      arrays[f"predict{size}.logits"] = algorithm.predict(
+          torch.tensor(x)).numpy()
+  algorithm.train()
   arrays = {k: (v.astype(np.float64) if v.dtype.kind == "f" else v)
             for k, v in arrays.items()}
   return (arrays, hparams, changes, own, loss_keys,
-          sorted(param_names - set(aliases)), aliases)
+          sorted(param_names - set(aliases)), aliases, seeded_specs)
 
 
 def key_meaning(key, name):
@@ -387,6 +470,9 @@ def key_meaning(key, name):
   if parts[0] == "init":
     return ("the state_dict entry (DomainBed's name after 'init.') before "
             "the first call, torch layout (Linear weight: (out, in))")
+  if parts[0].startswith("predict"):
+    return ("after the last call, in eval mode: predict()'s input x (one "
+            "loader batch of N examples, NCHW) and the logits it returned")
   call = parts[0]
   kind = parts[1]
   rest = ".".join(parts[2:])
@@ -398,6 +484,9 @@ def key_meaning(key, name):
   if kind == "param":
     return (f"a parameter (DomainBed's state_dict name in place of *) after "
             f"{call}'s update(), torch layout")
+  if kind == "projection":
+    return (f"{PROJECTIONS} random projections of a parameter or buffer "
+            f"after {call}'s update() (too large to store; module docstring)")
   if kind == "buffer":
     return (f"a buffer (DomainBed's state_dict name in place of *) after "
             f"{call}'s update()")
@@ -423,9 +512,11 @@ def key_patterns(arrays, name):
   patterns = {}
   for key in arrays:
     parts = key.split(".")
+    if parts[0].startswith("predict"):
+      parts[0] = "predict*"
     if parts[0].startswith("call"):
       parts[0] = "call*"
-    if parts[0] == "init" or parts[1] in ("param", "buffer"):
+    if parts[0] == "init" or parts[1] in ("param", "buffer", "projection"):
       parts[1 if parts[0] == "init" else 2:] = ["*"]
     elif parts[1] == "adam":
       parts[3:-1] = ["*"]
@@ -441,7 +532,7 @@ def key_patterns(arrays, name):
 
 
 def sidecar(name, arrays, hparams, changes, own, loss_keys, params, aliases,
-            commit, stubs, command):
+            seeded_specs, commit, stubs, command):
   return {
       "what": (f"DomainBed's own {name}.update() (domainbed/algorithms.py), "
                f"{CALLS} consecutive calls on {CALLS} different minibatch "
@@ -453,15 +544,18 @@ def sidecar(name, arrays, hparams, changes, own, loss_keys, params, aliases,
                    "python": sys.version.split()[0],
                    "backpack-for-pytorch": _version("backpack-for-pytorch")},
       "stand_in_modules": stubs,
-      "setup": {"input_shape": list(INPUT_SHAPE), "num_classes": NUM_CLASSES,
+      "setup": {"input_shape": list(IMAGE_INPUTS.get(name, INPUT_SHAPE)), "num_classes": NUM_CLASSES,
                 "num_domains": NUM_DOMAINS, "batch_per_domain": BATCH,
                 "calls": CALLS, "torch_seed": SEED, "data_seed": DATA_SEED,
                 "numpy_draw_seed": DRAW_SEED,
                 "hparams_registry_dataset": DATASET},
-      "network": ("DomainBed networks.MLP featurizer: input Linear(in, w), "
-                  "ReLU, (mlp_depth - 2) x [Linear(w, w), ReLU], output "
-                  "Linear(w, w) with no final ReLU (mlp_dropout 0); then "
-                  "the linear classifier. torch default init after "
+      "network": (("DomainBed networks.MNIST_CNN featurizer (input "
+                   "channels as the algorithm builds it)" if name in
+                   IMAGE_INPUTS else
+                   "DomainBed networks.MLP featurizer: input Linear(in, w), "
+                   "ReLU, (mlp_depth - 2) x [Linear(w, w), ReLU], output "
+                   "Linear(w, w) with no final ReLU (mlp_dropout 0)")
+                  + "; then the linear classifier. torch default init after "
                   "torch.manual_seed(torch_seed)."),
       "hparams": hparams,
       "changed_from_defaults": changes,
@@ -475,6 +569,15 @@ def sidecar(name, arrays, hparams, changes, own, loss_keys, params, aliases,
       "shim": SHIMS.get(name),
       "key_patterns": key_patterns(arrays, name),
       "keys": {k: [str(v.dtype), list(v.shape)] for k, v in arrays.items()},
+      "seeded": seeded_specs,
+      "large_arrays": {
+          "elements_above": LARGE, "projections": PROJECTIONS,
+          "seeded_rule": "numpy RandomState(seed): standard_normal(shape) "
+                         "('normal'), uniform(-bound, bound, shape) "
+                         "('uniform')",
+          "projection_rule": "RandomState(crc32('projection.' + name))"
+                             ".standard_normal((projections, size)) @ "
+                             "value.ravel()"},
   }
 
 
@@ -499,12 +602,13 @@ def main():
   command = shlex.join([sys.executable, *sys.argv])
   os.makedirs(args.out, exist_ok=True)
   for name in args.algorithms:
-    arrays, hparams, changes, own, loss_keys, params, aliases = run_one(
-        name, algorithms, hparams_registry)
+    arrays, hparams, changes, own, loss_keys, params, aliases, seeded_specs = (
+        run_one(name, algorithms, hparams_registry))
     np.savez_compressed(os.path.join(args.out, f"{name}.npz"), **arrays)
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
       json.dump(sidecar(name, arrays, hparams, changes, own, loss_keys, params,
-                        aliases, commit, stubs, command), f, indent=1)
+                        aliases, seeded_specs, commit, stubs, command), f,
+                indent=1)
       f.write("\n")
     print(name, len(arrays), "arrays", "losses:", loss_keys)
 

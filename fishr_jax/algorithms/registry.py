@@ -9,6 +9,9 @@ dataclass, `schedule` a `base.Schedule` and `mesh` the data-parallel mesh
 the step will run on (None: one device). Its `DomainBedSpec` gives
 DomainBed's name for it, its own hparams (default and random-search sampler,
 DomainBed's names) and how those hparams set its config and schedule fields.
+An algorithm whose network reads more input channels than the data has
+(ARM appends a context channel) registers `added_input_channels`; the
+experiments build the network for them (`network_input`).
 """
 
 import dataclasses
@@ -30,8 +33,8 @@ def _no_fields(hparams: HParams) -> dict[str, Any]:
 class DomainBedSpec:
   name: str  # DomainBed's class name, e.g. "Fishr"
   hparams: dict[str, tuple[Any, Callable]]  # name -> (default, sampler)
-  # DomainBed hparams -> fields of the algorithm's Config, e.g.
-  # {"lambda_": h["lambda"], "ema": h["ema"]}.
+  # DomainBed hparams (its own and the shared ones) -> fields of the
+  # algorithm's Config, e.g. {"lambda_": h["lambda"], "ema": h["ema"]}.
   to_config: Callable[[HParams], dict[str, Any]] = _no_fields
   # DomainBed hparams -> fields of base.Schedule, e.g.
   # {"penalty_anneal_iters": h["penalty_anneal_iters"]}.
@@ -52,12 +55,14 @@ class Entry:
   make: Callable
   config_class: type
   domainbed: DomainBedSpec
+  added_input_channels: int = 0
 
 
 _ENTRIES: dict[str, Entry] = {}
 
 
-def register(name: str, config_class: type, domainbed: DomainBedSpec
+def register(name: str, config_class: type, domainbed: DomainBedSpec, *,
+             added_input_channels: int = 0
              ) -> Callable[[Callable], Callable]:
   if not (dataclasses.is_dataclass(config_class)
           and config_class.__dataclass_params__.frozen):
@@ -67,7 +72,8 @@ def register(name: str, config_class: type, domainbed: DomainBedSpec
   def decorator(factory: Callable) -> Callable:
     if name in _ENTRIES:
       raise ValueError(f"Algorithm {name!r} is registered twice.")
-    _ENTRIES[name] = Entry(name, factory, config_class, domainbed)
+    _ENTRIES[name] = Entry(name, factory, config_class, domainbed,
+                           added_input_channels)
     return factory
   return decorator
 

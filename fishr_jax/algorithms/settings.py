@@ -100,9 +100,11 @@ def all_hparam_names() -> list[str]:
 
 def domainbed_options(name: str) -> tuple[str, ...]:
   """The fields of `name`'s Config that no DomainBed hparam sets."""
+  from fishr_jax import hparams as hparams_lib  # pylint: disable=g-import-not-at-top
   spec = registry.get(name).domainbed
-  defaults = {k: default
-              for k, (default, _) in spec.hparams_for(True).items()}
+  # Its own hparams and the shared ones (ARM's support size is the batch size).
+  defaults = {k: default for k, (default, _)
+              in hparams_lib.specs(name, "ColoredMNIST").items()}
   set_by_hparams = set(spec.to_config(defaults))
   return tuple(f.name for f in dataclasses.fields(registry.get(name).config_class)
                if f.name not in set_by_hparams)
