@@ -235,7 +235,8 @@ def compile_step(setting: dict[str, Any], variant: str, mesh=None):
   alg_config, schedule, lr = setting["algorithm"](name, fishr_options)
   model = setting["model"]
   variables = dict(jax.jit(model.init)(jax.random.key(1),
-                                       setting["batch"]["x"][:1]))
+                                       algorithms.network_input(
+                                           name, setting["batch"]["x"][:1])))
   params = variables.pop("params")
   network = algorithms.Network.from_module(
       model, frozen=variables, stochastic=setting.get("stochastic", False))
@@ -341,7 +342,8 @@ def compile_vectorized_step(setting: dict[str, Any], variant: str,
   specs, states = [], []
   for run in range(num_runs):
     variables = dict(jax.jit(model.init)(jax.random.key(run),
-                                         setting["batch"]["x"][:1]))
+                                         algorithms.network_input(
+                                             name, setting["batch"]["x"][:1])))
     params = variables.pop("params")
     network = algorithms.Network.from_module(
         model, frozen=variables, stochastic=setting.get("stochastic", False))
