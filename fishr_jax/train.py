@@ -229,12 +229,21 @@ def _duration(seconds: float) -> str:
 class Progress:
   """Where a run stands, for a person: on a terminal a tqdm bar with rate
   and ETA; elsewhere a line with the ETA at least every `every_s` seconds
-  (and the record lines). Only the primary process prints. The ETA counts
-  from `start()` (after the compile)."""
+  (and the record lines). Only the primary process prints.
+
+  The ETA counts from `start()` (after the compile). Once a record is
+  written it is the steps left times the last record's `step_time` plus the
+  records left (one every `record_every` steps) times the mean time of a
+  record: whatever of the elapsed time the updates do not explain (its
+  evaluation, writes, checkpoint). So a run that evaluates at step 0 is not
+  estimated as if every step evaluated."""
 
   def __init__(self, name: str, steps: int, start_step: int,
-               every_s: float = 30.0):
+               record_every: int, every_s: float = 30.0):
     self.name, self.steps, self.every_s = name, steps, every_s
+    self.record_every = record_every
+    self.update_s, self.records, self.last_record = 0.0, 0, start_step - 1
+    self.step_time: float | None = None
     self.primary = parallel.is_primary()
     self.interactive = self.primary and sys.stderr.isatty()
     self.bar = tqdm.tqdm(total=steps, initial=start_step, unit="step",
@@ -257,7 +266,14 @@ class Progress:
     if step + 1 >= self.steps:
       return None
     elapsed = time.time() - self.started
-    return elapsed / (step + 1 - self.start_step) * (self.steps - step - 1)
+    steps_left = self.steps - step - 1
+    if self.step_time is None:  # no record yet
+      return elapsed / (step + 1 - self.start_step) * steps_left
+    per_record = max(elapsed - self.update_s, 0.0) / self.records
+    last = self.steps - 1
+    records_left = (last // self.record_every - step // self.record_every
+                    + (last % self.record_every != 0))
+    return self.step_time * steps_left + per_record * records_left
 
   def update(self, step: int) -> None:
     """After `step`: the bar, or a line if `every_s` have passed."""
@@ -268,8 +284,15 @@ class Progress:
                f"{_duration(self.eta(step) or 0.0)}")
 
   def record(self, record: Record, name: str = "") -> None:
-    """A record's line (`name`: the run's, in a group)."""
-    line = format_record(record, self.steps, self.eta(record["step"]))
+    """A record's line (`name`: the run's, in a group, whose runs share a
+    record's step and step_time)."""
+    step = record["step"]
+    if step != self.last_record:
+      self.step_time = record["step_time"]
+      self.update_s += self.step_time * (step - self.last_record)
+      self.records += 1
+      self.last_record = step
+    line = format_record(record, self.steps, self.eta(step))
     if self.primary:
       self.bar.write((f"{name}: " if name else self.prefix) + line)
       sys.stdout.flush()
@@ -414,7 +437,8 @@ def train_loop(run: Run, progress_every_s: float = 30.0) -> list[Record]:
     start_step = int(state.step)
     if start_step >= run.steps:
       return nothing_left(folder, records)
-    progress = Progress(run.name, run.steps, start_step, progress_every_s)
+    progress = Progress(run.name, run.steps, start_step, run.record_every,
+                        progress_every_s)
     batches = run.batches(start_step)
     first = next(batches)
     compile_step(run.train_step, state, first, progress)

@@ -338,7 +338,8 @@ def _train_together(group: Group, indices: list[int], members: list[_Member],
   program = group.program(indices, [m.state for m in members], start_step)
   name = (first.name if len(members) == 1 else
           f"{first.name} .. {members[-1].run.name} ({len(members)} runs)")
-  progress = train.Progress(name, steps, start_step, progress_every_s)
+  progress = train.Progress(name, steps, start_step, first.record_every,
+                            progress_every_s)
   batches = program.batches
   batch = next(batches)
   progress.say("compiling the train step...")

@@ -123,6 +123,24 @@ def test_progress_lines_with_eta_when_not_on_a_terminal(tmp_path, capsys):
   assert "toy: step 2/4  eta" in out
 
 
+def test_the_eta_counts_an_evaluation_per_record_not_per_step(monkeypatch):
+  """2001 steps, a record every 500 (DomainBed's 5 evaluations): after step
+  0's update (1 s) and evaluation (60 s), 2000 steps and 4 evaluations are
+  left, not 2000 of each."""
+  now = [1000.0]
+  monkeypatch.setattr(train.time, "time", lambda: now[0])
+  progress = train.Progress("toy", steps=2001, start_step=0, record_every=500)
+  progress.start()
+  now[0] += 1.0 + 60.0
+  progress.record({"step": 0, "step_time": 1.0})
+  assert progress.eta(0) == pytest.approx(2000 * 1.0 + 4 * 60.0)
+  now[0] += 500 * 1.0 + 60.0  # steps 1..500, the record at step 500
+  progress.record({"step": 500, "step_time": 1.0}, name="run 0")
+  progress.record({"step": 500, "step_time": 1.0}, name="run 1")  # a group
+  assert progress.eta(500) == pytest.approx(1500 * 1.0 + 3 * 60.0)
+  assert progress.eta(2000) is None
+
+
 # ------------------------------------------------- when something goes wrong
 
 
