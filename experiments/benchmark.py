@@ -234,9 +234,9 @@ def compile_step(setting: dict[str, Any], variant: str, mesh=None):
   name, fishr_options = _variant(variant)
   alg_config, schedule, lr = setting["algorithm"](name, fishr_options)
   model = setting["model"]
-  variables = dict(jax.jit(model.init)(jax.random.key(1),
-                                       algorithms.network_input(
-                                           name, setting["batch"]["x"][:1])))
+  variables = dict(models.init_variables(
+      model, jax.random.key(1),
+      algorithms.network_input(name, setting["batch"]["x"][:1])))
   params = variables.pop("params")
   network = algorithms.Network.from_module(
       model, frozen=variables, stochastic=setting.get("stochastic", False))
@@ -341,9 +341,9 @@ def compile_vectorized_step(setting: dict[str, Any], variant: str,
   mesh = parallel.make_runs_mesh(num_runs, 1)
   specs, states = [], []
   for run in range(num_runs):
-    variables = dict(jax.jit(model.init)(jax.random.key(run),
-                                         algorithms.network_input(
-                                             name, setting["batch"]["x"][:1])))
+    variables = dict(models.init_variables(
+        model, jax.random.key(run),
+        algorithms.network_input(name, setting["batch"]["x"][:1])))
     params = variables.pop("params")
     network = algorithms.Network.from_module(
         model, frozen=variables, stochastic=setting.get("stochastic", False))

@@ -10,6 +10,7 @@ speed); parameters stay float32, and the losses and Fishr's moments are
 taken in float32 from the bfloat16 activations.
 """
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -30,6 +31,14 @@ def compute_dtype(name: str) -> Any:
         f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, "
         f"got {name!r}.")
   return COMPUTE_DTYPES[name]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def init_variables(module: nn.Module, rng: jax.Array, x: jax.Array) -> Any:
+  """module.init(rng, x), compiled once per module and input shape in a
+  process (modules compare by value): the runs of a sweep or a group, and
+  every test, share it."""
+  return module.init(rng, x)
 
 
 @jax.custom_jvp

@@ -81,7 +81,7 @@ def make_network(dataset: domainbed.Dataset, hparams: dict[str, Any],
   dtype = models.compute_dtype(config.compute_dtype)
   if domainbed.dataset_spec(dataset.name).backbone == "mnist_cnn":
     module = models.MNISTCNN(num_outputs=dataset.num_classes, dtype=dtype)
-    return module, {}, jax.jit(module.init)(rng, sample_x)["params"]
+    return module, {}, models.init_variables(module, rng, sample_x)["params"]
   from fishr_jax import resnet  # pylint: disable=g-import-not-at-top
   depth = 18 if hparams["resnet18"] else 50
   module = resnet.ResNet(depth=depth, num_classes=dataset.num_classes,
@@ -95,7 +95,7 @@ def make_network(dataset: domainbed.Dataset, hparams: dict[str, Any],
   else:
     print("No config.pretrained_checkpoint: the ResNet starts from random "
           "weights, unlike DomainBed's ImageNet initialization.", flush=True)
-    variables = jax.jit(module.init)(rng, sample_x)
+    variables = models.init_variables(module, rng, sample_x)
   return module, {"batch_stats": variables["batch_stats"]}, variables["params"]
 
 
