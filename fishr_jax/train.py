@@ -244,6 +244,7 @@ class Progress:
     self.record_every = record_every
     self.update_s, self.records, self.last_record = 0.0, 0, start_step - 1
     self.step_time: float | None = None
+    self.per_record = 0.0
     self.primary = parallel.is_primary()
     self.interactive = self.primary and sys.stderr.isatty()
     self.bar = tqdm.tqdm(total=steps, initial=start_step, unit="step",
@@ -265,15 +266,14 @@ class Progress:
     """Seconds left after `step`; None after the last step."""
     if step + 1 >= self.steps:
       return None
-    elapsed = time.time() - self.started
     steps_left = self.steps - step - 1
     if self.step_time is None:  # no record yet
+      elapsed = time.time() - self.started
       return elapsed / (step + 1 - self.start_step) * steps_left
-    per_record = max(elapsed - self.update_s, 0.0) / self.records
     last = self.steps - 1
     records_left = (last // self.record_every - step // self.record_every
                     + (last % self.record_every != 0))
-    return self.step_time * steps_left + per_record * records_left
+    return self.step_time * steps_left + self.per_record * records_left
 
   def update(self, step: int) -> None:
     """After `step`: the bar, or a line if `every_s` have passed."""
@@ -292,6 +292,8 @@ class Progress:
       self.update_s += self.step_time * (step - self.last_record)
       self.records += 1
       self.last_record = step
+      self.per_record = max(time.time() - self.started - self.update_s,
+                            0.0) / self.records
     line = format_record(record, self.steps, self.eta(step))
     if self.primary:
       self.bar.write((f"{name}: " if name else self.prefix) + line)

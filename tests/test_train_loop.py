@@ -134,7 +134,9 @@ def test_the_eta_counts_an_evaluation_per_record_not_per_step(monkeypatch):
   now[0] += 1.0 + 60.0
   progress.record({"step": 0, "step_time": 1.0})
   assert progress.eta(0) == pytest.approx(2000 * 1.0 + 4 * 60.0)
-  now[0] += 500 * 1.0 + 60.0  # steps 1..500, the record at step 500
+  now[0] += 250 * 1.0  # between records: the steps so far are not records
+  assert progress.eta(250) == pytest.approx(1750 * 1.0 + 4 * 60.0)
+  now[0] += 250 * 1.0 + 60.0  # steps 251..500, the record at step 500
   progress.record({"step": 500, "step_time": 1.0}, name="run 0")
   progress.record({"step": 500, "step_time": 1.0}, name="run 1")  # a group
   assert progress.eta(500) == pytest.approx(1500 * 1.0 + 3 * 60.0)
