@@ -90,7 +90,9 @@ def make_network(dataset: domainbed.Dataset, hparams: dict[str, Any],
     pretrained = resnet.load_torchvision_checkpoint(
         config.pretrained_checkpoint, depth, num_classes=dataset.num_classes)
     variables = resnet.with_fresh_head(module, pretrained, rng)
-    if sample_x.shape[-1] != 3:  # ARM's context channel
+    # DomainBed's ResNet adapts the stem to inputs of other than 3
+    # channels (ARM's 4: the image and its context).
+    if sample_x.shape[-1] != 3:
       variables = resnet.with_input_channels(variables, sample_x.shape[-1])
   else:
     print("No config.pretrained_checkpoint: the ResNet starts from random "

@@ -471,8 +471,8 @@ def key_meaning(key, name):
     return ("the state_dict entry (DomainBed's name after 'init.') before "
             "the first call, torch layout (Linear weight: (out, in))")
   if parts[0].startswith("predict"):
-    return ("after the last call, in eval mode: predict()'s input x (one "
-            "loader batch of N examples, NCHW) and the logits it returned")
+    return ("after the last call, in eval mode, predict() on a batch of N "
+            "examples (NCHW; x is seeded, see 'seeded'): the logits")
   call = parts[0]
   kind = parts[1]
   rest = ".".join(parts[2:])

@@ -11,10 +11,16 @@ cross-entropy.
 What DomainBed's code does, and this module with it:
 - Support sets: in training, each domain's minibatch (DomainBed's
   `support_size` is the batch size, and the batch is the domains' minibatches
-  in order); at evaluation, DomainBed's loaders give 64 consecutive examples
-  of a split at a time (`EVAL_CHUNK`), and `predict` splits such a chunk
-  into support sets of `support_size` when it divides the chunk's length,
-  else keeps the chunk as one set (`support_sets`).
+  in order); at evaluation, DomainBed's loaders give 64 examples of a split
+  at a time (`EVAL_CHUNK`), and `predict` splits such a chunk into support
+  sets of `support_size` when it divides the chunk's length, else keeps the
+  chunk as one set (`support_sets`). One difference, chosen: DomainBed's
+  eval loader draws its chunks from a fresh random permutation of the split
+  at every evaluation (FastDataLoader's RandomSampler), so its ARM accuracy
+  is itself random; here the chunks are consecutive in the split's order,
+  which is already a seeded shuffle, so one evaluation draws from the same
+  distribution and evaluating the same parameters twice gives the same
+  accuracy.
 - The context network is never trained: ERM's optimizer is built over the
   network's parameters before ARM adds it. So ARM owns its update, which
   steps the network alone, and keeps the context network's weights and its
@@ -26,6 +32,7 @@ What DomainBed's code does, and this module with it:
 """
 
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -38,6 +45,7 @@ from fishr_jax import ranges
 from fishr_jax.algorithms import base
 from fishr_jax.algorithms import registry
 
+PyTree = Any
 CONTEXT = "arm_context"  # the context network's weights
 CONTEXT_STATS = "arm_context_stats"  # its BatchNorm running statistics
 # The batch of DomainBed's evaluation loaders (scripts/train.py): the unit
@@ -121,14 +129,14 @@ def support_sets(valid: jax.Array, support_size: int
   return jnp.where(valid, sets, num_chunks * per_chunk), num_chunks * per_chunk + 1
 
 
-def network_params(params):
+def network_params(params: PyTree) -> PyTree:
   """The parameters ARM trains: everything but the context network's."""
   return {k: v for k, v in params.items() if k not in (CONTEXT, CONTEXT_STATS)}
 
 
 @registry.register("arm", Config, DOMAINBED, added_input_channels=1)
 def make(network: base.Network, num_domains: int, config: Config,
-         schedule: base.Schedule, mesh=None) -> base.Algorithm:
+         schedule: base.Schedule, mesh: Any = None) -> base.Algorithm:
   del mesh  # the context's means are over the global batch
   context_net = ContextNet()
 
@@ -191,13 +199,17 @@ def make(network: base.Network, num_domains: int, config: Config,
                         predict=predict)
 
 
-# The DomainBed vectors' layout (tests/test_domainbed_updates.py).
+# DomainBed's ContextNet is an nn.Sequential: its index of each layer here
+# (the ReLUs, 2 and 5, hold no weights). For the DomainBed vectors
+# (tests/test_domainbed_updates.py).
 _TORCH_LAYERS = {"0": "conv0", "1": "norm0", "3": "conv1", "4": "norm1",
                  "6": "conv2"}
 
 
-def load_domainbed_extras(params, alg_state, extras):
-  """params with DomainBed's context_net weights and running statistics."""
+def load_domainbed_extras(params: PyTree, alg_state: PyTree,
+                          extras: dict[str, Any]) -> tuple[PyTree, PyTree]:
+  """params with DomainBed's context_net weights and running statistics
+  ({DomainBed name: torch-layout array})."""
   context = {}
   # Running statistics not in `extras` keep their initial 0 and 1 (torch's).
   stats = {layer: dict(v) for layer, v in params[CONTEXT_STATS].items()}
@@ -215,7 +227,9 @@ def load_domainbed_extras(params, alg_state, extras):
   return {**params, CONTEXT: context, CONTEXT_STATS: stats}, alg_state
 
 
-def domainbed_extras(params, alg_state):
+def domainbed_extras(params: PyTree, alg_state: PyTree) -> dict[str, Any]:
+  """{DomainBed name: torch-layout array} of the context network's weights
+  and running statistics."""
   del alg_state
   out = {}
   for index, layer in _TORCH_LAYERS.items():
