@@ -150,14 +150,11 @@ def make(network: base.Network, num_domains: int, config: Config,
                                       mutable=["batch_stats"])
     return maps, updates["batch_stats"]
 
-  def with_context(x, maps, sets, num_sets, weights):
-    """x with each example's support set's mean context map appended."""
-    flat = maps.reshape(maps.shape[0], -1)
-    sums = jax.ops.segment_sum(flat * weights[:, None], sets, num_sets)
-    counts = jax.ops.segment_sum(weights, sets, num_sets)
-    means = sums / jnp.maximum(counts, 1)[:, None]
-    return jnp.concatenate([x, means[sets].reshape(maps.shape).astype(x.dtype)],
-                           axis=-1)
+  def with_context(x, maps, sets, num_sets):
+    """x with each example's support set's mean context map appended (a set
+    with no example has no mean, and no example reads it)."""
+    means = penalties.domain_mean(maps, sets, num_sets)
+    return jnp.concatenate([x, means[sets].astype(x.dtype)], axis=-1)
 
   def init_params(rng, params, batch):
     variables = context_net.init(rng, batch["x"][:1], False)
@@ -171,7 +168,7 @@ def make(network: base.Network, num_domains: int, config: Config,
     del step
     maps, stats = context(params, batch["x"], train=True)
     x = with_context(batch["x"], jax.lax.stop_gradient(maps), batch["domain"],
-                     num_domains, jnp.ones(maps.shape[:1], maps.dtype))
+                     num_domains)
 
     def loss_fn(trained):
       _, logits = network.forward(trained, x, rng)
@@ -191,7 +188,7 @@ def make(network: base.Network, num_domains: int, config: Config,
     del rng
     maps, _ = context(params, x, train=False)
     sets, num_sets = support_sets(valid, config.support_size)
-    x = with_context(x, maps, sets, num_sets, valid.astype(maps.dtype))
+    x = with_context(x, maps, sets, num_sets)
     return network.forward(params, x, None)[1]
 
   return base.Algorithm(name="arm", init_state=base.no_state, update=update,
