@@ -2,7 +2,8 @@
 
   python -m experiments.accelerator_check --output_dir results/accelerator
 
-(--output_dir, --repeats, --warmup, --compute_dtype: the benchmark's flags.)
+(--output_dir, --repeats, --warmup, --compute_dtype: the benchmark's flags;
+--test_workers N runs the tests on N pytest-xdist workers.)
 
 On whatever backend JAX finds (GPU, TPU, or CPU):
 1. the tests that matter there, run on that backend: the Fishr paths
@@ -14,7 +15,8 @@ On whatever backend JAX finds (GPU, TPU, or CPU):
    heads at 224 px, ERM against Fishr; and K = 1, 4, 10, 20 runs per
    vectorized program for the default Colored MNIST run and MNIST_CNN;
 and writes accelerator_check.md and accelerator_check.json, the device
-named. `--tiny` shrinks every row (CPU: the test suite runs it so that the
+named, after each stage (a check cut short keeps what it measured, marked
+partial). `--tiny` shrinks every row (CPU: the test suite runs it so that the
 script cannot rot; its numbers mean nothing).
 """
 
@@ -42,6 +44,9 @@ _TESTS = flags.DEFINE_list("tests", list(TESTS),
                            "pytest paths (or node ids) to run; empty: none.")
 _TEST_TIMEOUT = flags.DEFINE_integer("test_timeout_s", 240,
                                      "Limit of the pytest run.")
+_TEST_WORKERS = flags.DEFINE_integer(
+    "test_workers", 1, "pytest-xdist workers sharing the accelerator (each "
+    "allocates GPU memory as it needs it rather than 75% up front).")
 
 
 def run_tests(paths: Sequence[str]) -> dict[str, Any]:
@@ -50,11 +55,15 @@ def run_tests(paths: Sequence[str]) -> dict[str, Any]:
   if not paths:
     return {"paths": [], "summary": "not run", "exit_code": None}
   command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-             "-m", "not slow and not perf", *paths]
+             "-m", "not slow and not perf", "-n", str(_TEST_WORKERS.value),
+             *paths]
+  env = dict(os.environ)
+  if _TEST_WORKERS.value > 1:
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   start = time.time()
   try:
     out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
-                         timeout=_TEST_TIMEOUT.value)
+                         timeout=_TEST_TIMEOUT.value, env=env)
     lines = out.stdout.strip().splitlines() or [""]
     summary, code = lines[-1].strip("= "), out.returncode
   except subprocess.TimeoutExpired:
@@ -81,10 +90,28 @@ def markdown(report: dict[str, Any]) -> str:
   tests = report["tests"]
   return (f"# Accelerator check\n\nDevice: {report['device']}; JAX "
           f"{report['jax']}; {report['wall_time_s']:.0f} s in all"
-          f"{' (tiny sizes)' if report['tiny'] else ''}.\n\n"
+          f"{' (tiny sizes)' if report['tiny'] else ''}"
+          f"{'' if report['complete'] else ' (cut short: partial)'}.\n\n"
           f"Tests ({', '.join(tests['paths']) or 'none'}): "
           f"{tests['summary']}.\n\n"
           + benchmark.markdown(report["benchmark"], report["device"]))
+
+
+def write_report(tests: dict[str, Any], results: dict[str, Any], done: bool,
+                 start: float) -> str:
+  """Writes accelerator_check.md and .json as they stand, so that a check
+  cut short (a lease's limit, a crash) leaves what it measured."""
+  report = {**benchmark.report(dict(results)), "tiny": _TINY.value,
+            "tests": tests, "complete": done,
+            "wall_time_s": time.time() - start}
+  report["benchmark"] = report.pop("results")
+  os.makedirs(benchmark._OUTPUT_DIR.value, exist_ok=True)
+  text = markdown(report)
+  with open(os.path.join(benchmark._OUTPUT_DIR.value, "accelerator_check.md"), "w") as f:
+    f.write(text)
+  with open(os.path.join(benchmark._OUTPUT_DIR.value, "accelerator_check.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  return text
 
 
 def main(argv: Sequence[str]) -> None:
@@ -98,25 +125,18 @@ def main(argv: Sequence[str]) -> None:
   tests = run_tests(_TESTS.value)
   print(f"tests: {tests['summary']}", flush=True)
   results = {}
+  write_report(tests, results, done=False, start=start)
   for name, setting in quick_settings(_TINY.value).items():
     print(f"benchmarking {setting['description']} ...", flush=True)
     results[name] = benchmark.benchmark_setting(setting)
+    write_report(tests, results, done=False, start=start)
   print("benchmarking runs per program ...", flush=True)
   if _TINY.value:
     results["runs_per_program"] = benchmark.runs_per_program(
         counts=(1, 2), setups=quick_settings(tiny=True))
   else:
     results["runs_per_program"] = benchmark.runs_per_program()
-  report = {**benchmark.report(results), "tiny": _TINY.value,
-            "tests": tests, "wall_time_s": time.time() - start}
-  report["benchmark"] = report.pop("results")
-  os.makedirs(benchmark._OUTPUT_DIR.value, exist_ok=True)
-  text = markdown(report)
-  with open(os.path.join(benchmark._OUTPUT_DIR.value, "accelerator_check.md"), "w") as f:
-    f.write(text)
-  with open(os.path.join(benchmark._OUTPUT_DIR.value, "accelerator_check.json"), "w") as f:
-    json.dump(report, f, indent=2)
-  print(text)
+  print(write_report(tests, results, done=True, start=start))
   if tests["exit_code"] not in (0, None):
     sys.exit(1)
 

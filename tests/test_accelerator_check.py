@@ -21,6 +21,7 @@ def test_accelerator_check_writes_its_report(tmp_path):
                  check=True, cwd=ROOT, env=env, timeout=900)
   report = json.loads((tmp_path / "accelerator_check.json").read_text())
   assert report["device"].startswith("CPU") and report["tiny"]
+  assert report["complete"]
   assert report["tests"]["exit_code"] == 0
   assert report["tests"]["summary"].startswith("1 passed")
   runs = report["benchmark"].pop("runs_per_program")
