@@ -22,6 +22,7 @@ script cannot rot; its numbers mean nothing).
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -49,14 +50,26 @@ _TEST_WORKERS = flags.DEFINE_integer(
     "allocates GPU memory as it needs it rather than 75% up front).")
 
 
+def failures(output: str) -> dict[str, str]:
+  """Failed tests in pytest's output, each with its one-line reason: from
+  the short summary (`FAILED id - reason`), else from the verbose lines
+  (`[gw0] [ 5%] FAILED id`) of a run cut short."""
+  found = {}
+  for line in output.splitlines():
+    match = re.search(r"FAILED (\S+::\S+)(?: - (.*))?$", line.strip())
+    if match and (match[2] or match[1] not in found):
+      found[match[1]] = (match[2] or "").strip()
+  return found
+
+
 def run_tests(paths: Sequence[str]) -> dict[str, Any]:
   """pytest on `paths` in a subprocess (the default backend: the
-  accelerator); its exit code, summary line and time."""
+  accelerator); its exit code, summary line, failures and time."""
   if not paths:
     return {"paths": [], "summary": "not run", "exit_code": None}
-  command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-             "-m", "not slow and not perf", "-n", str(_TEST_WORKERS.value),
-             *paths]
+  command = [sys.executable, "-m", "pytest", "-v", "-rf", "-p",
+             "no:cacheprovider", "-m", "not slow and not perf", "-n",
+             str(_TEST_WORKERS.value), *paths]
   env = dict(os.environ)
   if _TEST_WORKERS.value > 1:
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
@@ -64,12 +77,15 @@ def run_tests(paths: Sequence[str]) -> dict[str, Any]:
   try:
     out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
                          timeout=_TEST_TIMEOUT.value, env=env)
-    lines = out.stdout.strip().splitlines() or [""]
-    summary, code = lines[-1].strip("= "), out.returncode
-  except subprocess.TimeoutExpired:
-    summary, code = f"timed out after {_TEST_TIMEOUT.value} s", None
+    output, code = out.stdout, out.returncode
+    summary = (output.strip().splitlines() or [""])[-1].strip("= ")
+  except subprocess.TimeoutExpired as cut:
+    output, code = cut.stdout or "", None
+    if isinstance(output, bytes):
+      output = output.decode(errors="replace")
+    summary = f"timed out after {_TEST_TIMEOUT.value} s"
   return {"paths": list(paths), "summary": summary, "exit_code": code,
-          "time_s": time.time() - start}
+          "failures": failures(output), "time_s": time.time() - start}
 
 
 def quick_settings(tiny: bool) -> dict[str, dict[str, Any]]:
@@ -94,6 +110,9 @@ def markdown(report: dict[str, Any]) -> str:
           f"{'' if report['complete'] else ' (cut short: partial)'}.\n\n"
           f"Tests ({', '.join(tests['paths']) or 'none'}): "
           f"{tests['summary']}.\n\n"
+          + "".join(f"- FAILED {test}{' - ' + reason if reason else ''}\n"
+                    for test, reason in tests.get("failures", {}).items())
+          + ("\n" if tests.get("failures") else "")
           + benchmark.markdown(report["benchmark"], report["device"]))
 
 

@@ -39,3 +39,20 @@ def test_accelerator_check_writes_its_report(tmp_path):
   assert "Device: CPU" in text and "Tests (" + test + "): 1 passed" in text
   assert "| domainbed_mnist_cnn | fishr_closed_form |" in text
   assert "| DomainBed MNIST_CNN, 3 x 8, 10 classes | 2 |" in text
+
+
+def test_the_report_keeps_each_failed_test_and_its_reason():
+  from experiments import accelerator_check  # pylint: disable=g-import-not-at-top
+  verbose = ("[gw1] [  2%] FAILED tests/test_a.py::test_one[4] \n"
+             "[gw0] [  5%] PASSED tests/test_a.py::test_two\n"
+             "[gw0] [  9%] FAILED tests/test_b.py::test_three \n")
+  summary = ("=== short test summary info ===\n"
+             "FAILED tests/test_a.py::test_one[4] - AssertionError: rtol=1e-06\n"
+             "FAILED tests/test_b.py::test_three - assert 1 == 2\n"
+             "=== 2 failed, 1 passed in 3.20s ===\n")
+  assert accelerator_check.failures(verbose + summary) == {
+      "tests/test_a.py::test_one[4]": "AssertionError: rtol=1e-06",
+      "tests/test_b.py::test_three": "assert 1 == 2"}
+  # Cut short before the summary: the names, without reasons.
+  assert accelerator_check.failures(verbose) == {
+      "tests/test_a.py::test_one[4]": "", "tests/test_b.py::test_three": ""}

@@ -119,10 +119,12 @@ def test_a_fused_dot_reading_a_broadcast_is_compiled_without_the_fusion(
     capsys):
   """jaxlib 0.10's YNNPACK dot fusion miscompiles `a @ broadcast(v)` at
   these shapes (other numbers on every call); `fast_paths.jit` finds such a
-  dot in the compiled program and compiles it unfused, with a note."""
+  dot in the compiled program and compiles it unfused, with a note. The
+  arrays live on the CPU, so the programs are XLA:CPU's on any machine."""
   rng = np.random.default_rng(0)
-  a = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
-  v = jnp.asarray(rng.normal(size=(3,)), jnp.float32)
+  cpu = jax.devices("cpu")[0]
+  a = jax.device_put(np.float32(rng.normal(size=(16, 3))), cpu)
+  v = jax.device_put(np.float32(rng.normal(size=(3,))), cpu)
 
   def fn(a, v):
     return jnp.matmul(a, jnp.broadcast_to(v[:, None], (3, 128)),
@@ -139,7 +141,7 @@ def test_a_fused_dot_reading_a_broadcast_is_compiled_without_the_fusion(
   assert "compiling fn without XLA:CPU's dot fusion" in capsys.readouterr().err
   # ...and a program without such a dot keeps the fusion, with no note.
   dense = fast_paths.jit(lambda a, w: a @ w + 1.0, "cpu", dot_fusion=True)
-  w = jnp.ones((3, 128), jnp.float32)
+  w = jax.device_put(np.ones((3, 128), np.float32), cpu)
   assert "__ynn_fusion" in dense.lower(a, w).compile().as_text()
   np.testing.assert_allclose(dense(a, w), np.asarray(a) @ np.asarray(w) + 1,
                              rtol=1e-6)
