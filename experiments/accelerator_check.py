@@ -22,7 +22,6 @@ script cannot rot; its numbers mean nothing).
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from absl import app
 from absl import flags
 
 from experiments import benchmark
+from experiments import pytest_output
 from fishr_jax import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,18 +48,6 @@ _TEST_TIMEOUT = flags.DEFINE_integer("test_timeout_s", 240,
 _TEST_WORKERS = flags.DEFINE_integer(
     "test_workers", 1, "pytest-xdist workers sharing the accelerator (each "
     "allocates GPU memory as it needs it rather than 75% up front).")
-
-
-def failures(output: str) -> dict[str, str]:
-  """Failed tests in pytest's output, each with its one-line reason: from
-  the short summary (`FAILED id - reason`), else from the verbose lines
-  (`[gw0] [ 5%] FAILED id`) of a run cut short."""
-  found = {}
-  for line in output.splitlines():
-    match = re.search(r"FAILED (\S+::\S+)(?: - (.*))?$", line.strip())
-    if match and (match[2] or match[1] not in found):
-      found[match[1]] = (match[2] or "").strip()
-  return found
 
 
 def run_tests(paths: Sequence[str]) -> dict[str, Any]:
@@ -85,7 +73,7 @@ def run_tests(paths: Sequence[str]) -> dict[str, Any]:
       output = output.decode(errors="replace")
     summary = f"timed out after {_TEST_TIMEOUT.value} s"
   return {"paths": list(paths), "summary": summary, "exit_code": code,
-          "failures": failures(output), "time_s": time.time() - start}
+          "failures": pytest_output.failures(output), "time_s": time.time() - start}
 
 
 def quick_settings(tiny: bool) -> dict[str, dict[str, Any]]:

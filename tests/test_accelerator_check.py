@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from experiments import pytest_output
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -42,7 +44,6 @@ def test_accelerator_check_writes_its_report(tmp_path):
 
 
 def test_the_report_keeps_each_failed_test_and_its_reason():
-  from experiments import accelerator_check  # pylint: disable=g-import-not-at-top
   verbose = ("[gw1] [  2%] FAILED tests/test_a.py::test_one[4] \n"
              "[gw0] [  5%] PASSED tests/test_a.py::test_two\n"
              "[gw0] [  9%] FAILED tests/test_b.py::test_three \n")
@@ -50,9 +51,9 @@ def test_the_report_keeps_each_failed_test_and_its_reason():
              "FAILED tests/test_a.py::test_one[4] - AssertionError: rtol=1e-06\n"
              "FAILED tests/test_b.py::test_three - assert 1 == 2\n"
              "=== 2 failed, 1 passed in 3.20s ===\n")
-  assert accelerator_check.failures(verbose + summary) == {
+  assert pytest_output.failures(verbose + summary) == {
       "tests/test_a.py::test_one[4]": "AssertionError: rtol=1e-06",
       "tests/test_b.py::test_three": "assert 1 == 2"}
   # Cut short before the summary: the names, without reasons.
-  assert accelerator_check.failures(verbose) == {
+  assert pytest_output.failures(verbose) == {
       "tests/test_a.py::test_one[4]": "", "tests/test_b.py::test_three": ""}
