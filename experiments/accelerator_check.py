@@ -73,7 +73,8 @@ def run_tests(paths: Sequence[str]) -> dict[str, Any]:
       output = output.decode(errors="replace")
     summary = f"timed out after {_TEST_TIMEOUT.value} s"
   return {"paths": list(paths), "summary": summary, "exit_code": code,
-          "failures": pytest_output.failures(output), "time_s": time.time() - start}
+          "failures": pytest_output.failures(output),
+          "time_s": time.time() - start}
 
 
 def quick_settings(tiny: bool) -> dict[str, dict[str, Any]]:
@@ -112,11 +113,12 @@ def write_report(tests: dict[str, Any], results: dict[str, Any], done: bool,
             "tests": tests, "complete": done,
             "wall_time_s": time.time() - start}
   report["benchmark"] = report.pop("results")
-  os.makedirs(benchmark._OUTPUT_DIR.value, exist_ok=True)
+  folder = benchmark._OUTPUT_DIR.value  # pylint: disable=protected-access
+  os.makedirs(folder, exist_ok=True)
   text = markdown(report)
-  with open(os.path.join(benchmark._OUTPUT_DIR.value, "accelerator_check.md"), "w") as f:
+  with open(os.path.join(folder, "accelerator_check.md"), "w") as f:
     f.write(text)
-  with open(os.path.join(benchmark._OUTPUT_DIR.value, "accelerator_check.json"), "w") as f:
+  with open(os.path.join(folder, "accelerator_check.json"), "w") as f:
     json.dump(report, f, indent=2)
   return text
 
