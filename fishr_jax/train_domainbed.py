@@ -116,11 +116,16 @@ def as_network(module: nn.Module, frozen: PyTree,
 # --------------------------------------------------------------- evaluation
 
 
+def padded_length(n: int) -> int:
+  """The rows an evaluation batch of `n` examples is zero-padded to: a power
+  of two, at least 8, so the jitted forward compiles for a few shapes only."""
+  return max(8, 1 << (n - 1).bit_length())
+
+
 def make_accuracy_fn(logits_fn: evaluation.LogitsFn):
   """(params, batches) -> accuracy over a split of `logits_fn(params, x,
   valid, rng)` (Algorithm.logits_fn; batch i's rng is fold_in(EVAL_KEY, i)).
-  Batches are zero-padded to a power of two so the jitted forward compiles
-  for a few shapes only."""
+  Batches are zero-padded to `padded_length` rows."""
 
   @jax.jit
   def correct_count(params, x, y, valid, index):
@@ -134,7 +139,7 @@ def make_accuracy_fn(logits_fn: evaluation.LogitsFn):
     correct, total = jnp.zeros((), jnp.float32), 0
     for index, batch in enumerate(batches):
       n = len(batch["y"])
-      pad = max(8, 1 << (n - 1).bit_length()) - n
+      pad = padded_length(n) - n
       x = np.pad(batch["x"], [(0, pad)] + [(0, 0)] * (batch["x"].ndim - 1))
       y = np.pad(batch["y"], (0, pad))
       valid = np.arange(n + pad) < n
