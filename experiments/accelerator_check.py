@@ -54,7 +54,8 @@ def run_tests(paths: Sequence[str]) -> dict[str, Any]:
   """pytest on `paths` in a subprocess (the default backend: the
   accelerator); its exit code, summary line, failures and time."""
   if not paths:
-    return {"paths": [], "summary": "not run", "exit_code": None}
+    return {"paths": [], "summary": "not run", "exit_code": None,
+            "failures": {}}
   command = [sys.executable, "-m", "pytest", "-v", "-rf", "-p",
              "no:cacheprovider", "-m", "not slow and not perf", "-n",
              str(_TEST_WORKERS.value), *paths]
@@ -100,8 +101,8 @@ def markdown(report: dict[str, Any]) -> str:
           f"Tests ({', '.join(tests['paths']) or 'none'}): "
           f"{tests['summary']}.\n\n"
           + "".join(f"- FAILED {test}{' - ' + reason if reason else ''}\n"
-                    for test, reason in tests.get("failures", {}).items())
-          + ("\n" if tests.get("failures") else "")
+                    for test, reason in tests["failures"].items())
+          + ("\n" if tests["failures"] else "")
           + benchmark.markdown(report["benchmark"], report["device"]))
 
 
