@@ -40,6 +40,19 @@ def x64():
   jax.config.update("jax_enable_x64", False)
 
 
+@pytest.fixture
+def float32_matmuls():
+  """Full float32 matrix products and convolutions inside one test.
+
+  A test that compares two float32 computations of one quantity (vmap
+  against a loop of grad, K runs against one) at float32 tolerances must not
+  run them in TensorFloat-32, XLA's default for float32 on NVIDIA GPUs
+  (about 1e-3 relative: measured on an H200, results/accelerator_h200/).
+  The same programs on CPU: its float32 products are full precision."""
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 def write_idx(path, array):
   """A standard MNIST IDX file (gzipped if path ends with .gz)."""
   import gzip
