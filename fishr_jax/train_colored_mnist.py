@@ -99,7 +99,7 @@ def make_groups(config: ml_collections.ConfigDict, workdir: str
                                              mesh.devices.flat[0].platform)
 
   accuracy = evaluation.make_accuracy_fn(make_algorithm(spec, None).logits_fn(
-      algorithms.Network.from_module(model)))
+      algorithms.Network.from_module(model)), pad=False)
   landscape_fields = landscape.recorder(
       lambda params, x: model.apply({"params": params}, x), num_domains,
       config.diagnostics_layers)
@@ -127,7 +127,7 @@ def make_groups(config: ml_collections.ConfigDict, workdir: str
         train_step=built.step if alone else None,
         batches=(lambda start: itertools.repeat(batch)) if alone else None,
         evaluate=lambda params: {
-            f"{name}_acc": float(accuracy(params, env))
+            f"{name}_acc": accuracy(params, [env])
             for name, env in evals.items()},
         evaluate_before_update=True,
         fields={"hparams": fields, "args": record_args(config, restart)},

@@ -15,7 +15,6 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -25,7 +24,6 @@ from fishr_jax import errors
 from fishr_jax import evaluation
 from fishr_jax import hparams as hparams_lib
 from fishr_jax import landscape
-from fishr_jax import losses
 from fishr_jax import models
 from fishr_jax import parallel
 from fishr_jax import steps
@@ -113,45 +111,6 @@ def as_network(module: nn.Module, frozen: PyTree,
   return algorithms.Network.from_module(module, frozen=frozen, stochastic=True)
 
 
-# --------------------------------------------------------------- evaluation
-
-
-def padded_length(n: int) -> int:
-  """The rows an evaluation batch of `n` examples is zero-padded to: a power
-  of two, at least 8, so the jitted forward compiles for a few shapes only."""
-  return max(8, 1 << (n - 1).bit_length())
-
-
-def make_accuracy_fn(logits_fn: evaluation.LogitsFn):
-  """(params, batches) -> accuracy over a split of `logits_fn(params, x,
-  valid, rng)` (Algorithm.logits_fn; batch i's rng is fold_in(EVAL_KEY, i)).
-  Batches are zero-padded to `padded_length` rows."""
-
-  @jax.jit
-  def correct_count(params, x, y, valid, index):
-    rng = jax.random.fold_in(jax.random.key(evaluation.EVAL_KEY), index)
-    logits = logits_fn(params, x, valid, rng)
-    return jnp.sum(losses.correct(logits, y) * valid)
-
-  def accuracy(params, batches) -> float:
-    # The count stays on the device until the end (exact: integers far
-    # below 2**24), so the host prepares the next batch while one runs.
-    correct, total = jnp.zeros((), jnp.float32), 0
-    for index, batch in enumerate(batches):
-      n = len(batch["y"])
-      pad = padded_length(n) - n
-      x = np.pad(batch["x"], [(0, pad)] + [(0, 0)] * (batch["x"].ndim - 1))
-      y = np.pad(batch["y"], (0, pad))
-      valid = np.arange(n + pad) < n
-      correct = correct + correct_count(params, x, y, valid, np.int32(index))
-      total += n
-    if total == 0:  # domainbed.check_splits refuses empty splits first
-      raise ValueError("An accuracy over no examples: the split is empty.")
-    return float(correct) / total
-
-  return accuracy
-
-
 # ------------------------------------------------------------------ the run
 
 
@@ -178,7 +137,7 @@ def _measures(config: ml_collections.ConfigDict, module: nn.Module,
               algorithm: algorithms.Algorithm) -> _Measures:
   network = as_network(module, frozen)
   return _Measures(
-      make_accuracy_fn(algorithm.logits_fn(network)),
+      evaluation.make_accuracy_fn(algorithm.logits_fn(network)),
       landscape.recorder(lambda params, x: network.forward(params, x, None),
                          num_domains, config.diagnostics_layers))
 

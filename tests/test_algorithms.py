@@ -140,7 +140,7 @@ def test_evaluation_scores_an_algorithms_own_predictions():
                params[mtl_lib.EMBEDDING_KERNEL]):
     assert np.abs(leaf).max() <= bound
   accuracy = evaluation.make_accuracy_fn(mtl.logits_fn(network))
-  assert float(accuracy(params, batch)) == float(accuracy(params, batch))
+  assert accuracy(params, [batch]) == accuracy(params, [batch])
 
 
 @pytest.mark.parametrize("name", ["causirl_coral", "causirl_mmd"])

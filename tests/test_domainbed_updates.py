@@ -50,10 +50,10 @@ import numpy as np
 import pytest
 
 from fishr_jax import algorithms
+from fishr_jax import evaluation
 from fishr_jax import models
 from fishr_jax import optimizers
 from fishr_jax import train
-from fishr_jax import train_domainbed
 from fishr_jax.algorithms import settings
 from fishr_jax.data import domainbed
 from tests.conftest import DATA_DIR
@@ -462,7 +462,7 @@ def check_against_domainbed(name, monkeypatch):
                     if re.fullmatch(r"predict\d+\.logits", k)):
     x = nhwc(arrays[key[:-len(".logits")] + ".x"])
     n = len(x)
-    pad = train_domainbed.padded_length(n) - n  # as evaluation pads
+    pad = evaluation.padded_length(n) - n  # as evaluation pads
     x = np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
     logits = logits_fn(state.params, x, np.arange(n + pad) < n,
                        jax.random.key(0))[:n]
