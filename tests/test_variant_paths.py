@@ -10,7 +10,7 @@ import pytest
 from tests import conftest
 from tests import variant_paths_run
 
-# Float32 sums in another order move the parameters slightly over 61 steps;
+# Float32 sums in another order move the parameters slightly over 31 steps;
 # that may flip the prediction of an example or two of the 2 x 2,000.
 ACC_TOL = 2.5e-3
 

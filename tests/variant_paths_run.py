@@ -38,8 +38,8 @@ def paths_of(variant: str) -> list[str]:
 
 def run(variant: str, path: str, num_devices: int, workdir: str) -> dict:
   config = cmnist_config.get_config()
-  config.update(restarts=1, steps=61, hidden_dim=16, log_every=60,
-                checkpoint_every=60, penalty_anneal_iters=20,
+  config.update(restarts=1, steps=31, hidden_dim=16, log_every=30,
+                checkpoint_every=30, penalty_anneal_iters=10,
                 num_devices=num_devices)
   config.fishr.update(PATHS[path])
   config.fishr.update(VARIANTS[variant])
