@@ -11,7 +11,7 @@ step_time, hparams, args.
 import contextlib
 import json
 import os
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -128,7 +128,7 @@ class _RunParts(NamedTuple):
 class _Measures(NamedTuple):
   """The jitted evaluations of one network, shared by a group's runs (one
   compile)."""
-  accuracy: Callable
+  accuracy: Callable[[PyTree, Iterable[dict]], float]
   landscape: Callable
 
 

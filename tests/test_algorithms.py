@@ -19,6 +19,7 @@ from configs import domainbed as domainbed_config
 from fishr_jax import algorithms
 from fishr_jax import evaluation
 from fishr_jax import hparams as hparams_lib
+from fishr_jax import losses
 from fishr_jax import models
 from fishr_jax import train
 from fishr_jax import train_colored_mnist
@@ -139,8 +140,25 @@ def test_evaluation_scores_an_algorithms_own_predictions():
   for leaf in (params[models.HEAD]["kernel"], params[models.HEAD]["bias"],
                params[mtl_lib.EMBEDDING_KERNEL]):
     assert np.abs(leaf).max() <= bound
-  accuracy = evaluation.make_accuracy_fn(mtl.logits_fn(network))
-  assert accuracy(params, [batch]) == accuracy(params, [batch])
+  # Evaluation scores batch i with fold_in(key(EVAL_KEY), i), each batch
+  # zero-padded to evaluation.padded_length rows (pad=False: as it comes).
+  batches = [batch, {k: v[:3] for k, v in batch.items()}]
+
+  def expected_accuracy(pad):
+    correct = 0
+    for i, b in enumerate(batches):
+      n = len(b["y"])
+      rows = evaluation.padded_length(n) if pad else n
+      logits = mtl.logits_fn(network)(
+          params, jnp.pad(b["x"], [(0, rows - n), (0, 0)]),
+          jnp.arange(rows) < n,
+          jax.random.fold_in(jax.random.key(evaluation.EVAL_KEY), i))
+      correct += int(losses.correct(logits[:n], b["y"]).sum())
+    return correct / 9
+
+  for pad in (True, False):
+    accuracy = evaluation.make_accuracy_fn(mtl.logits_fn(network), pad=pad)
+    assert accuracy(params, batches) == expected_accuracy(pad)
 
 
 @pytest.mark.parametrize("name", ["causirl_coral", "causirl_mmd"])

@@ -52,9 +52,9 @@ def test_per_example_grads_equals_loop_of_grad():
 @pytest.mark.parametrize("chunk_size", [1, 4, 7, 17, 64])
 def test_chunking_never_changes_per_example_grads(chunk_size):
   features, head, labels, _ = _head_problem(num_classes=3)  # N = 17
-  def grads(chunk_size):  # both jitted: chunking alone differs
+  def grads(size):  # both jitted: chunking alone differs
     return jax.jit(lambda h, z, y: penalties.per_example_grads(
-        _head_loss, h, z, y, chunk_size=chunk_size))(head, features, labels)
+        _head_loss, h, z, y, chunk_size=size))(head, features, labels)
   whole, chunked = grads(None), grads(chunk_size)
   for name in head:
     # Entries are sums of O(1) terms: a few float32 ulps of 1 apart at most.

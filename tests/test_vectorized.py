@@ -19,6 +19,10 @@ from fishr_jax.algorithms import fishr
 from tests import conftest
 from tests import vectorized_run
 
+# Every test here compares float32 computations (and vectorized_run caches
+# the runs alone per process: all at one precision).
+pytestmark = pytest.mark.usefixtures("float32_matmuls")
+
 # Relative differences of float32 rounding after a few Adam steps.
 TOLERANCE = {"params": 1e-4, "alg_state": 1e-5, "loss": 1e-5, "step": 0}
 # DANN's discriminator has near-zero gradients (ReLU units off on the tiny
@@ -39,7 +43,6 @@ def _assert_close(differences: dict[str, float], case: str = "") -> None:
 
 
 @pytest.mark.parametrize("case", sorted(vectorized_run.CASES))
-@pytest.mark.usefixtures("float32_matmuls")
 def test_runs_trained_together_equal_the_runs_alone(case):
   _assert_close(vectorized_run.largest_differences(
       case, [0, 1, 2], parallel.make_runs_mesh(3)), case)
