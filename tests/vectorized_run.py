@@ -26,53 +26,53 @@ from fishr_jax.algorithms import registry
 STEPS = 5
 NUM_DOMAINS = 3
 PER_DOMAIN = 8
-# Three runs' scalar hparams; every one differs between runs.
-LRS = (1e-2, 3e-3, 5e-3)
-WEIGHT_DECAYS = (0.0, 1e-3, 5e-4)  # 0 and not: a zero need not group apart
-ANNEALS = (2, 3, 1)  # each run's optimizer resets at its own step
-WARMUPS = (1.0, 0.5, 2.0)
+# Two runs' scalar hparams; every one differs between them.
+LRS = (1e-2, 3e-3)
+WEIGHT_DECAYS = (0.0, 1e-3)  # 0 and not: a zero need not group apart
+ANNEALS = (2, 3)  # each run's optimizer resets at its own step
+WARMUPS = (1.0, 0.5)
 # name: (algorithm, fixed options, per-run options)
 CASES = {
     "fishr_closed_form": ("fishr", {"moment_sums": "auto"},
-                          {"lambda_": (100.0, 10.0, 1000.0),
-                           "ema": (0.9, 0.5, 0.95)}),
+                          {"lambda_": (100.0, 10.0),
+                           "ema": (0.9, 0.5)}),
     "fishr_vmap": ("fishr", {"grad_path": "vmap"},
-                   {"lambda_": (100.0, 10.0, 1000.0), "ema": (0.9, 0.5, 0.95)}),
+                   {"lambda_": (100.0, 10.0), "ema": (0.9, 0.5)}),
     "erm": ("erm", {}, {}),
-    "irm": ("irm", {}, {"lambda_": (100.0, 10.0, 1.0)}),
-    "groupdro": ("groupdro", {}, {"eta": (1e-2, 1e-1, 5e-2)}),
-    "mixup": ("mixup", {}, {"alpha": (0.2, 1.0, 0.5)}),
-    "sd": ("sd", {}, {"lambda_": (0.1, 1.0, 0.01)}),
-    "iga": ("iga", {}, {"lambda_": (10.0, 100.0, 1.0)}),
-    "andmask": ("andmask", {}, {"tau": (1.0, 0.5, 0.7)}),
-    "sandmask": ("sandmask", {}, {"tau": (0.5, 0.2, 0.7), "k": (10.0, 1.0, 100.0)}),
-    "fish": ("fish", {}, {"meta_lr": (0.5, 0.1, 0.05)}),
-    "mldg": ("mldg", {"n_meta_test": 1}, {"beta": (1.0, 0.5, 2.0)}),
-    "rsc": ("rsc", {}, {"f_drop_factor": (1 / 3, 0.1, 0.5),
-                        "b_drop_factor": (1 / 3, 0.5, 0.1)}),
-    "dann": ("dann", {"grad_penalty": 0.1}, {"lambda_": (1.0, 0.1, 0.5),
-                                              "lr_d": (1e-2, 1e-3, 5e-3)}),
-    "cdann": ("cdann", {}, {"beta1": (0.5, 0.9, 0.3),
-                            "lr_g": (1e-2, 1e-3, 5e-3)}),
-    "sagnet": ("sagnet", {}, {"w_adv": (0.1, 1.0, 0.5)}),
-    "mtl": ("mtl", {}, {"ema": (0.99, 0.5, 0.9)}),
-    "ib_erm": ("ib_erm", {}, {"lambda_": (100.0, 10.0, 1.0)}),
+    "irm": ("irm", {}, {"lambda_": (100.0, 10.0)}),
+    "groupdro": ("groupdro", {}, {"eta": (1e-2, 1e-1)}),
+    "mixup": ("mixup", {}, {"alpha": (0.2, 1.0)}),
+    "sd": ("sd", {}, {"lambda_": (0.1, 1.0)}),
+    "iga": ("iga", {}, {"lambda_": (10.0, 100.0)}),
+    "andmask": ("andmask", {}, {"tau": (1.0, 0.5)}),
+    "sandmask": ("sandmask", {}, {"tau": (0.5, 0.2), "k": (10.0, 1.0)}),
+    "fish": ("fish", {}, {"meta_lr": (0.5, 0.1)}),
+    "mldg": ("mldg", {"n_meta_test": 1}, {"beta": (1.0, 0.5)}),
+    "rsc": ("rsc", {}, {"f_drop_factor": (1 / 3, 0.1),
+                        "b_drop_factor": (1 / 3, 0.5)}),
+    "dann": ("dann", {"grad_penalty": 0.1}, {"lambda_": (1.0, 0.1),
+                                              "lr_d": (1e-2, 1e-3)}),
+    "cdann": ("cdann", {}, {"beta1": (0.5, 0.9),
+                            "lr_g": (1e-2, 1e-3)}),
+    "sagnet": ("sagnet", {}, {"w_adv": (0.1, 1.0)}),
+    "mtl": ("mtl", {}, {"ema": (0.99, 0.5)}),
+    "ib_erm": ("ib_erm", {}, {"lambda_": (100.0, 10.0)}),
     "ib_irm": ("ib_irm", {"ib_penalty_anneal_iters": 2},
-               {"ib_lambda": (100.0, 10.0, 1.0)}),
-    "causirl_coral": ("causirl_coral", {}, {"lambda_": (1.0, 0.1, 10.0)}),
-    "causirl_mmd": ("causirl_mmd", {}, {"lambda_": (1.0, 0.1, 10.0)}),
-    "cad": ("cad", {"normalize": True}, {"lambda_": (0.1, 1.0, 0.01),
-                                         "temperature": (0.1, 0.05, 0.2)}),
-    "condcad": ("condcad", {}, {"lambda_": (0.1, 1.0, 0.01)}),
-    "eqrm": ("eqrm", {"burnin_iters": 2}, {"quantile": (0.75, 0.5, 0.9),
-                                            "lr": (1e-3, 1e-2, 1e-4)}),
+               {"ib_lambda": (100.0, 10.0)}),
+    "causirl_coral": ("causirl_coral", {}, {"lambda_": (1.0, 0.1)}),
+    "causirl_mmd": ("causirl_mmd", {}, {"lambda_": (1.0, 0.1)}),
+    "cad": ("cad", {"normalize": True}, {"lambda_": (0.1, 1.0),
+                                         "temperature": (0.1, 0.05)}),
+    "condcad": ("condcad", {}, {"lambda_": (0.1, 1.0)}),
+    "eqrm": ("eqrm", {"burnin_iters": 2}, {"quantile": (0.75, 0.5),
+                                            "lr": (1e-3, 1e-2)}),
     # Images (5 x 2, one channel): its context network, BatchNorm over the
     # whole batch, support sets per domain.
     "arm": ("arm", {}, {}),
     # A network with dropout: each run its own rate (0 among them).
     "erm_dropout": ("erm", {}, {}),
 }
-DROPOUT_RATES = (0.1, 0.5, 0.0)
+DROPOUT_RATES = (0.5, 0.0)
 # On 2 devices: one case per way a step can depend on the batch's layout
 # (a penalty's per-domain statistics, per-domain gradients, domain blocks,
 # random draws per example, own networks, pairs of examples across the
